@@ -1,0 +1,104 @@
+"""Step 1: image-weakened negatives. For each ground-truth item the model answers from an image
+whose CLIP features are noised with forward diffusion, so its language prior takes over; the pair
+is (chosen = ground truth, rejected = that answer). Resumable by id, sharded under torchrun."""
+import argparse
+import glob
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+import common
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
+p.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
+               help="ground truth in LLaVA conversation format (JSON list or JSONL); repeat per source")
+p.add_argument("--image_root", required=True, help="image paths in the data are relative to this")
+p.add_argument("--out", default="pairs_weakened.jsonl", help="pairs JSONL (appended to: reruns resume)")
+p.add_argument("--samples_per_source", type=int, default=-1, help="uniform sample per source; -1 = all")
+p.add_argument("--turns", choices=["first", "all"], default="first", help="which human/gpt turns become items")
+p.add_argument("--noise_step", type=int, default=500, help="forward diffusion step t of the weakening (0..1000)")
+p.add_argument("--noise_on", choices=["features", "pixels"], default="features",
+               help="noise the projector input (paper) or the normalised pixels (authors' script)")
+p.add_argument("--temperature", type=float, default=1.0)
+p.add_argument("--top_p", type=float, default=1.0)
+p.add_argument("--max_new_tokens", type=int, default=512)
+p.add_argument("--batch_size", type=int, default=8, help="generations per forward, per process")
+p.add_argument("--seed", type=int, default=0)
+args = p.parse_args()
+
+rank, world, device = common.dist_setup()
+torch.manual_seed(args.seed + rank)
+
+# ---- items: every source read, sampled uniformly with the seed, the ones already written dropped
+items, skipped_no_image = [], 0
+for name, path in common.parse_data_specs(args.data):
+    try:
+        source_items, no_image = common.load_items(name, path, args.turns)
+    except (common.DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    skipped_no_image += no_image
+    items += common.sample_per_source(source_items, args.samples_per_source, args.seed)
+ids = [it["id"] for it in items]
+if len(set(ids)) != len(ids):
+    sys.exit("error: duplicate item ids (source name + record id + turn); give each --data a distinct NAME")
+
+# each rank appends to its own part file; rank 0 merges them into --out at the end
+part = f"{args.out}.part{rank}"
+done = common.existing_ids(args.out, *glob.glob(f"{args.out}.part*"))
+todo = [it for it in items if it["id"] not in done][rank::world]
+if rank == 0:
+    print(f"{len(items)} items, {len(done & set(ids))} already done, "
+          f"{skipped_no_image} records without image skipped")
+
+# ---- model and the loop: batched sampling from the weakened image
+model, processor = common.load_model(args.model, device=device)
+generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # the noise draws
+meta = {"noise_step": args.noise_step, "noise_on": args.noise_on, "model": args.model,
+        "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed}
+writer = common.JsonlAppender(part)
+written = dropped = missing = 0
+for i in tqdm(range(0, len(todo), args.batch_size), desc=f"pairs[{rank}]", disable=rank != 0 and world > 1):
+    batch, images = [], []
+    for it in todo[i:i + args.batch_size]:
+        try:
+            images.append(common.load_image(args.image_root, it["image"]))
+            batch.append(it)
+        except OSError as e:  # a generation input that cannot be read is skipped and counted
+            print(f"skip {it['id']}: {e}", file=sys.stderr)
+            missing += 1
+    if not batch:
+        continue
+    with common.weaken_images(model, args.noise_step, args.noise_on, generator):
+        answers = common.generate(model, processor, images, [it["prompt"] for it in batch],
+                                  max_new_tokens=args.max_new_tokens, do_sample=True,
+                                  temperature=args.temperature, top_p=args.top_p)
+    for it, rejected in zip(batch, answers):
+        if not rejected or rejected.split() == it["answer"].split():
+            dropped += 1  # an empty negative, or the ground truth itself, teaches nothing
+            continue
+        writer.write({"id": it["id"], "image": it["image"], "prompt": it["prompt"], "chosen": it["answer"],
+                      "rejected": rejected, "source": it["source"], "method": "image_weakened", "meta": meta})
+        written += 1
+writer.close()
+
+# ---- merge the part files into --out (rank 0, after everyone is done)
+common.barrier()
+counts = common.mean_over_ranks({"written": written, "dropped": dropped, "missing": missing})
+if rank == 0:
+    out = common.JsonlAppender(args.out)
+    have = common.existing_ids(args.out)
+    for pf in sorted(glob.glob(f"{args.out}.part*")):
+        for rec in common.read_jsonl(pf, tolerate_partial_last=True):
+            if rec["id"] not in have:
+                out.write(rec)
+                have.add(rec["id"])
+        os.remove(pf)
+    out.close()
+    n = {k: round(v * world) for k, v in counts.items()}
+    print(f"wrote {n['written']} pairs this run ({len(have)} in {args.out}); dropped {n['dropped']} empty or "
+          f"identical negatives; skipped {n['missing']} unreadable images")
+common.dist_cleanup()

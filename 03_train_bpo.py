@@ -1,0 +1,263 @@
+"""Step 3: BPO training. DPO (paper Eq. 4) on (ground truth, bootstrapped negative) pairs with LoRA
+on the language model; the reference is the same model with the adapter disabled. `--loss sft`
+trains on the chosen answers only (the paper's Table 3 baseline). One file for one process or many:
+    python 03_train_bpo.py ...            torchrun --nproc_per_node 8 03_train_bpo.py ..."""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
+p.add_argument("--data", action="append", required=True, help="pairs JSONL (repeat to train on several)")
+p.add_argument("--image_root", required=True, help="image paths in the pairs are relative to this")
+p.add_argument("--output_dir", required=True)
+p.add_argument("--loss", choices=["dpo", "sft"], default="dpo")
+p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (the paper's eta)")
+p.add_argument("--lr", type=float, default=2e-6)
+p.add_argument("--epochs", type=int, default=2)
+p.add_argument("--batch_size", type=int, default=4, help="pairs per process per micro-step")
+p.add_argument("--grad_accum", type=int, default=1)
+p.add_argument("--lora_r", type=int, default=64)
+p.add_argument("--lora_alpha", type=int, default=128)
+p.add_argument("--lora_dropout", type=float, default=0.05)
+p.add_argument("--weight_decay", type=float, default=0.0)
+p.add_argument("--warmup_ratio", type=float, default=0.03)
+p.add_argument("--max_grad_norm", type=float, default=1.0)
+p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence incl. image; responses are cut at the end")
+p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: --epochs)")
+p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+p.add_argument("--log_every", type=int, default=1)
+p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
+p.add_argument("--gradient_checkpointing", action="store_true")
+p.add_argument("--seed", type=int, default=42)
+args = p.parse_args()
+
+
+
+def cosine_lr(step, warmup, total):
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def keep_metrics_upto(path, step):
+    """On resume, drop log lines written after the checkpoint, so no step is logged twice."""
+    if os.path.exists(path):
+        rows = [r for r in common.read_jsonl(path, tolerate_partial_last=True) if r["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def checkpoints(output_dir):
+    """Complete checkpoints (renamed into place), oldest first."""
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]"))
+    return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def plot_curves(metrics_path, png):
+    """The paper's Fig. 7: summed log-probs of chosen (and rejected) answers over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = common.read_jsonl(metrics_path, tolerate_partial_last=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("logps/chosen", "logps/rejected"):
+        if rows and key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("summed log-prob")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+rank, world, device = common.dist_setup()
+main = rank == 0
+REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
+
+# ---- data: every pair validated up front, so a bad line fails before hours of training
+pairs, seen = [], {}
+for path in args.data:
+    try:
+        for line, rec in common.read_json_or_jsonl(path):
+            where = f"{path}:{line}"
+            bad = [k for k in REQUIRED if not isinstance(rec.get(k), str) or not rec[k].strip()]
+            if bad:
+                raise common.DataError(f"{where}: field(s) {', '.join(bad)} missing, empty or not a string")
+            if rec["chosen"].strip() == rec["rejected"].strip():
+                raise common.DataError(f"{where}: chosen and rejected are identical")
+            if rec["id"] in seen:
+                raise common.DataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
+            seen[rec["id"]] = where
+            pairs.append(rec)
+    except (common.DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+per_step = args.batch_size * world * args.grad_accum  # pairs per optimizer step, all ranks
+steps_per_epoch = len(pairs) // per_step
+if steps_per_epoch == 0:
+    sys.exit(f"error: {len(pairs)} pairs is less than one step ({per_step} = batch_size x processes x grad_accum)")
+total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+
+# ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
+model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
+model.requires_grad_(False)
+if args.load_in_4bit:
+    from peft import prepare_model_for_kbit_training
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+elif args.gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                         target_modules=common.lora_target_regex()))
+model.train()
+ddp = DDP(model) if world > 1 else model
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+warmup = math.ceil(args.warmup_ratio * total_steps)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, warmup, total_steps))
+
+# ---- resume: adapter weights + one plain dict of optimizer/scheduler/step
+step = 0
+metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+ckpts = checkpoints(args.output_dir)
+if args.resume and ckpts:
+    set_peft_model_state_dict(model, load_file(os.path.join(ckpts[-1], "adapter", "adapter_model.safetensors")))
+    state = torch.load(os.path.join(ckpts[-1], "state.pt"), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step = state["step"]
+    if main:
+        print(f"resumed from {ckpts[-1]} at step {step}")
+elif main and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a fresh run starts a fresh log
+if main:
+    os.makedirs(args.output_dir, exist_ok=True)
+    keep_metrics_upto(metrics_path, step)  # drop log lines past the checkpoint we resumed
+
+
+def save_checkpoint(step):
+    """checkpoint-N written in a temp dir and renamed, so a kill never leaves a half checkpoint."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "args": vars(args)}, os.path.join(tmp, "state.pt"))
+    os.replace(tmp, final)
+    for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def micro_batch(indices):
+    """Chosen and rejected of these pairs as one right-padded batch: [chosen..., rejected...]."""
+    pixels, chosen, rejected, cut = [], [], [], 0
+    for i in indices:
+        pair = pairs[i]
+        try:
+            image = common.load_image(args.image_root, pair["image"])
+            pv, (c, r), n_cut = common.build_sequences(processor, image, pair["prompt"],
+                                                       [pair["chosen"], pair["rejected"]], args.max_length)
+        except (OSError, common.DataError) as e:
+            sys.exit(f"error: {seen[pair['id']]}: {e}")
+        pixels.append(pv)
+        chosen.append(c)
+        rejected.append(r)
+        cut += n_cut
+    input_ids, mask, labels = common.pad_batch(chosen + rejected, processor.tokenizer.pad_token_id)
+    pixel_values = torch.cat(pixels + pixels).to(device)  # fp32; autocast casts on CUDA
+    return input_ids.to(device), mask.to(device), labels.to(device), pixel_values, cut
+
+
+def batch_logps(net, input_ids, mask, labels, pixel_values):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = net(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values).logits
+    return common.sequence_logps(logits, labels)
+
+
+# ---- the loop
+n_cut = 0
+bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not main)
+while step < total_steps:
+    t0 = time.time()
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    step_pairs = order[within * per_step:(within + 1) * per_step]
+    torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # LoRA dropout: same draws on resume
+    sums = dict.fromkeys(["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                          "rewards/margins", "logps/chosen", "logps/rejected"], 0.0)
+    for micro in range(args.grad_accum):
+        start = (micro * world + rank) * args.batch_size
+        input_ids, mask, labels, pixel_values, cut = micro_batch(step_pairs[start:start + args.batch_size])
+        n_cut += cut
+        B = args.batch_size
+        sync = micro == args.grad_accum - 1 or world == 1
+        with ddp.no_sync() if not sync else contextlib.nullcontext():  # all-reduce once per step
+            if args.loss == "dpo":
+                logps = batch_logps(ddp, input_ids, mask, labels, pixel_values)
+                with torch.no_grad(), model.disable_adapter():
+                    ref = batch_logps(model, input_ids, mask, labels, pixel_values)
+                losses, r_chosen, r_rejected = common.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
+                sums["rewards/chosen"] += r_chosen.mean().item()
+                sums["rewards/rejected"] += r_rejected.mean().item()
+                sums["rewards/accuracies"] += (r_chosen > r_rejected).float().mean().item()
+                sums["rewards/margins"] += (r_chosen - r_rejected).mean().item()
+                sums["logps/rejected"] += logps[B:].mean().item()
+            else:  # SFT on the chosen half only: per-token NLL of each answer, averaged over answers
+                logps = batch_logps(ddp, input_ids[:B], mask[:B], labels[:B], pixel_values[:B])
+                losses = -logps / (labels[:B, 1:] != common.IGNORE).sum(-1)
+            loss = losses.mean()
+            (loss / args.grad_accum).backward()
+        sums["loss"] += loss.item()
+        sums["logps/chosen"] += logps[:B].mean().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    bar.update(1)
+
+    row = {k: v / args.grad_accum for k, v in sums.items() if args.loss == "dpo" or k in ("loss", "logps/chosen")}
+    row["samples_per_s"] = per_step / world / (time.time() - t0)
+    row = common.mean_over_ranks(row)
+    row["samples_per_s"] *= world  # pairs per second over all processes
+    if main and (step % args.log_every == 0 or step == total_steps):
+        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
+               "grad_norm": grad_norm.item(), **row}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("loss", "rewards/accuracies")})
+    if main and args.save_every > 0 and step % args.save_every == 0 and step < total_steps:
+        save_checkpoint(step)
+        plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
+    common.barrier()
+bar.close()
+
+# ---- write: the adapter, the last checkpoint, the curves and a summary
+n_cut = int(common.mean_over_ranks({"cut": n_cut})["cut"] * world)
+if main:
+    save_checkpoint(step)
+    model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+    plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
+    last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) else {}
+    print(f"done: {step} steps; adapter in {args.output_dir}/adapter, log in {metrics_path}, "
+          f"curves in {args.output_dir}/curves.png; {n_cut} responses cut at --max_length {args.max_length}")
+    print("final " + "  ".join(f"{k}={v:.4g}" for k, v in last.items() if "/" in k or k == "loss"))
+common.dist_cleanup()

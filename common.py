@@ -1,0 +1,364 @@
+"""What two or more of the numbered scripts share: loading, chat formatting, image weakening,
+response log-probs, the DPO loss, JSONL I/O and torchrun helpers. Math lives in small pure functions."""
+import contextlib
+import json
+import os
+import random
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE = -100  # label of a position whose token is not scored
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def dist_setup():
+    """Returns (rank, world_size, device). Under torchrun it joins the process group
+    (nccl on GPU, gloo on CPU); a plain `python script.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return int(os.environ.get("RANK", 0)), world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict) -> dict:
+    """Averages a dict of floats over all ranks (one all_reduce)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t = t.cpu() / dist.get_world_size()
+    return {k: v.item() for k, v in zip(keys, t)}
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- JSON / JSONL I/O
+
+
+class DataError(ValueError):
+    """Bad input; the message names the file and line."""
+
+
+def read_jsonl(path, tolerate_partial_last=False):
+    """Records of a JSONL file. A malformed line raises DataError naming path:line. With
+    tolerate_partial_last, an unterminated last line (a write cut off by a kill) is dropped,
+    which is how resumable outputs are read back."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if tolerate_partial_last and i == len(lines) and not raw.endswith(b"\n"):
+            break  # half-written last record: it will be produced again
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}:{i}: not a valid JSON line ({e})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+def read_json_or_jsonl(path):
+    """A JSON list (as LLaVA's instruction files) or JSONL, as (line, record) pairs."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
+        return [(i + 1, r) for i, r in enumerate(data)]  # "line" = position in the list
+    with open(path, "rb") as f:
+        n_lines = [i for i, line in enumerate(f, 1) if line.strip()]
+    return list(zip(n_lines, read_jsonl(path)))
+
+
+class JsonlAppender:
+    """Appends one record a line, flushed and fsynced, so a kill loses at most the record being
+    written (and read_jsonl(tolerate_partial_last=True) drops that one)."""
+
+    def __init__(self, path):
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb+") as f:  # cut a half-written last line left by a kill
+                data = f.read()
+                if not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record):
+        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        self.f.close()
+
+
+def existing_ids(*paths, key="id"):
+    """Ids already written to any of these (possibly absent, possibly half-written) JSONL files."""
+    ids = set()
+    for p in paths:
+        if os.path.exists(p):
+            ids.update(r[key] for r in read_jsonl(p, tolerate_partial_last=True) if key in r)
+    return ids
+
+
+# ----------------------------------------------------------------------------- ground truth items
+
+
+def parse_data_specs(specs):
+    """`--data NAME=PATH` flags -> [(name, path)]."""
+    out = []
+    for s in specs:
+        if "=" not in s:
+            sys.exit(f"--data {s!r}: expected NAME=PATH (e.g. sharegpt4v=sharegpt4v.json)")
+        name, path = s.split("=", 1)
+        out.append((name, path))
+    return out
+
+
+def load_items(name, path, turns="first"):
+    """LLaVA conversation records -> items {id, image, prompt, answer, source}, one per human/gpt
+    turn pair. Returns (items, n_skipped_without_image). `<image>` is stripped from the question:
+    the chat template puts the image in, exactly once."""
+    items, no_image = [], 0
+    for line, rec in read_json_or_jsonl(path):
+        where = f"{path}:{line}"
+        if not isinstance(rec, dict) or "conversations" not in rec or "id" not in rec:
+            raise DataError(f"{where}: a record needs 'id' and 'conversations'")
+        if not rec.get("image"):
+            no_image += 1
+            continue
+        conv = rec["conversations"]
+        pairs = [(conv[i], conv[i + 1]) for i in range(0, len(conv) - 1, 2)]
+        for t, (q, a) in enumerate(pairs[:1] if turns == "first" else pairs):
+            if q.get("from") != "human" or a.get("from") != "gpt":
+                raise DataError(f"{where}: turn {t} is not a human/gpt pair")
+            prompt = q["value"].replace("<image>", "").strip()
+            items.append({"id": f"{name}/{rec['id']}-{t}", "image": rec["image"], "prompt": prompt,
+                          "answer": a["value"].strip(), "source": name})
+    return items, no_image
+
+
+def sample_per_source(items, n, seed):
+    """Uniform sample of n items (all if n <= 0 or n >= len), in a seed-determined order."""
+    rng = random.Random(seed)
+    return list(items) if n <= 0 or n >= len(items) else rng.sample(items, n)
+
+
+def load_image(image_root, rel):
+    from PIL import Image
+    with Image.open(os.path.join(image_root, rel)) as im:
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def lora_target_regex():
+    """Every linear layer of the language model, nothing in the vision tower or projector."""
+    return r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def load_model(name, adapter=None, device="cpu", dtype=None, load_in_4bit=False):
+    """(model, processor) for a LLaVA-style checkpoint dir or hub id; optionally with a peft
+    adapter merged in for inference. dtype None = bf16 on CUDA, fp32 elsewhere."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:  # QLoRA: the language model in NF4, vision tower and projector kept as is
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(name)
+    processor.tokenizer.padding_side = "left"  # generation pads on the left
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+        if not load_in_4bit:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, processor
+
+
+def chat_prompt(processor, question):
+    """The chat-template text of one image + question turn, ending with the generation prompt."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------- image weakening
+
+
+def noise_schedule(num_steps=1000):
+    """abar_t of the forward diffusion used by VCD and BPO: betas = sigmoid(linspace(-6, 6))
+    scaled into [1e-5, 5e-3]."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def diffuse(x, step, scale, generator=None):
+    """x_t = sqrt(abar_t) x + sqrt(1 - abar_t) * scale * eps. Step 0 returns x untouched (no
+    weakening), steps 1..1000 index abar[step - 1]."""
+    if step <= 0:
+        return x
+    abar = noise_schedule()[min(step, 1000) - 1].item()
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu").to(x.device, x.dtype)
+    return abar ** 0.5 * x + (1 - abar) ** 0.5 * scale * eps
+
+
+def _feature_scale(x):
+    # per image std, so that a step means the same SNR for any encoder (TOY_NOTES.md)
+    return x.float().flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+@contextlib.contextmanager
+def weaken_images(model, noise_step, noise_on="features", generator=None):
+    """Within this context every image the model sees is weakened by `noise_step` steps of
+    forward diffusion: on the projector's input (the CLIP features, as in the paper) or on the
+    normalised pixels (as in the authors' released script, unit-variance noise as in VCD)."""
+    if noise_step <= 0:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base.model
+    if noise_on == "features":
+        module, scale_of = inner.multi_modal_projector, _feature_scale
+    elif noise_on == "pixels":
+        module, scale_of = inner.vision_tower, (lambda x: 1.0)
+    else:
+        raise ValueError(f"noise_on must be features or pixels, got {noise_on!r}")
+
+    def hook(_mod, args):
+        x = args[0]
+        return (diffuse(x, noise_step, scale_of(x), generator),) + tuple(args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate(model, processor, images, prompts, max_new_tokens=512, do_sample=False,
+             temperature=1.0, top_p=1.0):
+    """One batch of answers, left-padded; prompts are plain questions."""
+    texts = [chat_prompt(processor, p) for p in prompts]
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id,
+                         **sampling)
+    return [s.strip() for s in processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+# ----------------------------------------------------------------------------- token convention and log-probs
+
+
+def response_ids(tokenizer, prompt_text, response):
+    """Token ids of the response after the chat prompt, plus EOS: the tokens the model produces at
+    inference. Tokenised jointly with the prompt (subword merges as at inference) when the prompt's
+    own tokens are a prefix of the joint ones; otherwise the response alone."""
+    prompt = tokenizer(prompt_text).input_ids
+    joint = tokenizer(prompt_text + " " + response).input_ids
+    if joint[:len(prompt)] == prompt:
+        ids = joint[len(prompt):]
+    else:  # a merge across the boundary: keep the prompt's tokens as generation sees them
+        ids = tokenizer(response, add_special_tokens=False).input_ids
+    return ids + [tokenizer.eos_token_id]
+
+
+def build_sequences(processor, image, prompt, responses, max_length):
+    """Encodes one image + prompt and its responses under the token convention.
+    Returns (pixel_values [1,...], list of (input_ids, labels)), n_truncated. Responses longer than
+    max_length allows are cut at the end; the image and prompt tokens are never cut."""
+    prompt_text = chat_prompt(processor, prompt)
+    enc = processor(text=[prompt_text], images=[image], return_tensors="pt")
+    prompt_ids = enc["input_ids"][0].tolist()
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise DataError(f"prompt with image takes {len(prompt_ids)} tokens, more than --max_length {max_length}")
+    seqs, cut = [], 0
+    for r in responses:
+        ids = response_ids(processor.tokenizer, prompt_text, r)
+        if len(ids) > room:
+            ids, cut = ids[:room], cut + 1
+        seqs.append((prompt_ids + ids, [IGNORE] * len(prompt_ids) + ids))
+    return enc["pixel_values"], seqs, cut
+
+
+def pad_batch(seqs, pad_id):
+    """Right-pads (input_ids, labels) pairs into tensors (input_ids, attention_mask, labels)."""
+    n = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(seqs):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def sequence_logps(logits, labels):
+    """Sum over scored positions of log p(label_t | tokens < t). logits [B, T, V] predict the
+    next token, labels [B, T] with IGNORE where not scored. The log-softmax is taken only at the
+    gathered tokens (logit - logsumexp) so no [B, T, V] float32 copy is kept."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    safe = labels.masked_fill(~mask, 0)
+    picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1).float()
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    return ((picked - lse) * mask).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO loss (paper Eq. 4) per pair, with the implicit rewards
+    beta * (log pi - log pi_ref) of chosen and rejected."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()

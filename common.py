@@ -362,3 +362,58 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     rejected_rewards = beta * (policy_rejected - ref_rejected)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible endpoints
+
+
+class RemoteError(RuntimeError):
+    """A remote call that still failed after its retries."""
+
+
+def openai_client(base_url=None, timeout=120.0):
+    """A client for OpenAI or any compatible server (vLLM, ...). The key comes from OPENAI_API_KEY
+    only; local servers usually take none. The client's own retries are off: chat() retries."""
+    from openai import OpenAI
+    return OpenAI(api_key=os.environ.get("OPENAI_API_KEY") or "none", base_url=base_url, timeout=timeout,
+                  max_retries=0)
+
+
+def chat(client, model, messages, temperature=0.0, max_tokens=None, tries=5, backoff=1.0, sleep=None):
+    """Text of one chat completion. Rate limits, server errors, timeouts, dropped connections,
+    empty `choices` and malformed bodies are retried with exponential backoff and jitter; after
+    `tries` attempts RemoteError says what went wrong last (never the key)."""
+    import time
+
+    import openai
+    sleep = sleep or time.sleep
+    last = None
+    for attempt in range(tries):
+        try:
+            resp = client.chat.completions.create(model=model, messages=messages, temperature=temperature,
+                                                  max_tokens=max_tokens)
+            text = resp.choices[0].message.content if resp.choices else None
+            if isinstance(text, str):
+                return text
+            last = "response without choices or content"
+        except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                openai.APIConnectionError) as e:
+            last = f"{type(e).__name__}: {getattr(e, 'status_code', '') or ''}".strip()
+        except (openai.APIResponseValidationError, ValueError, AttributeError, TypeError) as e:
+            last = f"malformed response ({type(e).__name__})"
+        except openai.APIStatusError as e:  # 4xx other than 429: asking again will not help
+            raise RemoteError(f"{type(e).__name__} {e.status_code} from {model}") from None
+        if attempt < tries - 1:
+            sleep(backoff * 2 ** attempt * (0.5 + random.random()))
+    raise RemoteError(f"{model}: gave up after {tries} tries ({last})")
+
+
+def map_concurrent(fn, items, workers):
+    """fn over items with at most `workers` calls in flight; yields (item, result or exception)
+    as they complete, so each result can be written (and resumed) the moment it exists."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(fn, it): it for it in items}
+        for fut in as_completed(futures):
+            exc = fut.exception()
+            yield futures[fut], exc if exc is not None else fut.result()

@@ -1,0 +1,141 @@
+"""The math of common.py against independent computations."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+LLAMA_TOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "llama2-tokenizer")
+
+
+def test_noise_schedule_matches_closed_form():
+    abar = common.noise_schedule()
+    # independent: the betas of VCD written out in plain floats, the product taken term by term
+    prod = 1.0
+    for i in range(1000):
+        x = -6 + 12 * i / 999
+        beta = (1 / (1 + math.exp(-x))) * (0.5e-2 - 1e-5) + 1e-5
+        prod *= 1 - beta
+        if i + 1 in (1, 200, 500, 800, 1000):
+            assert abar[i].item() == pytest.approx(prod, rel=1e-9)
+    # the values TOY_NOTES.md quotes for t = 200 / 500 / 800 / 999
+    for t, want in [(200, 0.99), (500, 0.75), (800, 0.22), (999, 0.08)]:
+        assert abar[t - 1].item() == pytest.approx(want, abs=0.01)
+
+
+def test_diffuse_is_x_t():
+    x = torch.randn(2, 5, 7) * 3 + 1
+    for step in (1, 500, 1000):
+        got = common.diffuse(x, step, scale=2.5, generator=torch.Generator().manual_seed(7))
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+        a = common.noise_schedule()[step - 1].item()
+        assert torch.allclose(got, math.sqrt(a) * x + math.sqrt(1 - a) * 2.5 * eps, atol=1e-6)
+    assert common.diffuse(x, 0, scale=2.5) is x
+
+
+def _logits(model, processor, image, noise_step=0, noise_on="features"):
+    enc = processor(text=[common.chat_prompt(processor, "Describe the image in detail.")], images=[image],
+                    return_tensors="pt")
+    with torch.no_grad(), common.weaken_images(model, noise_step, noise_on, torch.Generator().manual_seed(0)):
+        return model(**enc).logits
+
+
+@pytest.mark.parametrize("noise_on", ["features", "pixels"])
+def test_weakening_changes_logits_and_step0_does_not(toy, toy_model, noise_on):
+    model, processor = toy_model
+    image = common.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    clean = _logits(model, processor, image)
+    assert torch.equal(clean, _logits(model, processor, image, 0, noise_on))
+    weak = _logits(model, processor, image, 800, noise_on)
+    assert (weak - clean).abs().max() > 1e-3
+    assert torch.equal(clean, _logits(model, processor, image))  # the hook is gone after the context
+
+
+def test_sequence_logps_equals_log_softmax_gather():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, :3] = common.IGNORE
+    labels[2, :] = common.IGNORE
+    want = torch.zeros(3)
+    logp = torch.log_softmax(logits, -1)
+    for b in range(3):
+        for t in range(1, 6):
+            if labels[b, t] != common.IGNORE:
+                want[b] += logp[b, t - 1, labels[b, t]]
+    assert torch.allclose(common.sequence_logps(logits, labels), want, atol=1e-5)
+    assert common.sequence_logps(logits, labels)[2] == 0
+
+
+def test_sequence_logps_equals_model_token_loss(toy, toy_model):
+    """Summed response log-probs = -(mean token loss of the model's own loss) x number of tokens,
+    with prompt and image tokens masked."""
+    model, processor = toy_model
+    image = common.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    words = [w for w in processor.tokenizer.get_vocab() if w.isalpha()][:5]
+    pixel_values, seqs, cut = common.build_sequences(processor, image, "Describe the image in detail.",
+                                                     [" ".join(words), words[0]], max_length=512)
+    input_ids, mask, labels = common.pad_batch(seqs, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = common.sequence_logps(model(input_ids=input_ids, attention_mask=mask,
+                                           pixel_values=pixel_values.repeat(2, 1, 1, 1)).logits, labels)
+        for i in range(2):
+            out = model(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], pixel_values=pixel_values,
+                        labels=labels[i:i + 1])
+            n = (labels[i, 1:] != common.IGNORE).sum()
+            assert ours[i].item() == pytest.approx(-(out.loss * n).item(), rel=1e-4)
+    assert cut == 0
+    # scored: exactly the response words and EOS, nothing of the prompt or the image
+    n_image = int((input_ids[0] == model.config.image_token_id).sum())
+    assert n_image > 0 and (labels[0][input_ids[0] == model.config.image_token_id] == common.IGNORE).all()
+    scored = labels[0][labels[0] != common.IGNORE].tolist()
+    assert scored == processor.tokenizer(" ".join(words), add_special_tokens=False).input_ids + [
+        processor.tokenizer.eos_token_id]
+
+
+def test_truncation_cuts_the_response_never_the_image(toy, toy_model):
+    model, processor = toy_model
+    image = common.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    prompt_len = len(processor(text=[common.chat_prompt(processor, "q")], images=[image]).input_ids[0])
+    _, seqs, cut = common.build_sequences(processor, image, "q", ["a " * 50, "a"], max_length=prompt_len + 5)
+    assert cut == 1 and len(seqs[0][0]) == prompt_len + 5 and len(seqs[1][0]) == prompt_len + 2
+    with pytest.raises(common.DataError):
+        common.build_sequences(processor, image, "q", ["a"], max_length=prompt_len - 1)
+
+
+def test_response_ids_on_real_llama2_subwords():
+    if not os.path.isdir(LLAMA_TOK):
+        pytest.skip("../shared/llama2-tokenizer not present")
+    pytest.importorskip("sentencepiece")
+    from transformers import LlamaTokenizer
+    tok = LlamaTokenizer.from_pretrained(LLAMA_TOK, add_bos_token=True, legacy=False)
+    prompt = "USER: <image>\nWhat is on the table? ASSISTANT:"
+    assert tok(prompt).input_ids[0] == tok.bos_token_id
+    ids = common.response_ids(tok, prompt, "A cup and a plate.")
+    assert tok.convert_ids_to_tokens(ids) == ["▁A", "▁cup", "▁and", "▁a", "▁plate", ".", "</s>"]
+    # joint tokenisation: prompt tokens are a prefix, the response continues exactly as generated
+    assert tok(prompt + " A cup and a plate.").input_ids == tok(prompt).input_ids + ids[:-1]
+
+
+def test_dpo_loss_hand_computed():
+    pc, pr = torch.tensor([-10.0, -20.0, -5.0]), torch.tensor([-12.0, -18.0, -5.0])
+    rc, rr = torch.tensor([-11.0, -19.0, -6.0]), torch.tensor([-11.0, -19.0, -4.0])
+    losses, cr, rj = common.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # rewards: 0.5*(pc-rc) = [0.5, -0.5, 0.5]; 0.5*(pr-rr) = [-0.5, 0.5, -0.5]; margins [1, -1, 1]
+    assert cr.tolist() == [0.5, -0.5, 0.5] and rj.tolist() == [-0.5, 0.5, -0.5]
+    want = [math.log(1 + math.exp(-1)), math.log(1 + math.exp(1)), math.log(1 + math.exp(-1))]
+    assert losses.tolist() == pytest.approx(want, rel=1e-6)
+    assert (cr > rj).float().mean().item() == pytest.approx(2 / 3)
+
+
+def test_dpo_loss_gradient_direction():
+    pc = torch.tensor([-3.0], requires_grad=True)
+    pr = torch.tensor([-3.0], requires_grad=True)
+    losses, _, _ = common.dpo_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1)
+    losses.sum().backward()
+    # at zero margin d/dpc = -beta * sigmoid(0) = -0.05: raising chosen lowers the loss
+    assert pc.grad.item() == pytest.approx(-0.05) and pr.grad.item() == pytest.approx(0.05)
+    assert F.logsigmoid(torch.tensor(0.0)).item() == pytest.approx(-losses.item())

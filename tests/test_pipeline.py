@@ -1,0 +1,143 @@
+"""The numbered scripts end to end on the quick toy world: 01 -> 03, resume, DDP."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import ROOT, run_script
+
+PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
+
+
+def build_pairs(toy, out, *extra):
+    return run_script("01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}",
+                      "--image_root", toy / "images", "--out", out, "--max_new_tokens", 24, "--seed", 0, *extra)
+
+
+@pytest.fixture(scope="session")
+def pairs(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    build_pairs(toy, out, "--samples_per_source", 64, "--batch_size", 16)
+    return out
+
+
+def test_pairs_follow_spec(pairs, toy):
+    recs = common.read_jsonl(pairs)
+    gt = {f"toy/{r['id']}-0": r for r in json.load(open(toy / "train.json"))}
+    assert len(recs) >= 60 and len({r["id"] for r in recs}) == len(recs)
+    for r in recs:
+        assert PAIR_FIELDS <= set(r) and r["method"] == "image_weakened" and r["source"] == "toy"
+        assert r["meta"]["noise_step"] == 500 and r["meta"]["noise_on"] == "features"
+        src = gt[r["id"]]
+        assert r["chosen"] == src["conversations"][1]["value"] and r["image"] == src["image"]
+        assert "<image>" not in r["prompt"] and r["rejected"] and r["rejected"] != r["chosen"]
+
+
+def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "01_build_pairs.py"), "--model", str(toy / "model"),
+           "--data", f"toy={toy / 'train.json'}", "--image_root", str(toy / "images"), "--out", str(out),
+           "--samples_per_source", "40", "--batch_size", "1", "--max_new_tokens", "24"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    part = f"{out}.part0"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(part) and open(part).read().count("\n") >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "01 finished before it could be interrupted"
+    with open(part, "a") as f:
+        f.write('{"id": "toy/half-written')  # as if the kill had landed mid-line
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    ids = [r["id"] for r in common.read_jsonl(out)]
+    expected = {it["id"] for it in common.sample_per_source(common.load_items("toy", toy / "train.json")[0], 40, 0)}
+    assert len(ids) == len(set(ids)) and set(ids) <= expected
+    dropped = len(expected) - len(ids)  # only empty or identical negatives may be missing, and are counted
+    assert dropped <= 4 and not os.path.exists(part)
+
+
+def train(toy, data, out, *extra):
+    return run_script("03_train_bpo.py", "--model", toy / "model", "--data", data, "--image_root", toy / "images",
+                      "--output_dir", out, "--lora_r", 8, "--lora_alpha", 16, "--seed", 0, *extra)
+
+
+def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
+    proc = train(toy, pairs, tmp_path, "--lr", 2e-3, "--batch_size", 8, "--epochs", 3, "--save_every", 0)
+    rows = common.read_jsonl(tmp_path / "metrics.jsonl")
+    need = {"step", "epoch", "loss", "lr", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+            "rewards/margins", "logps/chosen", "logps/rejected", "samples_per_s"}
+    assert need <= set(rows[0]) and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-4)  # policy == reference at step 1
+    last = rows[-4:]
+    assert sum(r["rewards/accuracies"] for r in last) / 4 > 0.75
+    assert sum(r["rewards/margins"] for r in last) / 4 > 0.5
+    assert (tmp_path / "curves.png").stat().st_size > 1000 and (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert "final" in proc.stdout
+    # the adapter loads back onto the base model and changes it
+    model, _ = common.load_model(str(toy / "model"), adapter=str(tmp_path / "adapter"))
+    base, _ = common.load_model(str(toy / "model"))
+    name = next(n for n, _ in base.named_parameters() if "q_proj" in n)
+    assert not torch.equal(dict(model.named_parameters())[name], dict(base.named_parameters())[name])
+
+
+def test_sft_baseline_raises_chosen_logps(toy, pairs, tmp_path):
+    train(toy, pairs, tmp_path, "--loss", "sft", "--lr", 2e-3, "--batch_size", 8, "--max_steps", 10,
+          "--save_every", 0)
+    rows = common.read_jsonl(tmp_path / "metrics.jsonl")
+    assert set(rows[0]) >= {"loss", "logps/chosen"} and "rewards/margins" not in rows[0]
+    assert rows[-1]["logps/chosen"] > rows[0]["logps/chosen"]
+
+
+def adapter(path):
+    return load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+def test_resume_equals_straight_run(toy, pairs, tmp_path):
+    args = ("--lr", 1e-3, "--batch_size", 4, "--max_steps", 6, "--save_every", 3, "--keep_checkpoints", 2)
+    train(toy, pairs, tmp_path / "straight", *args)
+    # a run stopped right after checkpoint-3: its later checkpoint, adapter and log lines never written
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut)
+    shutil.rmtree(cut / "checkpoint-6")
+    shutil.rmtree(cut / "adapter")
+    rows = common.read_jsonl(cut / "metrics.jsonl")
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))  # one line too many
+    proc = train(toy, pairs, cut, *args, "--resume")
+    assert "resumed from" in proc.stdout and "checkpoint-3" in proc.stdout
+    assert_same_weights(adapter(cut), adapter(tmp_path / "straight"), atol=1e-6)
+    resumed = common.read_jsonl(cut / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert resumed[-1]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
+
+
+def test_ddp_two_processes_equal_one(toy, pairs, tmp_path):
+    args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--lora_r", 8,
+            "--lora_alpha", 16, "--lora_dropout", 0, "--lr", 1e-3, "--max_steps", 3, "--save_every", 0, "--seed", 0]
+    run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "one", "--batch_size", 4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", os.path.join(ROOT, "03_train_bpo.py"), *map(str, args),
+                           "--output_dir", str(tmp_path / "two"), "--batch_size", "2"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(adapter(tmp_path / "two"), adapter(tmp_path / "one"), atol=1e-5)
+    one, two = (common.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    for a, b in zip(one, two):  # metrics averaged over ranks = the single process's batch means
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-4)

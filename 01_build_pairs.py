@@ -2,8 +2,6 @@
 whose CLIP features are noised with forward diffusion, so its language prior takes over; the pair
 is (chosen = ground truth, rejected = that answer). Resumable by id, sharded under torchrun."""
 import argparse
-import glob
-import os
 import sys
 
 import torch
@@ -32,26 +30,11 @@ args = p.parse_args()
 rank, world, device = common.dist_setup()
 torch.manual_seed(args.seed + rank)
 
-# ---- items: every source read, sampled uniformly with the seed, the ones already written dropped
-items, skipped_no_image = [], 0
-for name, path in common.parse_data_specs(args.data):
-    try:
-        source_items, no_image = common.load_items(name, path, args.turns)
-    except (common.DataError, OSError) as e:
-        sys.exit(f"error: {e}")
-    skipped_no_image += no_image
-    items += common.sample_per_source(source_items, args.samples_per_source, args.seed)
-ids = [it["id"] for it in items]
-if len(set(ids)) != len(ids):
-    sys.exit("error: duplicate item ids (source name + record id + turn); give each --data a distinct NAME")
-
-# each rank appends to its own part file; rank 0 merges them into --out at the end
-part = f"{args.out}.part{rank}"
-done = common.existing_ids(args.out, *glob.glob(f"{args.out}.part*"))
-todo = [it for it in items if it["id"] not in done][rank::world]
+# ---- items: every source read and sampled uniformly with the seed; the ones already written dropped
+items, skipped_no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns)
+todo, part, n_done = common.pending_items(items, args.out, rank, world)  # each rank appends to its part file
 if rank == 0:
-    print(f"{len(items)} items, {len(done & set(ids))} already done, "
-          f"{skipped_no_image} records without image skipped")
+    print(f"{len(items)} items, {n_done} already done, {skipped_no_image} records without image skipped")
 
 # ---- model and the loop: batched sampling from the weakened image
 model, processor = common.load_model(args.model, device=device)
@@ -89,16 +72,8 @@ writer.close()
 common.barrier()
 counts = common.mean_over_ranks({"written": written, "dropped": dropped, "missing": missing})
 if rank == 0:
-    out = common.JsonlAppender(args.out)
-    have = common.existing_ids(args.out)
-    for pf in sorted(glob.glob(f"{args.out}.part*")):
-        for rec in common.read_jsonl(pf, tolerate_partial_last=True):
-            if rec["id"] not in have:
-                out.write(rec)
-                have.add(rec["id"])
-        os.remove(pf)
-    out.close()
+    n_out = common.merge_parts(args.out)
     n = {k: round(v * world) for k, v in counts.items()}
-    print(f"wrote {n['written']} pairs this run ({len(have)} in {args.out}); dropped {n['dropped']} empty or "
+    print(f"wrote {n['written']} pairs this run ({n_out} in {args.out}); dropped {n['dropped']} empty or "
           f"identical negatives; skipped {n['missing']} unreadable images")
 common.dist_cleanup()

@@ -124,6 +124,7 @@ if args.load_in_4bit:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
 elif args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                          target_modules=common.lora_target_regex()))
 model.train()
@@ -236,6 +237,8 @@ while step < total_steps:
 
     row = {k: v / args.grad_accum for k, v in sums.items() if args.loss == "dpo" or k in ("loss", "logps/chosen")}
     row["samples_per_s"] = per_step / world / (time.time() - t0)
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     row = common.mean_over_ranks(row)
     row["samples_per_s"] *= world  # pairs per second over all processes
     if main and (step % args.log_every == 0 or step == total_steps):

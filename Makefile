@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TOY ?= toy
 RUN ?= runs/demo
-# One thread per process keeps the 2-core CI box predictable; on a GPU node torch ignores this for kernels.
+# Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model)
+TOY_TRAIN ?= --lr 1e-4 --epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0
+# CPU threads per process (the toy runs on CPU; GPU kernels do not use it)
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -17,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 	# No GPU here: take the small CPU wheel first, so requirements.txt does not pull the CUDA build.
 	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/pip install -q "torch==2.13.0" || \
 	  $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -r requirements.txt pytest
+	$(BIN)/pip install -q -r requirements.txt pytest sentencepiece  # sentencepiece: tests on LLaMA-2's tokenizer
 	touch $@
 
 test: install
@@ -25,11 +27,26 @@ test: install
 
 demo: install
 	$(BIN)/python 00_make_toy.py --out $(TOY)
+	# negatives of both kinds: the model answering from weakened images, and rule-based error injection
 	$(BIN)/python 01_build_pairs.py --model $(TOY)/model --data toy=$(TOY)/train.json --image_root $(TOY)/images \
 	  --out $(RUN)/pairs_weakened.jsonl --noise_step 500 --max_new_tokens 48 --batch_size 32
-	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --image_root $(TOY)/images \
-	  --output_dir $(RUN)/bpo --lr 1e-4 --epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0
-	@echo "toy world: $(TOY)/   pairs: $(RUN)/pairs_weakened.jsonl   BPO run: $(RUN)/bpo/ (metrics.jsonl, curves.png, adapter/)"
+	$(BIN)/python 02_inject_errors.py --backend rules --vocab $(TOY)/world.json --data toy=$(TOY)/train.json \
+	  --out $(RUN)/pairs_injected.jsonl
+	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
+	  --image_root $(TOY)/images --output_dir $(RUN)/bpo $(TOY_TRAIN)
+	# the paper's Table 3 baseline: SFT on the same chosen answers
+	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
+	  --image_root $(TOY)/images --output_dir $(RUN)/sft --loss sft $(TOY_TRAIN)
+	for m in base sft bpo; do \
+	  adapter=$$( [ $$m = base ] || echo "--adapter $(RUN)/$$m/adapter" ); \
+	  $(BIN)/python 04_eval_mmvet.py --model $(TOY)/model $$adapter --mmvet_json $(TOY)/mmvet.json --image_dir $(TOY)/images \
+	    --out_dir $(RUN)/eval/$$m/mmvet --judge exact --max_new_tokens 32 --batch_size 32 || exit 1; \
+	  $(BIN)/python 05_eval_halbench.py --model $(TOY)/model $$adapter --questions $(TOY)/halbench.jsonl --image_dir $(TOY)/images \
+	    --objects $(TOY)/halbench_objects.json --synonyms $(TOY)/synonyms.txt --out_dir $(RUN)/eval/$$m/halbench \
+	    --max_new_tokens 96 --batch_size 32 || exit 1; \
+	done
+	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"
+	$(BIN)/python experiments/demo_table.py base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo
 
 clean:
 	rm -rf $(TOY) runs

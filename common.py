@@ -417,3 +417,80 @@ def map_concurrent(fn, items, workers):
         for fut in as_completed(futures):
             exc = fut.exception()
             yield futures[fut], exc if exc is not None else fut.result()
+
+
+# ----------------------------------------------------------------------------- cached remote calls (04, 05)
+
+
+def cached_map(path, jobs, fn, workers=8, desc="calls"):
+    """fn(job) -> dict of results, for jobs that are dicts with the same fields, each computed once
+    ever: a job whose fields all match a record of the JSONL cache at `path` is answered from it;
+    the others run with at most `workers` in flight and are appended ({**job, **result}) the moment
+    they finish, so a rerun never pays twice and a kill loses only the calls in flight. A call
+    that raises RemoteError is not cached (a rerun retries it). Returns (records in job order,
+    None for failed ones; the RemoteError messages)."""
+    from tqdm import tqdm
+    fields = sorted(jobs[0]) if jobs else []
+    key = lambda r: json.dumps([r.get(k) for k in fields])
+    cache = {key(r): r for r in read_jsonl(path, tolerate_partial_last=True)} if os.path.exists(path) else {}
+    records = [cache.get(key(job)) for job in jobs]
+    todo = [i for i, r in enumerate(records) if r is None]
+    errors = []
+    if todo:
+        writer = JsonlAppender(path)
+        for i, result in tqdm(map_concurrent(lambda i: fn(jobs[i]), todo, workers), total=len(todo), desc=desc):
+            if isinstance(result, RemoteError):
+                errors.append(str(result))
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            records[i] = {**jobs[i], **result}
+            writer.write(records[i])
+        writer.close()
+    return records, errors
+
+
+# ----------------------------------------------------------------------------- items and resumable sharded output (01, 02)
+
+
+def load_sources(specs, samples_per_source, seed, turns):
+    """Items of every `--data NAME=PATH`, each source sampled uniformly with the seed. Returns
+    (items, n records without image); exits with a one-line reason on bad data or duplicate ids."""
+    items, no_image = [], 0
+    for name, path in parse_data_specs(specs):
+        try:
+            source_items, n = load_items(name, path, turns)
+        except (DataError, OSError) as e:
+            sys.exit(f"error: {e}")
+        no_image += n
+        items += sample_per_source(source_items, samples_per_source, seed)
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        sys.exit("error: duplicate item ids (source name + record id + turn); give each --data a distinct NAME")
+    return items, no_image
+
+
+def pending_items(items, out, rank, world):
+    """(this rank's share of the items whose id is in neither `out` nor a part file `out.partR` left
+    by a run cut short, the part file this rank appends to, how many items are done). Every rank
+    reads the done ids before any rank writes (barrier), so all ranks shard the same list."""
+    import glob
+    done = existing_ids(out, *glob.glob(f"{out}.part*"))
+    barrier()
+    todo = [it for it in items if it["id"] not in done]
+    return todo[rank::world], f"{out}.part{rank}", len(items) - len(todo)
+
+
+def merge_parts(out):
+    """Rank 0, once every rank is done: appends each record of the part files `out.partR` whose id
+    is not in `out` yet, removes the parts, returns the number of records in `out`."""
+    import glob
+    writer, have = JsonlAppender(out), existing_ids(out)
+    for part in sorted(glob.glob(f"{out}.part*")):
+        for rec in read_jsonl(part, tolerate_partial_last=True):
+            if rec["id"] not in have:
+                writer.write(rec)
+                have.add(rec["id"])
+        os.remove(part)
+    writer.close()
+    return len(have)

@@ -78,24 +78,29 @@ def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
             "rewards/margins", "logps/chosen", "logps/rejected", "samples_per_s"}
     assert need <= set(rows[0]) and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-4)  # policy == reference at step 1
-    last = rows[-4:]
-    assert sum(r["rewards/accuracies"] for r in last) / 4 > 0.75
-    assert sum(r["rewards/margins"] for r in last) / 4 > 0.5
+    last = rows[-4:]  # chance is accuracy 0.5, margin 0, loss ln 2 = 0.693
+    assert sum(r["rewards/accuracies"] for r in last) / 4 > 0.7
+    assert sum(r["rewards/margins"] for r in last) / 4 > 0.15
+    assert sum(r["loss"] for r in last) / 4 < 0.65
     assert (tmp_path / "curves.png").stat().st_size > 1000 and (tmp_path / "adapter" / "adapter_config.json").exists()
     assert "final" in proc.stdout
     # the adapter loads back onto the base model and changes it
     model, _ = common.load_model(str(toy / "model"), adapter=str(tmp_path / "adapter"))
     base, _ = common.load_model(str(toy / "model"))
-    name = next(n for n, _ in base.named_parameters() if "q_proj" in n)
-    assert not torch.equal(dict(model.named_parameters())[name], dict(base.named_parameters())[name])
+    merged = dict(model.named_parameters())
+    for name, base_param in base.named_parameters():  # LoRA moved the language model, nothing else
+        changed = not torch.equal(merged[name], base_param)
+        assert changed == (".language_model." in name and name.endswith("proj.weight")), name
 
 
 def test_sft_baseline_raises_chosen_logps(toy, pairs, tmp_path):
-    train(toy, pairs, tmp_path, "--loss", "sft", "--lr", 2e-3, "--batch_size", 8, "--max_steps", 10,
-          "--save_every", 0)
+    train(toy, pairs, tmp_path, "--loss", "sft", "--lr", 2e-3, "--batch_size", 8, "--epochs", 3, "--save_every", 0)
     rows = common.read_jsonl(tmp_path / "metrics.jsonl")
     assert set(rows[0]) >= {"loss", "logps/chosen"} and "rewards/margins" not in rows[0]
-    assert rows[-1]["logps/chosen"] > rows[0]["logps/chosen"]
+    per_epoch = len(rows) // 3  # each epoch sees the same pairs: compare the first with the last
+    first, last = rows[:per_epoch], rows[-per_epoch:]
+    assert sum(r["logps/chosen"] for r in last) > sum(r["logps/chosen"] for r in first)
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
 
 
 def adapter(path):

@@ -1,0 +1,224 @@
+"""Step 4: MM-Vet. The model answers every question (greedy, as the authors); a judge grades each
+answer 0.0-1.0 against the ground truth (GPT-4 with a few-shot MM-Vet-style prompt, or `exact`
+offline for short answers); a capability's score is the mean over the questions that have it,
+x100. Resumable and never pays twice: answers and grades are appended as they come."""
+import argparse
+import hashlib
+import json
+import os
+import re
+import statistics
+import sys
+
+from tqdm import tqdm
+
+import common
+
+CAPABILITIES = ["rec", "ocr", "know", "gen", "spat", "math"]  # the columns of the paper's Table 2
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
+p.add_argument("--adapter", default=None, help="peft adapter dir (03's D/adapter) merged onto --model; none = base model")
+p.add_argument("--mmvet_json", required=True, help="the official mm-vet.json {id: {imagename, capability, question, answer}}")
+p.add_argument("--image_dir", default=None, help="imagename is relative to this (needed to generate)")
+p.add_argument("--out_dir", required=True, help="writes answers.json, grades.jsonl, scores.json (reruns resume)")
+p.add_argument("--answers", default=None, help="grade an existing official answers JSON {id: answer}; no model loaded")
+p.add_argument("--max_new_tokens", type=int, default=1024, help="answer length cap (the authors' setting)")
+p.add_argument("--batch_size", type=int, default=8, help="generations per forward")
+p.add_argument("--judge", default="gpt-4-0613", help="grader model on the OpenAI API (or --base_url), or 'exact': "
+               "offline normalised match of short answers, honouring <AND>/<OR>")
+p.add_argument("--base_url", default=None, help="OpenAI-compatible server of the judge (none: OpenAI)")
+p.add_argument("--grader_prompt_file", default=None,
+               help="grader prompt with placeholders {question}, {ground_truth}, {answer} (none: this repo's)")
+p.add_argument("--grade_tries", type=int, default=5,
+               help="judge calls per grade until a score in [0, 1] comes back; temperature 0, then +0.5 a try; "
+                    "after the last the grade is 0.0, recorded as failed")
+p.add_argument("--num_runs", type=int, default=1, help="independent gradings of every answer; mean and std reported")
+p.add_argument("--workers", type=int, default=8, help="judge calls in flight")
+args = p.parse_args()
+if args.grade_tries < 1 or args.num_runs < 1:
+    p.error("--grade_tries and --num_runs must be at least 1")
+
+# Written for this repo in the MM-Vet manner: a table of graded examples, the last row to complete.
+GRADER_PROMPT = """You grade the answers of an AI assistant to questions about images. Compare the prediction with the ground truth and give a correctness score of 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9 or 1.0 (totally right). In the ground truth, <AND> joins elements that must all appear in the prediction (each missing one lowers the score) and <OR> joins alternatives of which any one is enough. Judge the content, not the wording or the length; wrong claims added to a right answer lower the score. Reply with the score only.
+
+Question | Ground truth | Prediction | Correctness
+--- | --- | --- | ---
+How many apples are on the plate? | 3 <OR> three | There are three apples on the plate. | 1.0
+How many apples are on the plate? | 3 <OR> three | I count four apples. | 0.0
+Which two animals are in the picture? | dog <AND> cat | A dog lying on a sofa. | 0.5
+Which two animals are in the picture? | dog <AND> cat | A cat and a dog sleeping next to each other. | 1.0
+What does the sign say? | Main Street | The sign reads "Main St." | 1.0
+What is the total price on the receipt? | 12.40 | The total is $12.40, paid by card, and the tip was $5. | 0.9
+What should be done after the onions turn golden? | add the garlic and stir for one minute | Add garlic. | 0.6
+Describe the weather in the photo. | It is sunny with a few clouds and the road is dry. | A sunny day under a clear blue sky; the road is wet from rain. | 0.4
+{question} | {ground_truth} | {answer} |"""
+
+
+def line_of(raw, key):
+    """Line of a key in a JSON text (for error messages)."""
+    at = raw.find(json.dumps(key))
+    return raw[:at].count("\n") + 1 if at >= 0 else 1
+
+
+def read_json_dict(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise common.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise common.DataError(f"{path}:1: expected a JSON object {{id: ...}}")
+    return data, raw
+
+
+def norm_words(text):
+    """Lower-case words and numbers, without punctuation and articles."""
+    return [w for w in re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower()) if w not in ("a", "an", "the")]
+
+
+def exact_score(ground_truth, answer):
+    """Offline judge: the best <OR> alternative's share of <AND> parts whose words appear, in order
+    and contiguous, in the answer."""
+    ans = norm_words(answer)
+    has = lambda part: any(ans[i:i + len(part)] == part for i in range(len(ans) - len(part) + 1))
+    best = 0.0
+    for alternative in ground_truth.split("<OR>"):
+        parts = [norm_words(x) for x in alternative.split("<AND>")]
+        parts = [x for x in parts if x]
+        if parts:
+            best = max(best, sum(map(has, parts)) / len(parts))
+    return best
+
+
+def parse_score(text):
+    """The judge's score if its reply starts with a number in [0, 1] (as MM-Vet's grader reads it), else None."""
+    head = text.strip().split(" ")[0].strip().rstrip(".,;") if text.strip() else ""
+    try:
+        score = float(head)
+    except ValueError:
+        return None
+    return score if 0.0 <= score <= 1.0 else None
+
+
+def capability_scores(questions, grades):
+    """{capability: mean grade x100 over the questions having it} for the capabilities present, and total.
+    A question counts toward every capability it has."""
+    out = {}
+    for cap in CAPABILITIES:
+        g = [grades[qid] for qid, q in questions.items() if cap in q["capability"]]
+        if g:
+            out[cap] = 100 * sum(g) / len(g)
+    out["total"] = 100 * sum(grades[qid] for qid in questions) / len(questions)
+    return out
+
+
+# ---- benchmark and answers
+try:
+    questions, raw = read_json_dict(args.mmvet_json)
+    for qid, q in questions.items():
+        ok = isinstance(q, dict) and all(isinstance(q.get(k), str) for k in ("imagename", "question", "answer"))
+        if not ok or not isinstance(q.get("capability"), list) or not set(q["capability"]) <= set(CAPABILITIES):
+            raise common.DataError(f"{args.mmvet_json}:{line_of(raw, qid)}: question {qid!r} needs imagename, "
+                                   f"question, answer and capability (a list of {', '.join(CAPABILITIES)})")
+except (common.DataError, OSError) as e:
+    sys.exit(f"error: {e}")
+if not questions:
+    sys.exit(f"error: {args.mmvet_json}: no questions")
+os.makedirs(args.out_dir, exist_ok=True)
+answers_path = os.path.join(args.out_dir, "answers.json")
+if args.answers:
+    try:
+        answers, raw = read_json_dict(args.answers)
+        for qid, a in answers.items():
+            if not isinstance(a, str):
+                raise common.DataError(f"{args.answers}:{line_of(raw, qid)}: the answer of {qid!r} is not a string")
+            if qid not in questions:
+                raise common.DataError(f"{args.answers}:{line_of(raw, qid)}: {qid!r} is not a question of {args.mmvet_json}")
+        missing = [qid for qid in questions if qid not in answers]
+        if missing:
+            raise common.DataError(f"{args.answers}:1: no answer for {len(missing)} questions (e.g. {missing[0]!r})")
+    except (common.DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+else:  # generate, appending to a JSONL cache so that a kill loses at most one batch
+    if not args.image_dir:
+        sys.exit("error: to generate answers give --image_dir (or grade existing ones with --answers)")
+    cache = os.path.join(args.out_dir, "answers.jsonl")
+    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
+    old = common.read_jsonl(cache, tolerate_partial_last=True) if os.path.exists(cache) else []
+    if any({k: r.get(k) for k in config} != config for r in old):
+        sys.exit(f"error: {cache} holds answers of another model, adapter or --max_new_tokens; use another --out_dir")
+    done = {r["id"] for r in old}
+    todo = [qid for qid in questions if qid not in done]
+    print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered")
+    if todo:
+        _, _, device = common.dist_setup()
+        model, processor = common.load_model(args.model, args.adapter, device=device)
+        writer = common.JsonlAppender(cache)
+        for i in tqdm(range(0, len(todo), args.batch_size), desc="answer"):
+            batch = todo[i:i + args.batch_size]
+            try:
+                images = [common.load_image(args.image_dir, questions[qid]["imagename"]) for qid in batch]
+            except OSError as e:
+                sys.exit(f"error: {e}")
+            texts = common.generate(model, processor, images, [questions[qid]["question"] for qid in batch],
+                                    max_new_tokens=args.max_new_tokens)
+            for qid, text in zip(batch, texts):
+                writer.write({"id": qid, "answer": text, **config})
+        writer.close()
+    answers = {r["id"]: r["answer"] for r in common.read_jsonl(cache, tolerate_partial_last=True)}
+if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
+    with open(answers_path, "w", encoding="utf-8") as f:
+        json.dump({qid: answers[qid] for qid in questions}, f, indent=1, ensure_ascii=False)
+
+# ---- grades: one cached record per (question, run, judge, answer, filled prompt)
+try:
+    template = open(args.grader_prompt_file, encoding="utf-8").read() if args.grader_prompt_file else GRADER_PROMPT
+except OSError as e:
+    sys.exit(f"error: {e}")
+prompts = {qid: template.replace("{question}", q["question"]).replace("{ground_truth}", q["answer"])
+           .replace("{answer}", answers[qid].replace("\n", "<br>")) for qid, q in questions.items()}
+client = None if args.judge == "exact" else common.openai_client(args.base_url)
+
+
+def grade(job):
+    qid = job["id"]
+    if args.judge == "exact":
+        return {"score": exact_score(questions[qid]["answer"], answers[qid]), "failed": False}
+    messages = [{"role": "user", "content": prompts[qid]}]
+    for attempt in range(args.grade_tries):  # an unreadable reply is asked again, a little hotter
+        reply = common.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3)
+        score = parse_score(reply)
+        if score is not None:
+            return {"score": score, "failed": False, "tries": attempt + 1, "reply": reply}
+    return {"score": 0.0, "failed": True, "tries": args.grade_tries, "reply": reply}
+
+
+jobs = [{"id": qid, "run": run, "judge": args.judge, "answer": answers[qid],
+         "prompt_sha": hashlib.sha256(prompts[qid].encode()).hexdigest()[:16]}
+        for run in range(args.num_runs) for qid in questions]
+records, errors = common.cached_map(os.path.join(args.out_dir, "grades.jsonl"), jobs, grade, args.workers, "grade")
+if errors:
+    sys.exit(f"error: {len(errors)} grades got no reply from {args.judge}, e.g. {errors[0]}; rerun to resume")
+failed = sum(r["failed"] for r in records)
+if failed:
+    print(f"warning: {failed} grades unreadable after {args.grade_tries} tries, scored 0.0 (failed: true in grades.jsonl)",
+          file=sys.stderr)
+
+# ---- scores: per run, then mean and std over runs
+runs = [capability_scores(questions, {r["id"]: r["score"] for r in records if r["run"] == run})
+        for run in range(args.num_runs)]
+mean = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
+std = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
+with open(os.path.join(args.out_dir, "scores.json"), "w") as f:
+    json.dump(mean, f, indent=1)
+with open(os.path.join(args.out_dir, "scores_runs.json"), "w") as f:
+    json.dump({"judge": args.judge, "runs": runs, "std": std}, f, indent=1)
+cols = [k for k in CAPABILITIES + ["total"] if k in mean]
+name = args.answers or (f"{args.model} + {args.adapter}" if args.adapter else args.model)
+cell = lambda k: f"{mean[k]:.1f}" + (f" ± {std[k]:.1f}" if len(runs) > 1 else "")
+print(f"MM-Vet, judge {args.judge}, {len(questions)} questions, {args.num_runs} run(s)")
+print("| Model | " + " | ".join(c.capitalize() if c != "ocr" else "OCR" for c in cols) + " |")
+print("|---" * (len(cols) + 1) + "|")
+print(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")

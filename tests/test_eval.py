@@ -1,0 +1,259 @@
+"""MM-Vet grading and Object HalBench CHAIR: scores against hand computation, the judge path
+against a local OpenAI-compatible stub, and both scripts on the toy world."""
+import json
+import os
+
+import pytest
+
+from conftest import run_script
+from openai_stub import OpenAIStub
+
+SECRET = "sk-test-never-print-this"
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def no_secret(proc, out_dir):
+    assert SECRET not in proc.stdout + proc.stderr
+    for f in os.listdir(out_dir):
+        assert SECRET not in (out_dir / f).read_text()
+
+
+# ----------------------------------------------------------------------------- Object HalBench, CHAIR
+
+# response, ground truth, and what the engine must find (worked out by hand from data/coco_synonyms.txt)
+CHAIR_CASES = [
+    # plurals, a repeated mention (both "dogs" count), a present (dog, man = person) and an absent object
+    ("Two dogs are playing with a frisbee near a man. The dogs look happy.", ["dog", "person"],
+     ["dog", "frisbee", "person", "dog"], ["frisbee"]),
+    # multi-word names before single words: no dog, no bear, and the toilet seat is a toilet, not a chair
+    ("A hot dog and a teddy bear sit on the toilet seat.", ["toilet"],
+     ["hot dog", "teddy bear", "toilet"], ["hot dog", "teddy bear"]),
+    # "baby elephant" is an elephant; a baby alone is a person
+    ("A baby elephant walks beside a baby.", ["elephant"], ["elephant", "person"], ["person"]),
+    # no object at all
+    ("The picture shows a sunny sky and green grass.", ["bench"], [], []),
+    # irregular plurals, "buses" -> bus while "bus" stays; ground truth given as synonyms and plurals
+    ("Three people wait while two buses pass.", ["people", "bus", "cars"], ["person", "bus"], []),
+    # the seat of a toilet is no chair
+    ("The seat of the toilet is up.", ["toilet"], ["toilet"], []),
+]
+
+
+def run_chair(tmp_path, cases, *extra, **kw):
+    answers = write_jsonl(tmp_path / "given.jsonl", [{"question_id": i, "image": f"im{i}.jpg", "answer": c[0]}
+                                                      for i, c in enumerate(cases)])
+    objects = write_json(tmp_path / "objects.json", {f"im{i}.jpg": c[1] for i, c in enumerate(cases)})
+    out = tmp_path / "hal"
+    proc = run_script("05_eval_halbench.py", "--answers", answers, "--objects", objects, "--out_dir", out, *extra, **kw)
+    return proc, out
+
+
+def test_chair_hand_computed(tmp_path):
+    _, out = run_chair(tmp_path, CHAIR_CASES)
+    details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+    for d, (_, _, mentioned, hallucinated) in zip(details, CHAIR_CASES):
+        assert [c for _, c in d["mentions"]] == mentioned
+        assert d["hallucinated"] == sorted(set(hallucinated))
+    assert details[4]["ground_truth"] == ["bus", "car", "person"]
+    scores = json.loads((out / "scores.json").read_text())
+    # responses with a hallucination: 1, 2, 3 of 6; mentions 4+3+2+0+2+1 = 12, hallucinated 1+2+1 = 4;
+    # ground truth 2+1+1+1+3+1 = 9 objects, of which mentioned 2+1+1+0+2+1 = 7; words 14+12+7+9+7+7 = 56
+    assert scores == pytest.approx({"chair_s": 50.0, "chair_i": 100 * 4 / 12, "recall": 100 * 7 / 9,
+                                    "avg_len": 56 / 6, "n": 6})
+    assert (out / "answers.jsonl").exists()
+
+
+def test_chair_custom_synonyms_and_bad_input(tmp_path):
+    syn = tmp_path / "syn.txt"
+    syn.write_text("cup, mug\nplate, dish\n")
+    cases = [("a red mug on a dish and two cups .", ["plate"], ["cup", "plate", "cup"], ["cup"])]
+    _, out = run_chair(tmp_path, cases, "--synonyms", syn)
+    assert json.loads((out / "scores.json").read_text())["chair_i"] == pytest.approx(100 * 2 / 3)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 0, "image": "im0.jpg", "answer": "a cup"}\n{"question_id": 1, "image": "x"}\n')
+    proc = run_script("05_eval_halbench.py", "--answers", bad, "--objects", tmp_path / "objects.json",
+                      "--out_dir", tmp_path / "o", check=False)
+    assert proc.returncode != 0 and f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_llm_extractor_is_cached(tmp_path):
+    cases = [("There is no dog, only two cats on a couch.", ["cat", "couch"], None, None)]
+    with OpenAIStub(default="cats, couch") as stub:
+        for _ in range(2):
+            proc, out = run_chair(tmp_path, cases, "--extractor", "gpt-stub", "--base_url", stub.url,
+                                  env={**os.environ, "OPENAI_API_KEY": SECRET})
+        assert len(stub.requests) == 1  # the rerun read the cache
+    d = json.loads((out / "details.jsonl").read_text())
+    assert d["mentioned"] == ["cat", "couch"] and d["hallucinated"] == []  # the negated dog is not a mention
+    no_secret(proc, out)
+
+
+# ----------------------------------------------------------------------------- MM-Vet
+
+MMVET = {"v1_0": {"imagename": "a.png", "capability": ["rec", "ocr"], "question": "Which animals?", "answer": "cat <AND> dog"},
+         "v1_1": {"imagename": "b.png", "capability": ["rec"], "question": "How many cups?", "answer": "3 <OR> three"},
+         "v1_2": {"imagename": "c.png", "capability": ["ocr", "math"], "question": "What is the sum?", "answer": "12"},
+         "v1_3": {"imagename": "d.png", "capability": ["math"], "question": "What is 2+2?", "answer": "4"}}
+ANSWERS = {"v1_0": "A dog.", "v1_1": "Three.", "v1_2": "13", "v1_3": "It is 4."}
+
+
+def test_mmvet_exact_judge_and_capability_scores(tmp_path):
+    mm, ans = write_json(tmp_path / "mm.json", MMVET), write_json(tmp_path / "ans.json", ANSWERS)
+    proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
+                      "--judge", "exact")
+    # grades 0.5 (one of two <AND> parts), 1.0 (an <OR> alternative), 0.0, 1.0 (contained)
+    # rec: v1_0, v1_1 -> 75; ocr: v1_0, v1_2 -> 25; math: v1_2, v1_3 -> 50; total 2.5 / 4 -> 62.5
+    scores = json.loads((tmp_path / "d" / "scores.json").read_text())
+    assert scores == pytest.approx({"rec": 75.0, "ocr": 25.0, "math": 50.0, "total": 62.5})
+    assert "| Rec | OCR | Math | Total |" in proc.stdout
+    assert json.loads((tmp_path / "d" / "answers.json").read_text()) == ANSWERS
+
+
+def test_mmvet_bad_answers_file(tmp_path):
+    mm = write_json(tmp_path / "mm.json", MMVET)
+    ans = tmp_path / "ans.json"
+    ans.write_text('{\n "v1_0": "a",\n "v1_1": 3,\n "v1_2": "b",\n "v1_3": "c"\n}')
+    proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
+                      "--judge", "exact", check=False)
+    assert proc.returncode != 0 and f"{ans}:3:" in proc.stderr and "Traceback" not in proc.stderr
+    ans.write_text('{"v1_0": "a",\n "v1_1": "b"')  # cut off
+    proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
+                      "--judge", "exact", check=False)
+    assert proc.returncode != 0 and f"{ans}:2:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mmvet_judge_retries_failures_cache_and_runs(tmp_path):
+    mm, ans = write_json(tmp_path / "mm.json", MMVET), write_json(tmp_path / "ans.json", ANSWERS)
+    script = {"Which animals?": ["0.7"],                  # a clean score
+              "How many cups?": ["Score: high", "0.4"],   # unparsable, then good
+              "What is the sum?": ["??", "??", "??"],     # persistent garbage: 0.0, failed
+              "What is 2+2?": ["1.0"]}
+
+    def judge(body):  # the question is on the last row of the grader prompt
+        last = body["messages"][-1]["content"].splitlines()[-1]
+        q = next(q for q in script if last.startswith(q))
+        return script[q].pop(0)
+
+    out = tmp_path / "d"
+    args = ["--mmvet_json", mm, "--answers", ans, "--out_dir", out, "--judge", "gpt-stub", "--grade_tries", "3",
+            "--workers", "2"]
+    env = {**os.environ, "OPENAI_API_KEY": SECRET}
+    with OpenAIStub(default=judge) as stub:
+        proc = run_script("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env)
+        assert len(stub.requests) == 1 + 2 + 3 + 1
+        assert stub.headers[0]["authorization"] == f"Bearer {SECRET}"
+        temps = [r["temperature"] for r in stub.requests if "What is the sum?" in r["messages"][-1]["content"]
+                 .splitlines()[-1]]
+        assert temps == [0.0, 0.5, 1.0]  # rising temperature on each retry
+        grades = {g["id"]: g for g in map(json.loads, (out / "grades.jsonl").read_text().splitlines())}
+        assert {k: (g["score"], g["failed"]) for k, g in grades.items()} == {
+            "v1_0": (0.7, False), "v1_1": (0.4, False), "v1_2": (0.0, True), "v1_3": (1.0, False)}
+        # rec (0.7 + 0.4) / 2; ocr (0.7 + 0) / 2; math (0 + 1) / 2; total 2.1 / 4
+        scores = json.loads((out / "scores.json").read_text())
+        assert scores == pytest.approx({"rec": 55.0, "ocr": 35.0, "math": 50.0, "total": 52.5})
+        no_secret(proc, out)
+
+        n = len(stub.requests)
+        run_script("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env)
+        assert len(stub.requests) == n  # every grade came from the cache
+
+        # a second run: only its grades are asked for; mean and std over the two runs
+        stub.default = lambda body: "0.5"
+        run_script("04_eval_mmvet.py", *args, "--num_runs", "2", "--base_url", stub.url, env=env)
+        assert len(stub.requests) == n + 4
+    runs = json.loads((out / "scores_runs.json").read_text())
+    assert runs["std"]["total"] == pytest.approx((1.25 ** 2 + 1.25 ** 2) ** 0.5)  # sample std of 52.5, 50 (n - 1 = 1)
+    assert json.loads((out / "scores.json").read_text())["total"] == pytest.approx(51.25)
+
+
+def test_mmvet_no_reply_is_not_cached(tmp_path):
+    mm, ans = write_json(tmp_path / "mm.json", MMVET), write_json(tmp_path / "ans.json", ANSWERS)
+    out = tmp_path / "d"
+    with OpenAIStub(default=400) as stub:  # a client error: chat() gives up at once
+        proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", out,
+                          "--judge", "gpt-stub", "--base_url", stub.url, check=False)
+    assert proc.returncode != 0 and "rerun to resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "scores.json").exists()
+    assert not (out / "grades.jsonl").exists() or not (out / "grades.jsonl").read_text().strip()
+
+
+# ----------------------------------------------------------------------------- both scripts on the toy world
+
+
+def test_mmvet_on_toy_world(toy, tmp_path):
+    out = tmp_path / "mmvet"
+    args = ["--model", toy / "model", "--mmvet_json", toy / "mmvet.json", "--image_dir", toy / "images",
+            "--out_dir", out, "--judge", "exact", "--max_new_tokens", "8", "--batch_size", "16"]
+    run_script("04_eval_mmvet.py", *args)
+    questions = json.loads((toy / "mmvet.json").read_text())
+    answers = json.loads((out / "answers.json").read_text())
+    assert list(answers) == list(questions) and all(isinstance(a, str) for a in answers.values())
+    grades = [json.loads(line) for line in (out / "grades.jsonl").read_text().splitlines()]
+    assert sorted(g["id"] for g in grades) == sorted(questions)
+    scores = json.loads((out / "scores.json").read_text())
+    caps = {c for q in questions.values() for c in q["capability"]}
+    assert set(scores) == caps | {"total"} and all(0 <= v <= 100 for v in scores.values())
+    proc = run_script("04_eval_mmvet.py", *args)  # a rerun resumes: nothing to answer or grade
+    assert f"{len(questions)} already answered" in proc.stdout
+    assert json.loads((out / "scores.json").read_text()) == scores
+
+
+def test_halbench_on_toy_world(toy, tmp_path):
+    out = tmp_path / "hal"
+    args = ["--model", toy / "model", "--questions", toy / "halbench.jsonl", "--image_dir", toy / "images",
+            "--objects", toy / "halbench_objects.json", "--synonyms", toy / "synonyms.txt", "--out_dir", out,
+            "--max_new_tokens", "48", "--batch_size", "16"]
+    run_script("05_eval_halbench.py", *args)
+    n = len((toy / "halbench.jsonl").read_text().splitlines())
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == n and all(a["max_new_tokens"] == 48 for a in answers)
+    details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+    assert len(details) == n and all({"mentioned", "hallucinated", "ground_truth"} <= set(d) for d in details)
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores) == {"chair_s", "chair_i", "recall", "avg_len", "n"} and scores["n"] == n
+    assert scores["recall"] > 0 and scores["avg_len"] > 0
+    # the answers it wrote score the same through --answers, with no model loaded
+    run_script("05_eval_halbench.py", "--answers", out / "answers.jsonl", "--objects", toy / "halbench_objects.json",
+               "--synonyms", toy / "synonyms.txt", "--out_dir", tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "scores.json").read_text()) == scores
+
+
+def test_chair_ground_truth_from_coco(tmp_path):
+    ann = tmp_path / "coco" / "annotations"
+    ann.mkdir(parents=True)
+    images = [{"id": 7, "file_name": "COCO_val2014_000000000007.jpg"}]
+    write_json(ann / "instances_val2014.json", {
+        "images": images, "categories": [{"id": 1, "name": "person"}, {"id": 67, "name": "dining table"}],
+        "annotations": [{"image_id": 7, "category_id": 67}, {"image_id": 7, "category_id": 1}]})
+    write_json(ann / "captions_val2014.json", {"images": images, "annotations": [
+        {"image_id": 7, "caption": "Two puppies under a table."}]})
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "image": "COCO_val2014_000000000007.jpg",
+                                                  "answer": "A woman, a dog and a cat at a kitchen table."}])
+    run_script("05_eval_halbench.py", "--answers", answers, "--coco_dir", tmp_path / "coco", "--out_dir", tmp_path / "o")
+    d = json.loads((tmp_path / "o" / "details.jsonl").read_text())
+    assert d["ground_truth"] == ["dining table", "dog", "person"]  # instances + the captions' puppies
+    assert d["hallucinated"] == ["cat"]
+
+
+def test_demo_table(tmp_path):
+    for name, total, resp in (("base", 20.0, 60.0), ("bpo", 30.0, 40.0)):
+        (tmp_path / name / "mmvet").mkdir(parents=True)
+        (tmp_path / name / "halbench").mkdir()
+        write_json(tmp_path / name / "mmvet" / "scores.json", {"rec": total, "math": 1.0, "total": total})
+        write_json(tmp_path / name / "halbench" / "scores.json", {"chair_s": resp, "chair_i": 9.0, "recall": 50.0,
+                                                                   "avg_len": 30.0, "n": 24})
+    proc = run_script("experiments/demo_table.py", f"base={tmp_path / 'base'}", f"bpo={tmp_path / 'bpo'}",
+                      f"sft={tmp_path / 'none'}")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| Model | MM-Vet | Rec | Math | Resp ↓ | Obj ↓ |"
+    assert lines[2:] == ["| base | 20.0 | 20.0 | 1.0 | 60.0 | 9.0 |", "| bpo | 30.0 | 30.0 | 1.0 | 40.0 | 9.0 |",
+                         "| sft | - | - | - | - | - |"]

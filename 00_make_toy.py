@@ -1,0 +1,452 @@
+"""Step 0: an offline toy world in the real formats. Renders a synthetic image world with a known
+language prior, builds a tiny LLaVA (word-level tokenizer, LLaVA-1.5 chat template), trains it in
+stages so that it sees but leans on the prior, writes the ground truth and both benchmarks, and
+measures the prior: hallucination of clean and weakened captions (prior_check.json)."""
+import argparse
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+import common
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--out", default="toy", help="output folder (model/, images/, train.json, benchmarks, world.json)")
+p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the noise")
+p.add_argument("--quick", action="store_true",
+               help="few images and steps (well under a minute): a weak model, for tests of formats and code paths")
+args = p.parse_args()
+
+# ---- sizes: images per set and optimiser steps per stage (full, quick)
+N_TRAIN, N_TEXT, N_HAL, N_MMVET = (300, 2000, 24, 12) if args.quick else (3000, 20000, 300, 60)
+STEPS = dict(vision=40, lm=40, projector=20, joint=40) if args.quick else \
+    dict(vision=400, lm=200, projector=100, joint=700)
+BATCH = 32
+NOISE_STEPS = (0, 500, 800)  # weakening levels of the prior check
+
+# ---- the world: glyph kinds, colours, positions (quadrants), and the prior
+OBJECTS = ["cup", "plate", "fork", "knife", "apple", "banana", "ball", "book", "bottle", "clock"]
+PLURALS = {o: o + "s" for o in OBJECTS} | {"knife": "knives"}
+SYNONYMS = {"cup": ["mug"], "plate": ["dish"], "fork": [], "knife": [], "apple": [], "banana": [],
+            "ball": [], "book": ["novel"], "bottle": ["flask"], "clock": ["watch"]}
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (60, 100, 240),
+           "yellow": (230, 210, 40), "purple": (160, 60, 210), "white": (235, 235, 235)}
+POSITIONS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+           "eleven", "twelve"]
+PARTNER = {"cup": "plate", "fork": "knife", "apple": "banana", "ball": "book"}  # trigger -> partner
+TRIGGER_OF = {v: k for k, v in PARTNER.items()}
+FRUITS = ["apple", "banana"]
+P_PARTNER_TEXT, P_PARTNER_IMAGE = 0.94, 0.63  # P(partner | trigger): text-only corpus, image data
+P_FAINT, FAINT_CONTRAST = 0.35, (0.08, 0.25)  # faint glyphs: the ambiguity the prior fills
+BACKGROUND, PIXEL_NOISE = (40, 40, 40), 8.0
+DESCRIBE = ["Describe the image in detail.", "Provide a thorough description of the given image.",
+            "What is this photo about? Please answer in great detail."]
+QUESTIONS = {"colour": "What colour is the {obj}?", "count": "How many {objs} are there?",
+             "exist": "Is there {a_obj} in the image?", "where": "Where is the {obj}?",
+             "what_at": "What is at the {pos}?", "total": "How many objects are there in total?",
+             "fruit": "Which fruit is in the image?"}
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
+CHAT_TEMPLATE = (  # llava-hf/llava-1.5's: "USER: <image>\n{question} ASSISTANT:"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def words(text):
+    """Word-level split as the tokenizer does it: lower case, punctuation as separate words."""
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- scenes and text
+
+
+def sample_scene(rng, p_partner):
+    """1-3 'units' in at most 4 quadrants; a unit is one kind, or a trigger plus its partner with
+    probability p_partner. Triggers need room for a pair and a lone partner bans its trigger, so
+    P(partner | trigger) is exactly p_partner."""
+    kinds, banned = [], set()
+    for _ in range(rng.choice([1, 2, 2, 3, 3])):
+        room = 4 - len(kinds)
+        if room == 0:
+            break
+        kind = rng.choice([o for o in OBJECTS if o not in kinds and o not in banned and (o not in PARTNER or room >= 2)])
+        kinds.append(kind)
+        if kind in PARTNER and rng.random() < p_partner:
+            kinds.append(PARTNER[kind])
+        elif kind in PARTNER:
+            banned.add(PARTNER[kind])
+        elif kind in TRIGGER_OF:
+            banned.add(TRIGGER_OF[kind])
+    positions = rng.sample(list(POSITIONS), len(kinds))
+    objs = [{"name": k, "colour": rng.choice(list(COLOURS)), "count": rng.choices([1, 2, 3], [6, 3, 2])[0],
+             "position": pos, "faint": rng.random() < P_FAINT} for k, pos in zip(kinds, positions)]
+    return sorted(objs, key=lambda o: OBJECTS.index(o["name"]))  # captions name the kinds in this order
+
+
+def caption(objs):
+    """Kind first, then place and colour: in a trial the tiny LM named the right objects more often
+    this way than with "there is a red cup at ..." (CHAIR_s 0.36 vs 0.59) or place-first captions."""
+    return " ".join(f"there is a {o['name']} at the {o['position']} , it is {o['colour']} ." if o["count"] == 1 else
+                    f"there are {NUMBERS[o['count']]} {PLURALS[o['name']]} at the {o['position']} , they are {o['colour']} ."
+                    for o in objs)
+
+
+def noun_phrase(o):
+    return (f"a {o['colour']} {o['name']}" if o["count"] == 1 else
+            f"{NUMBERS[o['count']]} {o['colour']} {PLURALS[o['name']]}")
+
+
+def qa(kind, objs, rng):
+    """One short question about the scene: (question, answer as trained, capabilities, MM-Vet answer)."""
+    present = {o["name"]: o for o in objs}
+    o = present[rng.choice(list(present))]
+    if kind == "colour":
+        return QUESTIONS[kind].format(obj=o["name"]), o["colour"], ["rec"], o["colour"]
+    if kind == "count":
+        n = o["count"]
+        return QUESTIONS[kind].format(objs=PLURALS[o["name"]]), NUMBERS[n], ["rec", "math"], f"{NUMBERS[n]} <OR> {n}"
+    if kind == "exist":  # half present; absent ones are mostly the missing partner of a present trigger
+        lures = [PARTNER[t] for t in present if t in PARTNER and PARTNER[t] not in present]
+        absent = [x for x in OBJECTS if x not in present]
+        name = o["name"] if rng.random() < 0.5 else rng.choice(lures if lures and rng.random() < 0.7 else absent)
+        a = "yes" if name in present else "no"
+        return QUESTIONS[kind].format(a_obj=("an " if name[0] in "aeiou" else "a ") + name), a, ["rec"], a
+    if kind == "where":
+        return QUESTIONS[kind].format(obj=o["name"]), o["position"], ["spat"], o["position"]
+    if kind == "what_at":
+        pos = rng.choice(list(POSITIONS))
+        at = [x for x in objs if x["position"] == pos]
+        return (QUESTIONS[kind].format(pos=pos), noun_phrase(at[0]) if at else "nothing", ["rec", "spat"],
+                at[0]["name"] if at else "nothing")
+    if kind == "total":
+        n = sum(x["count"] for x in objs)
+        return QUESTIONS[kind], NUMBERS[n], ["math"], f"{NUMBERS[n]} <OR> {n}"
+    fruits = [f for f in FRUITS if f in present]
+    return QUESTIONS[kind], " and ".join(fruits) or "none", ["rec", "know"], " <AND> ".join(fruits) or "none"
+
+
+def vocabulary():
+    """Every word the world can say or ask, independent of the sampled data."""
+    texts = OBJECTS + list(PLURALS.values()) + list(COLOURS) + list(POSITIONS) + NUMBERS + DESCRIBE
+    texts += [re.sub(r"\{\w+\}", "", q) for q in QUESTIONS.values()]
+    texts += ["USER: ASSISTANT:", "there is are a an at the it they and yes no nothing none , ."]
+    return SPECIALS + sorted({w for t in texts for w in words(t)})
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def draw_glyph(d, kind, x, y, c):
+    """A 16x16 pictogram with its top-left corner at (x, y)."""
+    box = lambda a, b, e, f: d.rectangle([x + a, y + b, x + e, y + f], fill=c)
+    ring = lambda a, b, e, f, w=2: d.ellipse([x + a, y + b, x + e, y + f], outline=c, width=w)
+    if kind == "cup":
+        box(3, 5, 10, 13); d.rectangle([x + 10, y + 7, x + 13, y + 11], outline=c, width=2)
+    elif kind == "plate":
+        ring(1, 4, 14, 11)
+    elif kind == "fork":
+        box(7, 7, 8, 14); box(4, 5, 11, 6); [box(t, 1, t, 5) for t in (4, 7, 8, 11)]
+    elif kind == "knife":
+        d.polygon([(x + 6, y + 1), (x + 10, y + 2), (x + 10, y + 9), (x + 6, y + 9)], fill=c); box(7, 10, 9, 14)
+    elif kind == "apple":
+        d.ellipse([x + 2, y + 4, x + 13, y + 14], fill=c); box(7, 1, 8, 4); box(9, 2, 11, 3)
+    elif kind == "banana":
+        d.arc([x, y - 6, x + 15, y + 12], start=15, end=165, fill=c, width=4)
+    elif kind == "ball":
+        ring(2, 2, 13, 13); box(2, 7, 13, 8)
+    elif kind == "book":
+        d.rectangle([x + 2, y + 3, x + 13, y + 12], outline=c, width=2); box(7, 3, 8, 12)
+    elif kind == "bottle":
+        box(5, 6, 10, 14); box(7, 1, 8, 6)
+    else:  # clock
+        ring(1, 1, 14, 14, 1); box(7, 3, 7, 7); box(7, 7, 11, 7)
+
+
+def render(objs, rng):
+    """The image and its per-patch labels (4x4 grid, 16-px cells): object class and colour, 0 = none."""
+    img = Image.new("RGB", (64, 64), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    cls, col = np.zeros(16, np.int64), np.zeros(16, np.int64)
+    for o in objs:
+        qr, qc = POSITIONS[o["position"]]
+        rgb = COLOURS[o["colour"]]
+        if o["faint"]:  # low contrast over the background, still named in the caption
+            a = rng.uniform(*FAINT_CONTRAST)
+            rgb = tuple(int(b + a * (v - b)) for b, v in zip(BACKGROUND, rgb))
+        for cell in rng.sample(range(4), o["count"]):
+            r, c = 2 * qr + cell // 2, 2 * qc + cell % 2
+            draw_glyph(d, o["name"], 16 * c + rng.randint(-1, 1), 16 * r + rng.randint(-1, 1), rgb)
+            cls[4 * r + c], col[4 * r + c] = 1 + OBJECTS.index(o["name"]), 1 + list(COLOURS).index(o["colour"])
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, PIXEL_NOISE, (64, 64, 3))
+    img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
+    return img, cls, col
+
+
+def make_images(prefix, n, rng, image_dir):
+    """n scenes drawn from the image distribution, rendered and saved as PNG."""
+    names, scenes, imgs, cls, col = [], [], [], [], []
+    for i in tqdm(range(n), desc=f"render {prefix}"):
+        objs = sample_scene(rng, P_PARTNER_IMAGE)
+        img, c, k = render(objs, rng)
+        name = f"{prefix}_{i:05d}.png"
+        img.save(image_dir / name)
+        names.append(name); scenes.append(objs); imgs.append(img); cls.append(c); col.append(k)
+    return names, scenes, imgs, np.stack(cls), np.stack(col)
+
+
+def partner_rate(scenes):
+    with_trigger = [(t, {o["name"] for o in s}) for s in scenes for t in PARTNER if t in {o["name"] for o in s}]
+    return sum(PARTNER[t] in names for t, names in with_trigger) / max(1, len(with_trigger))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_processor():
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces: "red ." stays "red ."
+    tk.add_special_tokens([AddedToken(w, special=True) for w in SPECIALS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", padding_side="left", clean_up_tokenization_spaces=False)
+    ip = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                          chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+
+
+def build_model(tok):
+    vision = CLIPVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=64, patch_size=16, projection_dim=96)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg)
+    g = model.generation_config
+    g.pad_token_id, g.bos_token_id, g.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def encode_items(processor, items):
+    """(image index, question, answer) -> (image index, input_ids, labels) with the token
+    convention of common.py: chat prompt with the image tokens, answer + EOS scored."""
+    tok = processor.tokenizer
+    cache, out = {}, []
+    for i, q, a in items:
+        if q not in cache:  # few distinct questions: tokenise each prompt once
+            text = common.chat_prompt(processor, q)
+            ids = processor(text=[text], images=[Image.new("RGB", (64, 64))])["input_ids"][0]
+            cache[q] = (text, ids)
+        text, ids = cache[q]
+        resp = common.response_ids(tok, text, a)
+        out.append((i, ids + resp, [common.IGNORE] * len(ids) + resp))
+    assert all(tok.unk_token_id not in ids for _, ids, _ in out), "a word is missing from the vocabulary"
+    return out
+
+
+def sampler(n, rng):
+    """Endless random batches of indices, reshuffled each epoch."""
+    while True:
+        order = rng.sample(range(n), n)
+        yield from (order[i:i + BATCH] for i in range(0, n - BATCH + 1, BATCH))
+
+
+def image_loss(model, batch, pixels):
+    ids, mask, labels = common.pad_batch([(s[1], s[2]) for s in batch], pad_id=model.config.text_config.pad_token_id)
+    return model(input_ids=ids, attention_mask=mask, labels=labels,
+                 pixel_values=pixels[[s[0] for s in batch]]).loss
+
+
+def text_loss(model, batch):
+    ids, mask, labels = common.pad_batch([(s, s) for s in batch], pad_id=model.config.text_config.pad_token_id)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def train(params, steps, lr, loss_fn, desc):
+    """AdamW, 5% warmup then cosine; only `params` move."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    bar = tqdm(range(steps), desc=desc)
+    for _ in bar:
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def train_vision(model, pixels, cls, col, rng):
+    """Stands in for a pretrained CLIP: from the features the projector reads (layer -2, CLS
+    dropped), a temporary linear head (thrown away) predicts each patch's object class, colour and
+    place in the grid, so that the features say what is where."""
+    vt = model.model.vision_tower
+    sizes = [1 + len(OBJECTS), 1 + len(COLOURS), 16]
+    head = torch.nn.Linear(vt.config.hidden_size, sum(sizes))
+    batches, cls, col = sampler(len(pixels), rng), torch.from_numpy(cls), torch.from_numpy(col)
+
+    def loss_fn():
+        b = next(batches)
+        logits = head(vt(pixels[b], output_hidden_states=True).hidden_states[-2][:, 1:]).split(sizes, dim=-1)
+        targets = (cls[b], col[b], torch.arange(16).expand(len(b), 16))
+        return sum(F.cross_entropy(l.flatten(0, 1), t.flatten()) for l, t in zip(logits, targets))
+    train(list(vt.parameters()) + list(head.parameters()), STEPS["vision"], 2e-3, loss_fn, "a) vision")
+
+
+def set_trainable(model, *modules):
+    model.requires_grad_(False)
+    for m in modules:
+        m.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- prior check
+
+
+def mentioned(text):
+    ws = set(words(text))
+    return {o for o in OBJECTS if o in ws or PLURALS[o] in ws}
+
+
+def prior_stats(captions, scenes):
+    """CHAIR_s analogue, recall, objects per caption, and the rate at which an absent object is
+    named: the missing partner of a present trigger vs. any other absent object."""
+    hal = partner = partner_n = other = other_n = rec = rec_n = named = 0
+    for cap, objs in zip(captions, scenes):
+        truth, said = {o["name"] for o in objs}, mentioned(cap)
+        hal += bool(said - truth)
+        rec, rec_n, named = rec + len(said & truth), rec_n + len(truth), named + len(said)
+        lures = {PARTNER[t] for t in truth if t in PARTNER} - truth
+        partner, partner_n = partner + len(said & lures), partner_n + len(lures)
+        others = set(OBJECTS) - truth - lures
+        other, other_n = other + len(said & others), other_n + len(others)
+    n = len(captions)
+    return {"chair_s": hal / n, "partner_rate": partner / max(1, partner_n), "other_absent_rate": other / max(1, other_n),
+            "recall": rec / max(1, rec_n), "objects_per_caption": named / n, "n_partner_chances": partner_n}
+
+
+def prior_check(model, processor, imgs, scenes, prompts, seed):
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    rows, examples = [], {}
+    for t in NOISE_STEPS:
+        caps = []
+        for i in tqdm(range(0, len(imgs), 50), desc=f"prior check t={t}"):
+            with common.weaken_images(model, t, "features", gen):
+                caps += common.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], max_new_tokens=64)
+        rows.append({"noise_step": t, **prior_stats(caps, scenes)})
+        examples[str(t)] = caps[:5]
+    return rows, examples
+
+
+# ============================================================================= main
+
+t0 = time.time()
+seed_all(args.seed)
+rng = random.Random(args.seed)
+out = Path(args.out)
+(out / "images").mkdir(parents=True, exist_ok=True)
+
+# ---- world: image sets (train / MM-Vet / HalBench) and the text-only caption corpus
+train_names, train_scenes, train_imgs, patch_cls, patch_col = make_images("train", N_TRAIN, rng, out / "images")
+hal_names, hal_scenes, hal_imgs, _, _ = make_images("hal", N_HAL, rng, out / "images")
+mm_names, mm_scenes, mm_imgs, _, _ = make_images("mmvet", N_MMVET, rng, out / "images")
+text_scenes = [sample_scene(rng, P_PARTNER_TEXT) for _ in range(N_TEXT)]
+
+train_records, items = [], []  # LLaVA conversations; (image index, question, answer) to train on
+for i, (name, objs) in enumerate(zip(train_names, train_scenes)):
+    turns = [(rng.choice(DESCRIBE), caption(objs))]
+    for kind in rng.sample(list(QUESTIONS), rng.choice([1, 2])):
+        q, a, _, _ = qa(kind, objs, rng)
+        turns.append((q, f"{a} ."))
+    conv = []
+    for t, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
+        items.append((i, q, a))
+    train_records.append({"id": f"toy_{i:05d}", "image": name, "conversations": conv})
+
+mmvet = {}  # one question an image, the question kinds in turn
+for i, (name, objs) in enumerate(zip(mm_names, mm_scenes)):
+    q, _, caps, short = qa(list(QUESTIONS)[i % len(QUESTIONS)], objs, rng)
+    mmvet[f"v1_{i}"] = {"imagename": name, "capability": caps, "question": q, "answer": short}
+hal_prompts = [DESCRIBE[i % len(DESCRIBE)] for i in range(N_HAL)]
+
+# ---- model: processor (tokenizer + image processor + template) and a tiny LLaVA
+processor = build_processor()
+model = build_model(processor.tokenizer)
+print(f"vocabulary {len(processor.tokenizer)} words, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+pixels = processor.image_processor(train_imgs, return_tensors="pt")["pixel_values"]
+image_items = encode_items(processor, items)
+text_ids = [processor.tokenizer(caption(s)).input_ids + [processor.tokenizer.eos_token_id] for s in text_scenes]
+
+# ---- stages: a) vision, b) language prior, c) alignment (projector, then projector + LM)
+model.train()
+train_vision(model, pixels, patch_cls, patch_col, rng)
+lm = (model.model.language_model, model.lm_head)
+txt_batches, img_batches = sampler(len(text_ids), rng), sampler(len(image_items), rng)
+next_text = lambda: text_loss(model, [text_ids[j] for j in next(txt_batches)])
+next_image = lambda: image_loss(model, [image_items[j] for j in next(img_batches)], pixels)
+train(set_trainable(model, *lm), STEPS["lm"], 2e-3, next_text, "b) language prior")
+train(set_trainable(model, model.model.multi_modal_projector), STEPS["projector"], 2e-3, next_image, "c1) projector")
+train(set_trainable(model, model.model.multi_modal_projector, *lm), STEPS["joint"], 3e-3,
+      lambda: next_image() + next_text(), "c2) projector + LM, text replayed 1:1")
+model.requires_grad_(True)
+model.eval()
+
+# ---- write: checkpoint, ground truth, benchmarks, world
+model.save_pretrained(out / "model")
+processor.save_pretrained(out / "model")
+(out / "train.json").write_text(json.dumps(train_records, indent=1))
+(out / "mmvet.json").write_text(json.dumps(mmvet, indent=1))
+with open(out / "halbench.jsonl", "w") as f:
+    for i, (name, q) in enumerate(zip(hal_names, hal_prompts)):
+        f.write(json.dumps({"question_id": i, "image": name, "question": q}) + "\n")
+(out / "halbench_objects.json").write_text(json.dumps({n: [o["name"] for o in s] for n, s in zip(hal_names, hal_scenes)}, indent=1))
+(out / "synonyms.txt").write_text("".join(", ".join([o, PLURALS[o]] + SYNONYMS[o]) + "\n" for o in OBJECTS))
+sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes)}
+world = {"seed": args.seed, "quick": args.quick, "objects": OBJECTS, "plurals": PLURALS, "colours": list(COLOURS),
+         "numbers": NUMBERS, "positions": list(POSITIONS), "partners": PARTNER, "fruits": FRUITS,
+         "describe_prompts": DESCRIBE, "questions": QUESTIONS, "vocabulary": vocabulary(),
+         "p_partner": {"text": partner_rate(text_scenes), **{k: partner_rate(v[1]) for k, v in sets.items()}},
+         "faint_share": P_FAINT, "faint_contrast": FAINT_CONTRAST,
+         "images": {n: {"split": k, "caption": caption(s), "objects": s} for k, v in sets.items() for n, s in zip(*v)}}
+(out / "world.json").write_text(json.dumps(world, indent=1))
+print(f"wrote {out} ({time.time() - t0:.0f} s); P(partner | trigger): {world['p_partner']}")
+
+# ---- measure the prior: clean and weakened captions of the HalBench images
+rows, examples = prior_check(model, processor, hal_imgs, hal_scenes, hal_prompts, args.seed)
+(out / "prior_check.json").write_text(json.dumps({"noise_on": "features", "n_images": N_HAL, "rows": rows,
+                                                  "examples": examples}, indent=1))
+print(f"{'step':>5} {'CHAIR_s':>8} {'partner':>8} {'other':>8} {'recall':>7} {'obj/cap':>8}")
+for r in rows:
+    print(f"{r['noise_step']:>5} {r['chair_s']:>8.3f} {r['partner_rate']:>8.3f} {r['other_absent_rate']:>8.3f} "
+          f"{r['recall']:>7.3f} {r['objects_per_caption']:>8.2f}")
+print(f"done in {time.time() - t0:.0f} s")

@@ -10,7 +10,6 @@ import re
 import statistics
 import sys
 
-from tqdm import tqdm
 
 import common
 
@@ -146,27 +145,8 @@ else:  # generate, appending to a JSONL cache so that a kill loses at most one b
         sys.exit("error: to generate answers give --image_dir (or grade existing ones with --answers)")
     cache = os.path.join(args.out_dir, "answers.jsonl")
     config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
-    old = common.read_jsonl(cache, tolerate_partial_last=True) if os.path.exists(cache) else []
-    if any({k: r.get(k) for k in config} != config for r in old):
-        sys.exit(f"error: {cache} holds answers of another model, adapter or --max_new_tokens; use another --out_dir")
-    done = {r["id"] for r in old}
-    todo = [qid for qid in questions if qid not in done]
-    print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered")
-    if todo:
-        _, _, device = common.dist_setup()
-        model, processor = common.load_model(args.model, args.adapter, device=device)
-        writer = common.JsonlAppender(cache)
-        for i in tqdm(range(0, len(todo), args.batch_size), desc="answer"):
-            batch = todo[i:i + args.batch_size]
-            try:
-                images = [common.load_image(args.image_dir, questions[qid]["imagename"]) for qid in batch]
-            except OSError as e:
-                sys.exit(f"error: {e}")
-            texts = common.generate(model, processor, images, [questions[qid]["question"] for qid in batch],
-                                    max_new_tokens=args.max_new_tokens)
-            for qid, text in zip(batch, texts):
-                writer.write({"id": qid, "answer": text, **config})
-        writer.close()
+    items = [{"id": qid, "image": q["imagename"], "question": q["question"]} for qid, q in questions.items()]
+    common.answer_all(items, cache, "id", config, args.image_dir, args.batch_size)
     answers = {r["id"]: r["answer"] for r in common.read_jsonl(cache, tolerate_partial_last=True)}
 if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
     with open(answers_path, "w", encoding="utf-8") as f:

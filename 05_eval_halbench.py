@@ -200,29 +200,7 @@ else:
     if not questions or not args.image_dir:
         sys.exit("error: to generate answers give --questions and --image_dir (or score existing ones with --answers)")
     config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
-    old = common.read_jsonl(answers_path, tolerate_partial_last=True) if os.path.exists(answers_path) else []
-    if any({k: r.get(k) for k in config} != config for r in old):
-        sys.exit(f"error: {answers_path} holds answers of another model, adapter or --max_new_tokens; "
-                 f"use another --out_dir")
-    done = {r["question_id"] for r in old}
-    todo = [q for q in questions if q["question_id"] not in done]
-    print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered")
-    if todo:
-        _, _, device = common.dist_setup()
-        model, processor = common.load_model(args.model, args.adapter, device=device)
-        writer = common.JsonlAppender(answers_path)
-        for i in tqdm(range(0, len(todo), args.batch_size), desc="describe"):
-            batch = todo[i:i + args.batch_size]
-            try:
-                images = [common.load_image(args.image_dir, q["image"]) for q in batch]
-            except OSError as e:
-                sys.exit(f"error: {e}")
-            texts = common.generate(model, processor, images, [q["question"] for q in batch],
-                                    max_new_tokens=args.max_new_tokens)
-            for q, text in zip(batch, texts):
-                writer.write({"question_id": q["question_id"], "image": q["image"], "question": q["question"],
-                              "answer": text, **config})
-        writer.close()
+    common.answer_all(questions, answers_path, "question_id", config, args.image_dir, args.batch_size, "describe")
     by_id = {r["question_id"]: r for r in common.read_jsonl(answers_path, tolerate_partial_last=True)}
     answers = [by_id[q["question_id"]] for q in questions]
 if not answers:

@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import sys
 
 import torch
@@ -294,6 +293,35 @@ def generate(model, processor, images, prompts, max_new_tokens=512, do_sample=Fa
                          **sampling)
     return [s.strip() for s in processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
 
+
+
+def answer_all(items, path, key, config, image_dir, batch_size, desc="answer"):
+    """Greedy answers of config's model (+ adapter) to items {key, image, question}, appended to the
+    JSONL `path` as {**item, answer, **config} the moment a batch is done, so a rerun resumes. A cache
+    made with another model, adapter or max_new_tokens is refused rather than mixed."""
+    old = read_jsonl(path, tolerate_partial_last=True) if os.path.exists(path) else []
+    if any({k: r.get(k) for k in config} != config for r in old):
+        sys.exit(f"error: {path} holds answers of another model, adapter or --max_new_tokens; use another --out_dir")
+    done = {r[key] for r in old}
+    todo = [it for it in items if it[key] not in done]
+    print(f"{len(items)} questions, {len(items) - len(todo)} already answered")
+    if not todo:
+        return
+    from tqdm import tqdm
+    _, _, device = dist_setup()
+    model, processor = load_model(config["model"], config["adapter"], device=device)
+    writer = JsonlAppender(path)
+    for i in tqdm(range(0, len(todo), batch_size), desc=desc):
+        batch = todo[i:i + batch_size]
+        try:
+            images = [load_image(image_dir, it["image"]) for it in batch]
+        except OSError as e:
+            sys.exit(f"error: {e}")
+        texts = generate(model, processor, images, [it["question"] for it in batch],
+                         max_new_tokens=config["max_new_tokens"])
+        for it, text in zip(batch, texts):
+            writer.write({**it, "answer": text, **config})
+    writer.close()
 
 # ----------------------------------------------------------------------------- token convention and log-probs
 

@@ -1,7 +1,9 @@
 """Shared fixtures: one quick toy world per test session, built by the real 00_make_toy.py."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,6 +20,21 @@ def run_script(name, *args, check=True, env=None, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_after_lines(args, path, n_lines, timeout=120):
+    """Starts a numbered script (args[0]) and kill -9s it once `path` holds n_lines records;
+    asserts that it really was interrupted."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, args[0]), *map(str, args[1:])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and open(path).read().count("\n") >= n_lines:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"{args[0]} finished before it could be interrupted"
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, kill_after_lines, run_script
 from openai_stub import OpenAIStub
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
@@ -45,10 +43,11 @@ def facts(text, w):
     singular = {pl: o for o, pl in w["plurals"].items()}
     out = set()
     for s in text.split(" . "):
-        m = re.fullmatch(r"there (?:is a|are (\w+)) (\w+) (\w+) at the (\w+ \w+)\s*\.?", s.strip())
+        m = re.fullmatch(r"there (?:is an?|are (\w+)) (\w+) at the (\w+ \w+) , (?:it is|they are) (\w+)\s*\.?",
+                         s.strip())
         if m and (m[1] is None or m[1] in w["numbers"]):
             count = 1 if m[1] is None else w["numbers"].index(m[1])
-            out.add((m[3] if m[1] is None else singular.get(m[3], "?"), m[2], count, m[4]))
+            out.add((m[2] if m[1] is None else singular.get(m[2], "?"), m[4], count, m[3]))
     return out
 
 
@@ -158,17 +157,8 @@ def test_hf_backend_killed_and_rerun_loses_and_duplicates_nothing(toy, tmp_path)
     prompt.write_text("{answer}")  # the toy's 256 positions and word vocabulary have no room for the few-shot prompt
     args = ["--backend", "hf", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}", "--out", out,
             "--samples_per_source", 60, "--batch_size", 1, "--max_new_tokens", 24, "--prompt_file", prompt]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "02_inject_errors.py"), *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     part = f"{out}.part0"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(part) and open(part).read().count("\n") >= 3:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "02 finished before it could be interrupted"
+    kill_after_lines(["02_inject_errors.py", *args], part, 3)
     before = {r["id"] for r in common.read_jsonl(part, tolerate_partial_last=True)}
     written, failed, _ = summary(inject(*args))
     recs = check_pairs(out)

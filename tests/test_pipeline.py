@@ -2,17 +2,15 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, kill_after_lines, run_script
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
 
@@ -43,22 +41,13 @@ def test_pairs_follow_spec(pairs, toy):
 
 def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
     out = tmp_path / "pairs.jsonl"
-    cmd = [sys.executable, os.path.join(ROOT, "01_build_pairs.py"), "--model", str(toy / "model"),
-           "--data", f"toy={toy / 'train.json'}", "--image_root", str(toy / "images"), "--out", str(out),
-           "--samples_per_source", "40", "--batch_size", "1", "--max_new_tokens", "24"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    args = ["01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}", "--image_root",
+            toy / "images", "--out", out, "--samples_per_source", 40, "--batch_size", 1, "--max_new_tokens", 24]
     part = f"{out}.part0"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(part) and open(part).read().count("\n") >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "01 finished before it could be interrupted"
+    kill_after_lines(args, part, 5)
     with open(part, "a") as f:
         f.write('{"id": "toy/half-written')  # as if the kill had landed mid-line
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    run_script(*args)
     ids = [r["id"] for r in common.read_jsonl(out)]
     expected = {it["id"] for it in common.sample_per_source(common.load_items("toy", toy / "train.json")[0], 40, 0)}
     assert len(ids) == len(set(ids)) and set(ids) <= expected

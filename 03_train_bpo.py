@@ -94,7 +94,8 @@ main = rank == 0
 REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
 
 # ---- data: every pair validated up front, so a bad line fails before hours of training
-pairs, seen = [], {}
+pairs, origin = [], []  # origin[i] = "file:line" of pairs[i], for error messages
+seen = {}  # (file, id) -> file:line; one id may appear once per file (01's and 02's pairs share ids)
 for path in args.data:
     try:
         for line, rec in common.read_json_or_jsonl(path):
@@ -104,9 +105,10 @@ for path in args.data:
                 raise common.DataError(f"{where}: field(s) {', '.join(bad)} missing, empty or not a string")
             if rec["chosen"].strip() == rec["rejected"].strip():
                 raise common.DataError(f"{where}: chosen and rejected are identical")
-            if rec["id"] in seen:
-                raise common.DataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[rec['id']]})")
-            seen[rec["id"]] = where
+            if (path, rec["id"]) in seen:
+                raise common.DataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[path, rec['id']]})")
+            seen[path, rec["id"]] = where
+            origin.append(where)
             pairs.append(rec)
     except (common.DataError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -176,7 +178,7 @@ def micro_batch(indices):
             pv, (c, r), n_cut = common.build_sequences(processor, image, pair["prompt"],
                                                        [pair["chosen"], pair["rejected"]], args.max_length)
         except (OSError, common.DataError) as e:
-            sys.exit(f"error: {seen[pair['id']]}: {e}")
+            sys.exit(f"error: {origin[i]}: {e}")
         pixels.append(pv)
         chosen.append(c)
         rejected.append(r)

@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 TOY ?= toy
 RUN ?= runs/demo
 # Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model)
-TOY_TRAIN ?= --lr 1e-4 --epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0
+TOY_TRAIN ?= --lr 1e-3 --epochs 4 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0
+# The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions (README)
+TOY_NOISE ?= 700
+TOY_PAIRS ?= 600
 # CPU threads per process (the toy runs on CPU; GPU kernels do not use it)
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
@@ -29,9 +32,9 @@ demo: install
 	$(BIN)/python 00_make_toy.py --out $(TOY)
 	# negatives of both kinds: the model answering from weakened images, and rule-based error injection
 	$(BIN)/python 01_build_pairs.py --model $(TOY)/model --data toy=$(TOY)/train.json --image_root $(TOY)/images \
-	  --out $(RUN)/pairs_weakened.jsonl --noise_step 500 --max_new_tokens 48 --batch_size 32
+	  --out $(RUN)/pairs_weakened.jsonl --noise_step $(TOY_NOISE) --samples_per_source $(TOY_PAIRS) --max_new_tokens 48 --batch_size 32
 	$(BIN)/python 02_inject_errors.py --backend rules --vocab $(TOY)/world.json --data toy=$(TOY)/train.json \
-	  --out $(RUN)/pairs_injected.jsonl
+	  --out $(RUN)/pairs_injected.jsonl --samples_per_source $(TOY_PAIRS)
 	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
 	  --image_root $(TOY)/images --output_dir $(RUN)/bpo $(TOY_TRAIN)
 	# the paper's Table 3 baseline: SFT on the same chosen answers

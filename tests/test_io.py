@@ -25,6 +25,10 @@ def test_training_script_reports_file_and_line(tmp_path):
                       "--output_dir", tmp_path / "run", check=False)
     assert proc.returncode != 0
     assert f"{f}:2: field(s) chosen missing, empty or not a string" in proc.stderr
+    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": "c"}) + "\n")
+    proc = run_script("03_train_bpo.py", "--model", "unused", "--data", f, "--image_root", tmp_path,
+                      "--output_dir", tmp_path / "run", check=False)
+    assert proc.returncode != 0 and f"{f}:2: duplicate id 'x' (first at {f}:1)" in proc.stderr
     f.write_text(json.dumps(good) + "\n" + "{oops\n")
     proc = run_script("03_train_bpo.py", "--model", "unused", "--data", f, "--image_root", tmp_path,
                       "--output_dir", tmp_path / "run", check=False)

@@ -92,6 +92,8 @@ def plot_curves(metrics_path, png):
 rank, world, device = common.dist_setup()
 main = rank == 0
 REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
+# every linear layer of the language model; nothing in the vision tower or the projector
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # ---- data: every pair validated up front, so a bad line fails before hours of training
 pairs, origin = [], []  # origin[i] = "file:line" of pairs[i], for error messages
@@ -128,7 +130,7 @@ elif args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                         target_modules=common.lora_target_regex()))
+                                         target_modules=LORA_TARGETS))
 model.train()
 ddp = DDP(model) if world > 1 else model
 params = [p for p in model.parameters() if p.requires_grad]

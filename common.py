@@ -180,12 +180,53 @@ def load_image(image_root, rel):
         return im.convert("RGB")
 
 
+# ----------------------------------------------------------------------------- items and resumable sharded output (01, 02)
+
+
+def load_sources(specs, samples_per_source, seed, turns):
+    """Items of every `--data NAME=PATH`, each source sampled uniformly with the seed. Returns
+    (items, n records without image); exits with a one-line reason on bad data or duplicate ids."""
+    items, no_image = [], 0
+    for name, path in parse_data_specs(specs):
+        try:
+            source_items, n = load_items(name, path, turns)
+        except (DataError, OSError) as e:
+            sys.exit(f"error: {e}")
+        no_image += n
+        items += sample_per_source(source_items, samples_per_source, seed)
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        sys.exit("error: duplicate item ids (source name + record id + turn); give each --data a distinct NAME")
+    return items, no_image
+
+
+def pending_items(items, out, rank, world):
+    """(this rank's share of the items whose id is in neither `out` nor a part file `out.partR` left
+    by a run cut short, the part file this rank appends to, how many items are done). Every rank
+    reads the done ids before any rank writes (barrier), so all ranks shard the same list."""
+    import glob
+    done = existing_ids(out, *glob.glob(f"{out}.part*"))
+    barrier()
+    todo = [it for it in items if it["id"] not in done]
+    return todo[rank::world], f"{out}.part{rank}", len(items) - len(todo)
+
+
+def merge_parts(out):
+    """Rank 0, once every rank is done: appends each record of the part files `out.partR` whose id
+    is not in `out` yet, removes the parts, returns the number of records in `out`."""
+    import glob
+    writer, have = JsonlAppender(out), existing_ids(out)
+    for part in sorted(glob.glob(f"{out}.part*")):
+        for rec in read_jsonl(part, tolerate_partial_last=True):
+            if rec["id"] not in have:
+                writer.write(rec)
+                have.add(rec["id"])
+        os.remove(part)
+    writer.close()
+    return len(have)
+
+
 # ----------------------------------------------------------------------------- model loading
-
-
-def lora_target_regex():
-    """Every linear layer of the language model, nothing in the vision tower or projector."""
-    return r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def load_model(name, adapter=None, device="cpu", dtype=None, load_in_4bit=False):
@@ -476,49 +517,3 @@ def cached_map(path, jobs, fn, workers=8, desc="calls"):
             writer.write(records[i])
         writer.close()
     return records, errors
-
-
-# ----------------------------------------------------------------------------- items and resumable sharded output (01, 02)
-
-
-def load_sources(specs, samples_per_source, seed, turns):
-    """Items of every `--data NAME=PATH`, each source sampled uniformly with the seed. Returns
-    (items, n records without image); exits with a one-line reason on bad data or duplicate ids."""
-    items, no_image = [], 0
-    for name, path in parse_data_specs(specs):
-        try:
-            source_items, n = load_items(name, path, turns)
-        except (DataError, OSError) as e:
-            sys.exit(f"error: {e}")
-        no_image += n
-        items += sample_per_source(source_items, samples_per_source, seed)
-    ids = [it["id"] for it in items]
-    if len(set(ids)) != len(ids):
-        sys.exit("error: duplicate item ids (source name + record id + turn); give each --data a distinct NAME")
-    return items, no_image
-
-
-def pending_items(items, out, rank, world):
-    """(this rank's share of the items whose id is in neither `out` nor a part file `out.partR` left
-    by a run cut short, the part file this rank appends to, how many items are done). Every rank
-    reads the done ids before any rank writes (barrier), so all ranks shard the same list."""
-    import glob
-    done = existing_ids(out, *glob.glob(f"{out}.part*"))
-    barrier()
-    todo = [it for it in items if it["id"] not in done]
-    return todo[rank::world], f"{out}.part{rank}", len(items) - len(todo)
-
-
-def merge_parts(out):
-    """Rank 0, once every rank is done: appends each record of the part files `out.partR` whose id
-    is not in `out` yet, removes the parts, returns the number of records in `out`."""
-    import glob
-    writer, have = JsonlAppender(out), existing_ids(out)
-    for part in sorted(glob.glob(f"{out}.part*")):
-        for rec in read_jsonl(part, tolerate_partial_last=True):
-            if rec["id"] not in have:
-                writer.write(rec)
-                have.add(rec["id"])
-        os.remove(part)
-    writer.close()
-    return len(have)

@@ -1,5 +1,6 @@
 """Prints one markdown table of named evaluation runs: MM-Vet total and per capability, Object
-HalBench Resp (CHAIR_s) and Obj (CHAIR_i), lower is better for the last two.
+HalBench Resp (CHAIR_s) and Obj (CHAIR_i), lower is better, beside recall (a model that names fewer
+objects also hallucinates fewer: the two must be read together).
 
     python experiments/demo_table.py base=runs/demo/eval/base sft=runs/demo/eval/sft bpo=runs/demo/eval/bpo
 
@@ -32,8 +33,8 @@ for spec in args.runs:
 caps = [c for c in CAPABILITIES if any(c in mm for _, mm, _ in rows)]  # the capabilities the benchmark has
 fmt = lambda scores, k: f"{scores[k]:.1f}" if k in scores else "-"
 print("| Model | MM-Vet | " + " | ".join(c.upper() if c == "ocr" else c.capitalize() for c in caps)
-      + " | Resp ↓ | Obj ↓ |")
-print("|---" * (len(caps) + 4) + "|")
+      + " | Resp ↓ | Obj ↓ | Recall |")
+print("|---" * (len(caps) + 5) + "|")
 for name, mm, hal in rows:
     print(f"| {name} | {fmt(mm, 'total')} | " + " | ".join(fmt(mm, c) for c in caps)
-          + f" | {fmt(hal, 'chair_s')} | {fmt(hal, 'chair_i')} |")
+          + f" | {fmt(hal, 'chair_s')} | {fmt(hal, 'chair_i')} | {fmt(hal, 'recall')} |")

@@ -254,6 +254,6 @@ def test_demo_table(tmp_path):
     proc = run_script("experiments/demo_table.py", f"base={tmp_path / 'base'}", f"bpo={tmp_path / 'bpo'}",
                       f"sft={tmp_path / 'none'}")
     lines = proc.stdout.splitlines()
-    assert lines[0] == "| Model | MM-Vet | Rec | Math | Resp ↓ | Obj ↓ |"
-    assert lines[2:] == ["| base | 20.0 | 20.0 | 1.0 | 60.0 | 9.0 |", "| bpo | 30.0 | 30.0 | 1.0 | 40.0 | 9.0 |",
-                         "| sft | - | - | - | - | - |"]
+    assert lines[0] == "| Model | MM-Vet | Rec | Math | Resp ↓ | Obj ↓ | Recall |"
+    assert lines[2:] == ["| base | 20.0 | 20.0 | 1.0 | 60.0 | 9.0 | 50.0 |",
+                         "| bpo | 30.0 | 30.0 | 1.0 | 40.0 | 9.0 | 50.0 |", "| sft | - | - | - | - | - | - |"]

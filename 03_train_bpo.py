@@ -197,6 +197,7 @@ def batch_logps(net, input_ids, mask, labels, pixel_values):
 
 
 # ---- the loop
+B = args.batch_size  # a micro-batch is [B chosen..., B rejected...]
 n_cut = 0
 bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not main)
 while step < total_steps:
@@ -211,7 +212,6 @@ while step < total_steps:
         start = (micro * world + rank) * args.batch_size
         input_ids, mask, labels, pixel_values, cut = micro_batch(step_pairs[start:start + args.batch_size])
         n_cut += cut
-        B = args.batch_size
         sync = micro == args.grad_accum - 1 or world == 1
         with ddp.no_sync() if not sync else contextlib.nullcontext():  # all-reduce once per step
             if args.loss == "dpo":

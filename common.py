@@ -60,10 +60,10 @@ class DataError(ValueError):
     """Bad input; the message names the file and line."""
 
 
-def read_jsonl(path, tolerate_partial_last=False):
-    """Records of a JSONL file. A malformed line raises DataError naming path:line. With
-    tolerate_partial_last, an unterminated last line (a write cut off by a kill) is dropped,
-    which is how resumable outputs are read back."""
+def numbered_jsonl(path, tolerate_partial_last=False):
+    """(line number, record) of each non-blank line of a JSONL file. A malformed line raises
+    DataError naming path:line. With tolerate_partial_last, an unterminated last line (a write cut
+    off by a kill) is dropped, which is how resumable outputs are read back."""
     with open(path, "rb") as f:
         raw = f.read()
     lines = raw.split(b"\n")
@@ -79,24 +79,28 @@ def read_jsonl(path, tolerate_partial_last=False):
             raise DataError(f"{path}:{i}: not a valid JSON line ({e})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
+        records.append((i, rec))
     return records
 
 
+def read_jsonl(path, tolerate_partial_last=False):
+    """The records of a JSONL file (see numbered_jsonl)."""
+    return [rec for _, rec in numbered_jsonl(path, tolerate_partial_last)]
+
+
 def read_json_or_jsonl(path):
-    """A JSON list (as LLaVA's instruction files) or JSONL, as (line, record) pairs."""
+    """A JSON list (as LLaVA's instruction files) or JSONL, as (line, record) pairs; for a JSON
+    list the "line" is the record's position in the list."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith(b"["):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
-        return [(i + 1, r) for i, r in enumerate(data)]  # "line" = position in the list
-    with open(path, "rb") as f:
-        n_lines = [i for i, line in enumerate(f, 1) if line.strip()]
-    return list(zip(n_lines, read_jsonl(path)))
+    if not head.startswith(b"["):
+        return numbered_jsonl(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
+    return [(i + 1, r) for i, r in enumerate(data)]
 
 
 class JsonlAppender:

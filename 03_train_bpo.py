@@ -27,6 +27,8 @@ p.add_argument("--image_root", required=True, help="image paths in the pairs are
 p.add_argument("--output_dir", required=True)
 p.add_argument("--loss", choices=["dpo", "sft"], default="dpo")
 p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (the paper's eta)")
+p.add_argument("--sft_weight", type=float, default=0.0,
+               help="DPO only: add this times the chosen answers' per-token NLL to the loss (0: pure DPO, the paper's)")
 p.add_argument("--lr", type=float, default=2e-6)
 p.add_argument("--epochs", type=int, default=2)
 p.add_argument("--batch_size", type=int, default=4, help="pairs per process per micro-step")
@@ -219,6 +221,8 @@ while step < total_steps:
                 with torch.no_grad(), model.disable_adapter():
                     ref = batch_logps(model, input_ids, mask, labels, pixel_values)
                 losses, r_chosen, r_rejected = common.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
+                if args.sft_weight:
+                    losses = losses + args.sft_weight * -logps[:B] / (labels[:B, 1:] != common.IGNORE).sum(-1)
                 sums["rewards/chosen"] += r_chosen.mean().item()
                 sums["rewards/rejected"] += r_rejected.mean().item()
                 sums["rewards/accuracies"] += (r_chosen > r_rejected).float().mean().item()

@@ -47,6 +47,9 @@ p.add_argument("--log_every", type=int, default=1)
 p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
 p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
 p.add_argument("--gradient_checkpointing", action="store_true")
+p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=True,
+               help="DPO: score every pair under the reference once before training and cache it in "
+                    "OUTPUT_DIR/ref_logps.jsonl (the reference never changes), instead of a reference forward every step")
 p.add_argument("--seed", type=int, default=42)
 args = p.parse_args()
 
@@ -98,7 +101,7 @@ REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # ---- data: every pair validated up front, so a bad line fails before hours of training
-pairs, origin = [], []  # origin[i] = "file:line" of pairs[i], for error messages
+pairs, origin, keys = [], [], []  # origin[i] = "file:line" of pairs[i], for errors; keys[i] = file + id
 seen = {}  # (file, id) -> file:line; one id may appear once per file (01's and 02's pairs share ids)
 for path in args.data:
     try:
@@ -113,6 +116,7 @@ for path in args.data:
                 raise common.DataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[path, rec['id']]})")
             seen[path, rec["id"]] = where
             origin.append(where)
+            keys.append(f"{os.path.abspath(path)}\t{rec['id']}")
             pairs.append(rec)
     except (common.DataError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -127,13 +131,16 @@ model, processor = common.load_model(args.model, device=device, load_in_4bit=arg
 model.requires_grad_(False)
 if args.load_in_4bit:
     from peft import prepare_model_for_kbit_training
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 elif args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                          target_modules=LORA_TARGETS))
 model.train()
+# the dtype activations run in (bf16 autocast on CUDA), for the additive attention mask
+dtype = torch.bfloat16 if device.type == "cuda" else model.get_input_embeddings().weight.dtype
 ddp = DDP(model) if world > 1 else model
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -172,34 +179,66 @@ def save_checkpoint(step):
         shutil.rmtree(old)
 
 
-def micro_batch(indices):
-    """Chosen and rejected of these pairs as one right-padded batch: [chosen..., rejected...]."""
-    pixels, chosen, rejected, cut = [], [], [], 0
+def micro_batch(indices, responses=("chosen", "rejected")):
+    """These pairs as one packed batch (common.pack_responses): per pair one sequence [image + prompt,
+    chosen, rejected], so the shared prefix runs once; logits only where a response token is scored."""
+    pixels, packs, cut = [], [], 0
     for i in indices:
         pair = pairs[i]
         try:
             image = common.load_image(args.image_root, pair["image"])
-            pv, (c, r), n_cut = common.build_sequences(processor, image, pair["prompt"],
-                                                       [pair["chosen"], pair["rejected"]], args.max_length)
+            pv, seqs, n_cut = common.build_sequences(processor, image, pair["prompt"],
+                                                     [pair[r] for r in responses], args.max_length)
         except (OSError, common.DataError) as e:
             sys.exit(f"error: {origin[i]}: {e}")
         pixels.append(pv)
-        chosen.append(c)
-        rejected.append(r)
+        packs.append(common.pack_responses(seqs))
         cut += n_cut
-    input_ids, mask, labels = common.pad_batch(chosen + rejected, processor.tokenizer.pad_token_id)
-    pixel_values = torch.cat(pixels + pixels).to(device)  # fp32; autocast casts on CUDA
-    return input_ids.to(device), mask.to(device), labels.to(device), pixel_values, cut
+    input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
+    batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), attention_mask=mask.to(device),
+                 logits_to_keep=keep.to(device), pixel_values=torch.cat(pixels).to(device))
+    n_tokens = torch.bincount(scored[2], minlength=len(responses) * len(indices)).to(device)
+    return batch, scored, n_tokens, cut
 
 
-def batch_logps(net, input_ids, mask, labels, pixel_values):
+def batch_logps(net, batch, scored, n_out, embeds=None):
+    """Summed response log-probs [first responses..., second responses...]; `embeds` (the images'
+    features in place) are computed once and shared by the policy and the reference forward."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = net(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values).logits
-    return common.sequence_logps(logits, labels)
+        if embeds is None:
+            embeds = common.image_embeds(model, batch["input_ids"], batch["pixel_values"])
+        logits = net(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                     logits_to_keep=batch["logits_to_keep"]).logits
+    return common.packed_logps(logits, scored, n_out), embeds
+
+
+# ---- reference log-probs, once: the adapter-disabled model is the reference and never changes
+ref_path = os.path.join(args.output_dir, "ref_logps.jsonl")
+if main and not args.resume:  # a fresh run scores afresh (model or data may have changed); --resume reuses them
+    for stale in glob.glob(ref_path + "*"):
+        os.remove(stale)
+common.barrier()
+ref_cache = {}
+if args.loss == "dpo" and args.precompute_ref:
+    todo, part, _ = common.pending_items([{"id": k, "index": i} for i, k in enumerate(keys)], ref_path, rank, world)
+    writer = common.JsonlAppender(part)
+    with torch.no_grad(), model.disable_adapter():
+        for start in tqdm(range(0, len(todo), args.batch_size), desc="reference log-probs", disable=not main):
+            chunk = todo[start:start + args.batch_size]
+            batch, scored, _, _ = micro_batch([it["index"] for it in chunk])
+            ref, _ = batch_logps(model, batch, scored, 2 * len(chunk))
+            for it, chosen, rejected in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
+                writer.write({"id": it["id"], "chosen": chosen, "rejected": rejected})
+    writer.close()
+    common.barrier()
+    if main:
+        common.merge_parts(ref_path)
+    common.barrier()
+    ref_cache = {r["id"]: (r["chosen"], r["rejected"]) for r in common.read_jsonl(ref_path)}
 
 
 # ---- the loop
-B = args.batch_size  # a micro-batch is [B chosen..., B rejected...]
+B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
 n_cut = 0
 bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not main)
 while step < total_steps:
@@ -212,25 +251,31 @@ while step < total_steps:
                           "rewards/margins", "logps/chosen", "logps/rejected"], 0.0)
     for micro in range(args.grad_accum):
         start = (micro * world + rank) * args.batch_size
-        input_ids, mask, labels, pixel_values, cut = micro_batch(step_pairs[start:start + args.batch_size])
+        indices = step_pairs[start:start + args.batch_size]
+        responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
+        batch, scored, n_tokens, cut = micro_batch(indices, responses)
         n_cut += cut
         sync = micro == args.grad_accum - 1 or world == 1
         with ddp.no_sync() if not sync else contextlib.nullcontext():  # all-reduce once per step
+            logps, embeds = batch_logps(ddp, batch, scored, len(responses) * B)
+            nll_chosen = -logps[:B] / n_tokens[:B]  # per-token NLL of each chosen answer
             if args.loss == "dpo":
-                logps = batch_logps(ddp, input_ids, mask, labels, pixel_values)
-                with torch.no_grad(), model.disable_adapter():
-                    ref = batch_logps(model, input_ids, mask, labels, pixel_values)
+                if ref_cache:
+                    ref = torch.tensor([ref_cache[keys[i]][0] for i in indices] +
+                                       [ref_cache[keys[i]][1] for i in indices], device=device)
+                else:
+                    with torch.no_grad(), model.disable_adapter():
+                        ref, _ = batch_logps(model, batch, scored, 2 * B, embeds)
                 losses, r_chosen, r_rejected = common.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
                 if args.sft_weight:
-                    losses = losses + args.sft_weight * -logps[:B] / (labels[:B, 1:] != common.IGNORE).sum(-1)
+                    losses = losses + args.sft_weight * nll_chosen
                 sums["rewards/chosen"] += r_chosen.mean().item()
                 sums["rewards/rejected"] += r_rejected.mean().item()
                 sums["rewards/accuracies"] += (r_chosen > r_rejected).float().mean().item()
                 sums["rewards/margins"] += (r_chosen - r_rejected).mean().item()
                 sums["logps/rejected"] += logps[B:].mean().item()
-            else:  # SFT on the chosen half only: per-token NLL of each answer, averaged over answers
-                logps = batch_logps(ddp, input_ids[:B], mask[:B], labels[:B], pixel_values[:B])
-                losses = -logps / (labels[:B, 1:] != common.IGNORE).sum(-1)
+            else:  # SFT on the chosen answers only, averaged over answers
+                losses = nll_chosen
             loss = losses.mean()
             (loss / args.grad_accum).backward()
         sums["loss"] += loss.item()

@@ -416,6 +416,71 @@ def pad_batch(seqs, pad_id):
     return input_ids, mask, labels
 
 
+def pack_responses(seqs):
+    """One image + prompt and its k responses (build_sequences' output: they share the prompt) as one
+    sequence [prompt, response_1, ..., response_k] in which each response sees the prompt and itself
+    only, its positions restarting after the prompt: the shared prefix (LLaVA-1.5's 576 image tokens
+    and the question) runs through the model once instead of k times. Returns (input_ids,
+    position_ids, segment (0: prompt, i: response i), scored), scored = (predictor position, token,
+    response index) per response token: a response's first token is predicted from the prompt's end."""
+    n_prompt = sum(1 for label in seqs[0][1] if label == IGNORE)
+    ids, pos, seg, scored = list(seqs[0][0][:n_prompt]), list(range(n_prompt)), [0] * n_prompt, []
+    for i, (full, _) in enumerate(seqs):
+        response, start = full[n_prompt:], len(ids)
+        scored += [(n_prompt - 1 if j == 0 else start + j - 1, tok, i) for j, tok in enumerate(response)]
+        ids += response
+        pos += range(n_prompt, n_prompt + len(response))
+        seg += [i + 1] * len(response)
+    return ids, pos, seg, scored
+
+
+def packed_batch(packs, pad_id, dtype=torch.float32):
+    """Right-pads pack_responses' outputs into model inputs: input_ids and position_ids [B, T], a 4D
+    additive attention mask [B, 1, T, T] (a token sees the earlier tokens of the prompt and of its own
+    response), `keep` [B, T] marking the positions whose logits are needed, and `scored` = (index into
+    the kept positions' logits, token, output slot) with slot = response_index * B + row, so the
+    log-probs come out as [all first responses..., all second responses...]."""
+    B, T = len(packs), max(len(p[0]) for p in packs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+    rows, preds, toks, slots = [], [], [], []
+    for b, (ids, pos, sg, scored) in enumerate(packs):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        position_ids[b, :len(pos)] = torch.tensor(pos)
+        seg[b, :len(sg)] = torch.tensor(sg)
+        for pred, tok, i in scored:
+            rows.append(b), preds.append(pred), toks.append(tok), slots.append(i * B + b)
+    q, k = seg[:, :, None], seg[:, None, :]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool)  # a padding row sees itself: no all-masked softmax row (NaN)
+    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    keep = torch.zeros((B, T), dtype=torch.bool)
+    keep[rows, preds] = True
+    flat = keep.flatten().cumsum(0) - 1  # position (b, t) -> its row among the kept logits
+    index = flat[torch.tensor(rows) * T + torch.tensor(preds)]
+    return input_ids, position_ids, mask, keep, (index, torch.tensor(toks), torch.tensor(slots))
+
+
+def image_embeds(model, input_ids, pixel_values):
+    """Input embeddings with each image's projected features in its placeholder tokens. The vision
+    tower, projector and embeddings are frozen, so this runs once per batch (no grad) and serves the
+    policy and the reference forward alike."""
+    with torch.no_grad():
+        features = torch.cat(model.get_image_features(pixel_values=pixel_values).pooler_output)
+        embeds = model.get_input_embeddings()(input_ids)
+        is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(is_image, features.to(embeds.dtype))
+
+
+def packed_logps(logits, scored, n_out):
+    """Summed log-probs per output slot from the kept positions' logits [N, V] (packed_batch's
+    `scored`): logit - logsumexp at the scored tokens only, no log-softmax over all positions."""
+    index, toks, slots = (t.to(logits.device) for t in scored)
+    picked = logits[index, toks].float() - torch.logsumexp(logits.float(), dim=-1)[index]
+    return torch.zeros(n_out, device=logits.device).index_add(0, slots, picked)
+
+
 def sequence_logps(logits, labels):
     """Sum over scored positions of log p(label_t | tokens < t). logits [B, T, V] predict the
     next token, labels [B, T] with IGNORE where not scored. The log-softmax is taken only at the

@@ -139,3 +139,18 @@ def test_ddp_two_processes_equal_one(toy, pairs, tmp_path):
     for a, b in zip(one, two):  # metrics averaged over ranks = the single process's batch means
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-4)
+
+
+def test_precomputed_reference_trains_like_the_per_step_reference(toy, pairs, tmp_path):
+    common_args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--max_steps", 3,
+                   "--batch_size", 4, "--lr", 1e-3, "--lora_r", 4, "--lora_alpha", 8, "--save_every", 0]
+    run_script("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "cached")
+    run_script("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "per_step", "--no-precompute_ref")
+    cache = common.read_jsonl(tmp_path / "cached" / "ref_logps.jsonl")
+    n_pairs = len(common.read_jsonl(pairs))
+    assert len(cache) == n_pairs and len({r["id"] for r in cache}) == n_pairs
+    assert not (tmp_path / "per_step" / "ref_logps.jsonl").exists()
+    for a, b in zip(common.read_jsonl(tmp_path / "cached" / "metrics.jsonl"),
+                    common.read_jsonl(tmp_path / "per_step" / "metrics.jsonl")):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

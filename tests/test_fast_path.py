@@ -1,0 +1,113 @@
+"""The training step's fast path (packed [prompt, chosen, rejected] sequences, image features once,
+logits only where scored, reference log-probs cached) against the plain path: one padded sequence
+per response, pixel values through the full model, a full log-softmax."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+import common
+
+I = common.IGNORE
+
+
+def test_packed_batch_by_hand():
+    # pair 0: prompt [1 2 3], responses [4 5] and [6]; pair 1: prompt [7 8], responses [9] and [10 11]
+    packs = [common.pack_responses([([1, 2, 3, 4, 5], [I, I, I, 4, 5]), ([1, 2, 3, 6], [I, I, I, 6])]),
+             common.pack_responses([([7, 8, 9], [I, I, 9]), ([7, 8, 10, 11], [I, I, 10, 11])])]
+    assert packs[0][:3] == ([1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 3], [0, 0, 0, 1, 1, 2])
+    assert packs[1][:3] == ([7, 8, 9, 10, 11], [0, 1, 2, 2, 3], [0, 0, 1, 2, 2])
+    input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, pad_id=0)
+    assert input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
+    assert position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 2, 3, 0]]
+    sees = {  # query -> keys it may attend to, written out by hand
+        0: [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 5]],
+        1: [[0], [0, 1], [0, 1, 2], [0, 1, 3], [0, 1, 3, 4]],  # row 1's last position is padding
+    }
+    for b, rows in sees.items():
+        for q, keys in enumerate(rows):
+            assert [k for k in range(6) if mask[b, 0, q, k] == 0] == keys, (b, q)
+    assert mask.min() == torch.finfo(torch.float32).min
+    assert keep.tolist() == [[False, False, True, True, False, False], [False, True, False, True, False, False]]
+    # kept logits: (0,2) (0,3) (1,1) (1,3); slots: [pair0 first, pair1 first, pair0 second, pair1 second]
+    logits = torch.randn(4, 12, dtype=torch.float64)
+    ls = F.log_softmax(logits, -1)
+    want = [ls[0, 4] + ls[1, 5], ls[2, 9], ls[0, 6], ls[2, 10] + ls[3, 11]]
+    got = common.packed_logps(logits, scored, 4)
+    assert torch.allclose(got, torch.stack(want).float(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lora_model(toy):
+    """The toy model with LoRA on the language model, B initialised away from zero so the adapter
+    changes the outputs and every LoRA weight gets a gradient."""
+    model, processor = common.load_model(str(toy / "model"))
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=(
+        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model, processor
+
+
+def _pairs(toy, processor, n=3):
+    """n real toy images and questions, each with a chosen answer and a shorter rejected one of
+    varying length, so prompts, responses and padding differ across the batch."""
+    recs = json.load(open(toy / "train.json"))[:n]
+    pixels, seqs = [], []
+    for i, rec in enumerate(recs):
+        image = common.load_image(str(toy / "images"), rec["image"])
+        answer = rec["conversations"][1]["value"]
+        question = rec["conversations"][0]["value"].replace("<image>\n", "") + " please" * i
+        pv, pair_seqs, _ = common.build_sequences(processor, image, question,
+                                                  [answer, " ".join(answer.split()[:2 + 2 * i])], 512)
+        pixels.append(pv)
+        seqs.append(pair_seqs)
+    return torch.cat(pixels), seqs
+
+
+def _plain_logps(model, processor, pixels, seqs):
+    """Independent path: each response its own padded sequence, pixel values through the full
+    model, a full log-softmax over every position, labels shifted by one."""
+    flat = [s[0] for s in seqs] + [s[1] for s in seqs]
+    input_ids, mask, labels = common.pad_batch(flat, processor.tokenizer.pad_token_id)
+    logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat([pixels, pixels])).logits
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    scored = target != I
+    picked = logprobs.gather(2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * scored).sum(-1)
+
+
+def _packed_logps(model, processor, pixels, seqs):
+    packs = [common.pack_responses(s) for s in seqs]
+    input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id)
+    embeds = common.image_embeds(model, input_ids, pixels)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
+    return common.packed_logps(logits, scored, 2 * len(seqs))
+
+
+def test_packed_logps_and_lora_grads_equal_plain_forward(toy, lora_model):
+    model, processor = lora_model
+    pixels, seqs = _pairs(toy, processor)
+    weights = torch.randn(2 * len(seqs))  # a random linear loss, so every log-prob's gradient counts
+    results = []
+    for path in (_plain_logps, _packed_logps):
+        model.zero_grad()
+        logps = path(model, processor, pixels, seqs)
+        (weights * logps).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad(), model.disable_adapter():
+            ref = path(model, processor, pixels, seqs)
+        results.append((logps.detach(), ref, grads))
+    (plain, plain_ref, plain_grads), (fast, fast_ref, fast_grads) = results
+    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-4), (fast, plain)  # fp32: summed log-probs ~ -10..-100
+    assert torch.allclose(fast_ref, plain_ref, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(plain, plain_ref, atol=1e-2)  # the adapter matters, so the grads are informative
+    assert len(plain_grads) > 0 and plain_grads.keys() == fast_grads.keys()
+    for name, g in plain_grads.items():
+        assert g.abs().sum() > 0, name
+        assert torch.allclose(fast_grads[name], g, rtol=1e-3, atol=1e-6), name

@@ -94,6 +94,16 @@ def plot_curves(metrics_path, png):
     plt.close(fig)
 
 
+def explain_oom(kind, value, tb):
+    """Out of memory anywhere (loading, reference pass, training step): say what to lower."""
+    if issubclass(kind, torch.OutOfMemoryError):
+        sys.stderr.write(f"error: out of memory ({str(value).splitlines()[0]}). Lower --batch_size (keep the effective "
+                         f"batch with --grad_accum) or --max_length, or add --gradient_checkpointing / --load_in_4bit\n")
+    else:
+        sys.__excepthook__(kind, value, tb)
+
+
+sys.excepthook = explain_oom
 rank, world, device = common.dist_setup()
 main = rank == 0
 REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
@@ -281,6 +291,13 @@ while step < total_steps:
         sums["loss"] += loss.item()
         sums["logps/chosen"] += logps[:B].mean().item()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    # NaN/inf on any rank reaches every rank (through the all-reduced grads, or this mean): all stop together
+    finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+    if common.mean_over_ranks({"finite": float(finite)})["finite"] < 1:
+        done = checkpoints(args.output_dir)
+        sys.exit(f"error: non-finite loss or gradient at step {step + 1} (loss {sums['loss'] / args.grad_accum:.4g}, "
+                 f"grad norm {grad_norm.item():.4g}); not applied, nothing saved. Last good checkpoint: "
+                 f"{done[-1] if done else 'none'} (--resume continues from it). Lower --lr, or check this step's pairs")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

@@ -4,6 +4,7 @@ trains on the chosen answers only (the paper's Table 3 baseline). One file for o
     python 03_train_bpo.py ...            torchrun --nproc_per_node 8 03_train_bpo.py ..."""
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import math
@@ -50,6 +51,8 @@ p.add_argument("--gradient_checkpointing", action="store_true")
 p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=True,
                help="DPO: score every pair under the reference once before training and cache it in "
                     "OUTPUT_DIR/ref_logps.jsonl (the reference never changes), instead of a reference forward every step")
+p.add_argument("--group_by_length", action="store_true",
+               help="batch pairs of similar length together (less padding, faster; batches are then less random)")
 p.add_argument("--seed", type=int, default=42)
 args = p.parse_args()
 
@@ -247,6 +250,23 @@ if args.loss == "dpo" and args.precompute_ref:
     ref_cache = {r["id"]: (r["chosen"], r["rejected"]) for r in common.read_jsonl(ref_path)}
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_steps(epoch):
+    """The epoch's pairs, shuffled with a seed (the same on every rank and on resume), as a list of
+    steps of per_step pair indices. --group_by_length sorts each window of 50 steps by length and then
+    shuffles the steps, so a step's pairs have similar lengths and little of the batch is padding."""
+    gen = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(len(pairs), generator=gen).tolist()
+    if args.group_by_length:
+        window = 50 * per_step
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s:s + window], key=lambda i: len(pairs[i]["chosen"]) + len(pairs[i]["rejected"]))]
+    steps = [order[s:s + per_step] for s in range(0, steps_per_epoch * per_step, per_step)]
+    if args.group_by_length:
+        steps = [steps[k] for k in torch.randperm(len(steps), generator=gen).tolist()]
+    return steps
+
+
 # ---- the loop
 B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
 n_cut = 0
@@ -254,8 +274,7 @@ bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=n
 while step < total_steps:
     t0 = time.time()
     epoch, within = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-    step_pairs = order[within * per_step:(within + 1) * per_step]
+    step_pairs = epoch_steps(epoch)[within]
     torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # LoRA dropout: same draws on resume
     sums = dict.fromkeys(["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                           "rewards/margins", "logps/chosen", "logps/rejected"], 0.0)

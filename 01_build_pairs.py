@@ -25,16 +25,20 @@ p.add_argument("--top_p", type=float, default=1.0)
 p.add_argument("--max_new_tokens", type=int, default=512)
 p.add_argument("--batch_size", type=int, default=8, help="generations per forward, per process")
 p.add_argument("--seed", type=int, default=0)
+common.add_on_error_arg(p, "skip", "ground-truth record")
 args = p.parse_args()
 
 rank, world, device = common.dist_setup()
 torch.manual_seed(args.seed + rank)
 
 # ---- items: every source read and sampled uniformly with the seed; the ones already written dropped
-items, skipped_no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns)
+bad_records = common.OnError(args.on_error, quiet=rank != 0)
+items, skipped_no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
+                                             bad_records)
 todo, part, n_done = common.pending_items(items, args.out, rank, world)  # each rank appends to its part file
 if rank == 0:
-    print(f"{len(items)} items, {n_done} already done, {skipped_no_image} records without image skipped")
+    print(f"{len(items)} items, {n_done} already done, {skipped_no_image} records without image skipped; "
+          f"{bad_records.summary('bad ground-truth records')}")
 
 # ---- model and the loop: batched sampling from the weakened image
 model, processor = common.load_model(args.model, device=device)
@@ -50,8 +54,10 @@ for i in tqdm(range(0, len(todo), args.batch_size), desc=f"pairs[{rank}]", disab
         try:
             images.append(common.load_image(args.image_root, it["image"]))
             batch.append(it)
-        except OSError as e:  # a generation input that cannot be read is skipped and counted
-            print(f"skip {it['id']}: {e}", file=sys.stderr)
+        except common.DataError as e:  # skipped and counted; with --on_error fail, the end of the run
+            if args.on_error == "fail":
+                sys.exit(f"error: {it['where']}: {e}")
+            print(f"skip {it['where']}: {e}", file=sys.stderr)
             missing += 1
     if not batch:
         continue
@@ -76,4 +82,5 @@ if rank == 0:
     n = {k: round(v * world) for k, v in counts.items()}
     print(f"wrote {n['written']} pairs this run ({n_out} in {args.out}); dropped {n['dropped']} empty or "
           f"identical negatives; skipped {n['missing']} unreadable images")
+    print(bad_records.summary("bad ground-truth records"))
 common.dist_cleanup()

@@ -74,13 +74,11 @@ p.add_argument("--base_url", default="http://localhost:8000/v1",
                help="openai: endpoint (vLLM's default address; https://api.openai.com/v1 for OpenAI); "
                     "the key comes from OPENAI_API_KEY, optional for local servers")
 p.add_argument("--workers", type=int, default=8, help="openai: requests in flight at once")
-p.add_argument("--retries", type=int, default=5,
-               help="openai: attempts per request on rate limits, server errors, timeouts and malformed bodies")
-p.add_argument("--backoff", type=float, default=1.0,
-               help="openai: seconds before the first retry, doubled each time, with jitter")
+common.add_remote_args(p)
 p.add_argument("--vocab", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "vocab_coco.json"),
                help="rules: substitution vocabulary, a vocabulary JSON (as data/vocab_coco.json) or a toy world.json")
 p.add_argument("--edits", type=int, default=2, help="rules: details changed per answer (fewer if it has fewer)")
+common.add_on_error_arg(p, "skip", "ground-truth record")
 args = p.parse_args()
 if args.max_tries < 1:
     p.error("--max_tries must be at least 1")
@@ -137,10 +135,13 @@ def problem(it, text):
 
 
 # ---- items: every source read, sampled uniformly with the seed, the ones already written dropped
-items, no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns)
+bad_records = common.OnError(args.on_error, quiet=rank != 0)
+items, no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
+                                     bad_records)
 todo, part, n_done = common.pending_items(items, args.out, rank, world)
 if rank == 0:
-    print(f"{len(items)} items, {n_done} already done, {no_image} records without image skipped")
+    print(f"{len(items)} items, {n_done} already done, {no_image} records without image skipped; "
+          f"{bad_records.summary('bad ground-truth records')}")
 
 # ---- backends: each yields (item, rewrite, problem found by the backend or None, meta) for a list
 #      of items, try k; meta records the backend, the model and, for rules, what changed
@@ -204,7 +205,7 @@ if args.backend == "rules":
                 "backend": "rules", "vocab": os.path.basename(args.vocab), "seed": args.seed, "changes": changes}
 
 elif args.backend == "openai":
-    client = common.openai_client(args.base_url)
+    client = common.openai_client(args.base_url, args.timeout)
     meta = {"backend": "openai", "model": args.api_model, "temperature": args.temperature,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt_file or "built-in"}
 
@@ -284,6 +285,10 @@ if rank == 0:
     n_failed = sum(n[f"failed {r}"] for r in REASONS)
     print(f"wrote {n['written']} pairs this run ({total} in {args.out}); failed {n_failed} items "
           f"(up to {args.max_tries} tries each{': ' + why if why else ''}); {n['retried']} rejected rewrites retried")
+    print(bad_records.summary("bad ground-truth records"))
     if n_failed and not n["written"] and (not total or n_failed == n["failed api error"]):
         sys.exit("error: no valid rewrite at all; check the backend (see the reasons above)")
+    if n["failed api error"]:  # no reply is a failure of the run, not a verdict on the data: the exit code says so
+        sys.exit(f"error: {n['failed api error']} items got no reply from {args.base_url}; the pairs that did are "
+                 f"written, rerun the same command to retry the rest")
 common.dist_cleanup()

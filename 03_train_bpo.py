@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -53,6 +54,7 @@ p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, defaul
                     "OUTPUT_DIR/ref_logps.jsonl (the reference never changes), instead of a reference forward every step")
 p.add_argument("--group_by_length", action="store_true",
                help="batch pairs of similar length together (less padding, faster; batches are then less random)")
+common.add_on_error_arg(p, "fail", "pair")
 p.add_argument("--seed", type=int, default=42)
 args = p.parse_args()
 
@@ -113,26 +115,47 @@ REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
 # every linear layer of the language model; nothing in the vision tower or the projector
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-# ---- data: every pair validated up front, so a bad line fails before hours of training
+# ---- data: every pair validated up front, so a bad line fails (or is skipped) before hours of training
+def image_problem(rel):
+    """Why a pair's image cannot be used, from its path and header (cheap enough for every pair; a file
+    corrupt past its header is found when the reference pass or its batch decodes it), or None."""
+    from PIL import Image
+    try:
+        with Image.open(common.image_path(args.image_root, rel)) as im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                return f"{im.width}x{im.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS"
+    except (common.DataError, OSError, Image.DecompressionBombError) as e:
+        return str(e)
+    return None
+
+
+bad = common.OnError(args.on_error, quiet=not main)
 pairs, origin, keys = [], [], []  # origin[i] = "file:line" of pairs[i], for errors; keys[i] = file + id
 seen = {}  # (file, id) -> file:line; one id may appear once per file (01's and 02's pairs share ids)
-for path in args.data:
-    try:
-        for line, rec in common.read_json_or_jsonl(path):
+try:
+    for path in args.data:
+        for line, rec in common.read_json_or_jsonl(path, bad):
             where = f"{path}:{line}"
-            bad = [k for k in REQUIRED if not isinstance(rec.get(k), str) or not rec[k].strip()]
-            if bad:
-                raise common.DataError(f"{where}: field(s) {', '.join(bad)} missing, empty or not a string")
-            if rec["chosen"].strip() == rec["rejected"].strip():
-                raise common.DataError(f"{where}: chosen and rejected are identical")
-            if (path, rec["id"]) in seen:
-                raise common.DataError(f"{where}: duplicate id {rec['id']!r} (first at {seen[path, rec['id']]})")
-            seen[path, rec["id"]] = where
-            origin.append(where)
-            keys.append(f"{os.path.abspath(path)}\t{rec['id']}")
-            pairs.append(rec)
-    except (common.DataError, OSError) as e:
-        sys.exit(f"error: {e}")
+            if isinstance(rec.get("prompt"), str):  # the chat template puts the image in, once
+                rec["prompt"] = common.question_text(rec["prompt"])
+            missing = [k for k in REQUIRED if not isinstance(rec.get(k), str) or not rec[k].strip()]
+            if missing:
+                bad(where, "missing, empty or non-string field", ", ".join(missing))
+            elif rec["chosen"].strip() == rec["rejected"].strip():
+                bad(where, "chosen and rejected are identical")
+            elif (path, rec["id"]) in seen:
+                bad(where, "duplicate id", f"{rec['id']!r}, first at {seen[path, rec['id']]}")
+            elif problem := image_problem(rec["image"]):
+                bad(where, "unreadable image", problem)
+            else:
+                seen[path, rec["id"]] = where
+                origin.append(where)
+                keys.append(f"{os.path.abspath(path)}\t{rec['id']}")
+                pairs.append(rec)
+except (common.DataError, OSError) as e:
+    sys.exit(f"error: {e}")
+if main and args.on_error == "skip":
+    print(bad.summary("pairs"))
 per_step = args.batch_size * world * args.grad_accum  # pairs per optimizer step, all ranks
 steps_per_epoch = len(pairs) // per_step
 if steps_per_epoch == 0:
@@ -165,8 +188,12 @@ step = 0
 metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 ckpts = checkpoints(args.output_dir)
 if args.resume and ckpts:
-    set_peft_model_state_dict(model, load_file(os.path.join(ckpts[-1], "adapter", "adapter_model.safetensors")))
-    state = torch.load(os.path.join(ckpts[-1], "state.pt"), weights_only=True)
+    try:  # safetensors and weights_only: a checkpoint file never runs code
+        set_peft_model_state_dict(model, load_file(os.path.join(ckpts[-1], "adapter", "adapter_model.safetensors")))
+        state = torch.load(os.path.join(ckpts[-1], "state.pt"), weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        sys.exit(f"error: {ckpts[-1]}: not a checkpoint 03 wrote ({str(e).splitlines()[0]}); move it away to resume "
+                 "from the one before")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     step = state["step"]
@@ -233,7 +260,9 @@ if main and not args.resume:  # a fresh run scores afresh (model or data may hav
 common.barrier()
 ref_cache = {}
 if args.loss == "dpo" and args.precompute_ref:
-    todo, part, _ = common.pending_items([{"id": k, "index": i} for i, k in enumerate(keys)], ref_path, rank, world)
+    items = [{"id": k, "index": i} for i, k in enumerate(keys)]
+    todo, part, n_cached = common.pending_items(items, ref_path, rank, world)
+    t0 = time.time()
     writer = common.JsonlAppender(part)
     with torch.no_grad(), model.disable_adapter():
         for start in tqdm(range(0, len(todo), args.batch_size), desc="reference log-probs", disable=not main):
@@ -248,6 +277,9 @@ if args.loss == "dpo" and args.precompute_ref:
         common.merge_parts(ref_path)
     common.barrier()
     ref_cache = {r["id"]: (r["chosen"], r["rejected"]) for r in common.read_jsonl(ref_path)}
+    if main:
+        print(f"reference log-probs: {len(keys) - n_cached} pairs scored in {time.time() - t0:.1f}s "
+              f"({len(ref_cache)} cached in {ref_path})")
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,6 +34,7 @@ p.add_argument("--grade_tries", type=int, default=5,
                     "after the last the grade is 0.0, recorded as failed")
 p.add_argument("--num_runs", type=int, default=1, help="independent gradings of every answer; mean and std reported")
 p.add_argument("--workers", type=int, default=8, help="judge calls in flight")
+common.add_remote_args(p)
 args = p.parse_args()
 if args.grade_tries < 1 or args.num_runs < 1:
     p.error("--grade_tries and --num_runs must be at least 1")
@@ -54,19 +55,37 @@ Describe the weather in the photo. | It is sunny with a few clouds and the road 
 {question} | {ground_truth} | {answer} |"""
 
 
-def line_of(raw, key):
-    """Line of a key in a JSON text (for error messages)."""
-    at = raw.find(json.dumps(key))
-    return raw[:at].count("\n") + 1 if at >= 0 else 1
+def line_of(raw, key, nth=1):
+    """Line of the nth occurrence of a key in a JSON text (for error messages)."""
+    found = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", raw)]
+    return raw[:found[nth - 1]].count("\n") + 1 if len(found) >= nth else 1
+
+
+class DuplicateKey(Exception):
+    pass
+
+
+def unique_keys(pairs):
+    """object_pairs_hook of json.loads: a dict, or DuplicateKey (json.loads would keep the last silently)."""
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise DuplicateKey(k)
+        seen.add(k)
+    return dict(pairs)
 
 
 def read_json_dict(path):
+    """A JSON object {id: ...} and its text; DataError naming file:line for a byte that is not UTF-8,
+    invalid JSON, another type, or an id given twice."""
+    raw = common.read_utf8(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise common.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except DuplicateKey as e:
+        raise common.DataError(f"{path}:{line_of(raw, e.args[0], 2)}: {e.args[0]!r} appears twice "
+                               f"(first at line {line_of(raw, e.args[0])})") from None
     if not isinstance(data, dict):
         raise common.DataError(f"{path}:1: expected a JSON object {{id: ...}}")
     return data, raw
@@ -117,10 +136,14 @@ def capability_scores(questions, grades):
 try:
     questions, raw = read_json_dict(args.mmvet_json)
     for qid, q in questions.items():
-        ok = isinstance(q, dict) and all(isinstance(q.get(k), str) for k in ("imagename", "question", "answer"))
-        if not ok or not isinstance(q.get("capability"), list) or not set(q["capability"]) <= set(CAPABILITIES):
+        ok = isinstance(q, dict) and all(isinstance(q.get(k), str) and q[k].strip()
+                                         for k in ("imagename", "question", "answer")) \
+            and common.question_text(q["question"])
+        if not ok or not isinstance(q.get("capability"), list) or not q["capability"] \
+                or not set(q["capability"]) <= set(CAPABILITIES):
             raise common.DataError(f"{args.mmvet_json}:{line_of(raw, qid)}: question {qid!r} needs imagename, "
-                                   f"question, answer and capability (a list of {', '.join(CAPABILITIES)})")
+                                   f"question and answer (non-empty strings) and capability (a non-empty list of "
+                                   f"{', '.join(CAPABILITIES)})")
 except (common.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 if not questions:
@@ -145,21 +168,22 @@ else:  # generate, appending to a JSONL cache so that a kill loses at most one b
         sys.exit("error: to generate answers give --image_dir (or grade existing ones with --answers)")
     cache = os.path.join(args.out_dir, "answers.jsonl")
     config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
-    items = [{"id": qid, "image": q["imagename"], "question": q["question"]} for qid, q in questions.items()]
-    common.answer_all(items, cache, "id", config, args.image_dir, args.batch_size)
+    items = [{"id": qid, "image": q["imagename"], "question": common.question_text(q["question"])}
+             for qid, q in questions.items()]
+    where = {qid: f"{args.mmvet_json}:{line_of(raw, qid)}" for qid in questions}
+    common.answer_all(items, cache, "id", config, args.image_dir, args.batch_size, where)
     answers = {r["id"]: r["answer"] for r in common.read_jsonl(cache, tolerate_partial_last=True)}
 if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
-    with open(answers_path, "w", encoding="utf-8") as f:
-        json.dump({qid: answers[qid] for qid in questions}, f, indent=1, ensure_ascii=False)
+    common.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1, ensure_ascii=False))
 
 # ---- grades: one cached record per (question, run, judge, answer, filled prompt)
 try:
-    template = open(args.grader_prompt_file, encoding="utf-8").read() if args.grader_prompt_file else GRADER_PROMPT
-except OSError as e:
+    template = common.read_utf8(args.grader_prompt_file) if args.grader_prompt_file else GRADER_PROMPT
+except (common.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 prompts = {qid: template.replace("{question}", q["question"]).replace("{ground_truth}", q["answer"])
            .replace("{answer}", answers[qid].replace("\n", "<br>")) for qid, q in questions.items()}
-client = None if args.judge == "exact" else common.openai_client(args.base_url)
+client = None if args.judge == "exact" else common.openai_client(args.base_url, args.timeout)
 
 
 def grade(job):
@@ -168,7 +192,8 @@ def grade(job):
         return {"score": exact_score(questions[qid]["answer"], answers[qid]), "failed": False}
     messages = [{"role": "user", "content": prompts[qid]}]
     for attempt in range(args.grade_tries):  # an unreadable reply is asked again, a little hotter
-        reply = common.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3)
+        reply = common.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3,
+                            tries=args.retries, backoff=args.backoff)
         score = parse_score(reply)
         if score is not None:
             return {"score": score, "failed": False, "tries": attempt + 1, "reply": reply}
@@ -191,10 +216,9 @@ runs = [capability_scores(questions, {r["id"]: r["score"] for r in records if r[
         for run in range(args.num_runs)]
 mean = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
 std = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
-with open(os.path.join(args.out_dir, "scores.json"), "w") as f:
-    json.dump(mean, f, indent=1)
-with open(os.path.join(args.out_dir, "scores_runs.json"), "w") as f:
-    json.dump({"judge": args.judge, "runs": runs, "std": std}, f, indent=1)
+common.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(mean, indent=1))
+common.write_atomic(os.path.join(args.out_dir, "scores_runs.json"),
+                    json.dumps({"judge": args.judge, "runs": runs, "std": std, "failed_grades": failed}, indent=1))
 cols = [k for k in CAPABILITIES + ["total"] if k in mean]
 name = args.answers or (f"{args.model} + {args.adapter}" if args.adapter else args.model)
 cell = lambda k: f"{mean[k]:.1f}" + (f" ± {std[k]:.1f}" if len(runs) > 1 else "")

@@ -1,5 +1,6 @@
 """What two or more of the numbered scripts share: loading, chat formatting, image weakening,
 response log-probs, the DPO loss, JSONL I/O and torchrun helpers. Math lives in small pure functions."""
+import collections
 import contextlib
 import json
 import os
@@ -60,10 +61,42 @@ class DataError(ValueError):
     """Bad input; the message names the file and line."""
 
 
-def numbered_jsonl(path, tolerate_partial_last=False):
-    """(line number, record) of each non-blank line of a JSONL file. A malformed line raises
-    DataError naming path:line. With tolerate_partial_last, an unterminated last line (a write cut
-    off by a kill) is dropped, which is how resumable outputs are read back."""
+class OnError:
+    """What a script does with a bad input record (`--on_error`): "fail" raises DataError naming
+    file:line; "skip" prints that same line as a warning and counts the record by kind, for the
+    run's summary. `quiet` silences the warnings (ranks other than 0 see the same records)."""
+
+    def __init__(self, mode="fail", quiet=False):
+        self.mode, self.quiet, self.counts = mode, quiet, collections.Counter()
+
+    def __call__(self, where, kind, detail=""):
+        message = f"{where}: {kind}" + (f" ({detail})" if detail else "")
+        if self.mode == "fail":
+            raise DataError(message)
+        if not self.quiet:
+            print(f"skip {message}", file=sys.stderr)
+        self.counts[kind] += 1
+
+    def summary(self, what):
+        """"skipped N <what> (n kind, ...)", for the run's summary line."""
+        n = sum(self.counts.values())
+        kinds = ", ".join(f"{c} {k}" for k, c in sorted(self.counts.items()))
+        return f"skipped {n} {what}" + (f" ({kinds})" if n else "")
+
+
+def add_on_error_arg(parser, default, what):
+    parser.add_argument("--on_error", choices=["skip", "fail"], default=default,
+                        help=f"a bad {what} (a line that is not UTF-8 JSON, a missing or empty field, a wrong type, a "
+                             "duplicate id, an image path outside the image root, an unreadable image): 'fail' stops "
+                             "with file:line, 'skip' warns with file:line, leaves it out and counts it in the summary")
+
+
+def numbered_jsonl(path, tolerate_partial_last=False, bad=None):
+    """(line number, record) of each non-blank line of a JSONL file. A line that is not a UTF-8 JSON
+    object raises DataError naming path:line, or, given an OnError `bad`, is reported to it and left
+    out. With tolerate_partial_last, an unterminated last line (a write cut off by a kill) is
+    dropped, which is how resumable outputs are read back."""
+    bad = bad or OnError("fail")
     with open(path, "rb") as f:
         raw = f.read()
     lines = raw.split(b"\n")
@@ -75,10 +108,15 @@ def numbered_jsonl(path, tolerate_partial_last=False):
             break  # half-written last record: it will be produced again
         try:
             rec = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}:{i}: not a valid JSON line ({e})") from None
+        except UnicodeDecodeError as e:
+            bad(f"{path}:{i}", "not UTF-8", f"byte {line[e.start]:#04x} at column {e.start + 1}")
+            continue
+        except json.JSONDecodeError as e:
+            bad(f"{path}:{i}", "not a valid JSON line", str(e))
+            continue
         if not isinstance(rec, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            bad(f"{path}:{i}", "expected a JSON object", f"got {type(rec).__name__}")
+            continue
         records.append((i, rec))
     return records
 
@@ -88,19 +126,51 @@ def read_jsonl(path, tolerate_partial_last=False):
     return [rec for _, rec in numbered_jsonl(path, tolerate_partial_last)]
 
 
-def read_json_or_jsonl(path):
+def read_utf8(path):
+    """The text of a file; DataError naming the line of a byte that is not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+
+
+def read_json_or_jsonl(path, bad=None):
     """A JSON list (as LLaVA's instruction files) or JSONL, as (line, record) pairs; for a JSON
-    list the "line" is the record's position in the list."""
+    list the "line" is the record's position in the list. A JSON list that does not parse as a
+    whole always raises DataError (naming the line); its elements that are not objects, like bad
+    JSONL lines, go to `bad` (see numbered_jsonl)."""
+    bad = bad or OnError("fail")
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if not head.startswith(b"["):
-        return numbered_jsonl(path)
+        return numbered_jsonl(path, bad=bad)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
-    return [(i + 1, r) for i, r in enumerate(data)]
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    out = []
+    for i, rec in enumerate(data, 1):
+        if isinstance(rec, dict):
+            out.append((i, rec))
+        else:
+            bad(f"{path}:{i}", "expected a JSON object", f"got {type(rec).__name__}")
+    return out
+
+
+def write_atomic(path, text):
+    """Writes a whole file through a temporary file and a rename, so that a reader (or a kill) never
+    sees half of it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class JsonlAppender:
@@ -149,26 +219,77 @@ def parse_data_specs(specs):
     return out
 
 
-def load_items(name, path, turns="first"):
-    """LLaVA conversation records -> items {id, image, prompt, answer, source}, one per human/gpt
-    turn pair. Returns (items, n_skipped_without_image). `<image>` is stripped from the question:
-    the chat template puts the image in, exactly once."""
-    items, no_image = [], 0
-    for line, rec in read_json_or_jsonl(path):
+def question_text(text):
+    """A question as the chat template takes it: every literal `<image>` removed, since the template
+    puts the image in exactly once (a second placeholder would take another image's features)."""
+    return text.replace("<image>", "").strip()
+
+
+def outside_root(rel):
+    """Whether a relative path from a data file leaves its root: absolute, or ../ above it."""
+    return os.path.isabs(rel) or os.path.normpath(rel).split(os.sep, 1)[0] == ".."
+
+
+def _turns(conv, turns):
+    """The (human, gpt) turn pairs of a conversation that become items: the first, or all."""
+    pairs = [(conv[i], conv[i + 1]) for i in range(0, len(conv) - 1, 2)]
+    return pairs[:1] if turns == "first" else pairs
+
+
+def _ground_truth_problem(rec, turns):
+    """(kind, detail) of what makes a ground-truth record unusable, ("no image", "") for a record
+    without an image (skipped in any mode, as SPEC says), or None."""
+    for key in ("id", "conversations"):
+        if key not in rec:
+            return "missing field", repr(key)
+    if isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
+        return "wrong type", "'id' must be a string or an integer"
+    if not str(rec["id"]).strip():
+        return "empty field", "'id'"
+    if rec.get("image") in (None, ""):
+        return "no image", ""
+    if not isinstance(rec["image"], str):
+        return "wrong type", "'image' must be a path string"
+    if outside_root(rec["image"]):
+        return "image path outside the image root", rec["image"]
+    conv = rec["conversations"]
+    if not isinstance(conv, list) or not all(isinstance(turn, dict) for turn in conv):
+        return "wrong type", "'conversations' must be a list of objects"
+    if not _turns(conv, turns):
+        return "missing field", "no human/gpt turn"
+    for t, (q, a) in enumerate(_turns(conv, turns)):
+        if q.get("from") != "human" or a.get("from") != "gpt":
+            return "not a human/gpt turn", f"turn {t}"
+        if not isinstance(q.get("value"), str) or not isinstance(a.get("value"), str):
+            return "wrong type", f"turn {t}: 'value' must be a string"
+        if not question_text(q["value"]) or not a["value"].strip():
+            return "empty field", f"turn {t}: empty question or answer"
+    return None
+
+
+def load_items(name, path, turns="first", bad=None):
+    """LLaVA conversation records -> items {id, image, prompt, answer, source, where}, one per
+    human/gpt turn pair; `where` is file:line for messages. Returns (items, n records without
+    image). A bad record raises DataError naming file:line, or, given an OnError `bad` in skip mode,
+    is left out whole and counted; of records with the same id the first is kept."""
+    bad = bad or OnError("fail")
+    items, no_image, first_at = [], 0, {}
+    for line, rec in read_json_or_jsonl(path, bad):
         where = f"{path}:{line}"
-        if not isinstance(rec, dict) or "conversations" not in rec or "id" not in rec:
-            raise DataError(f"{where}: a record needs 'id' and 'conversations'")
-        if not rec.get("image"):
+        problem = _ground_truth_problem(rec, turns)
+        if problem and problem[0] == "no image":
             no_image += 1
             continue
-        conv = rec["conversations"]
-        pairs = [(conv[i], conv[i + 1]) for i in range(0, len(conv) - 1, 2)]
-        for t, (q, a) in enumerate(pairs[:1] if turns == "first" else pairs):
-            if q.get("from") != "human" or a.get("from") != "gpt":
-                raise DataError(f"{where}: turn {t} is not a human/gpt pair")
-            prompt = q["value"].replace("<image>", "").strip()
-            items.append({"id": f"{name}/{rec['id']}-{t}", "image": rec["image"], "prompt": prompt,
-                          "answer": a["value"].strip(), "source": name})
+        if problem:
+            bad(where, *problem)
+            continue
+        if str(rec["id"]) in first_at:
+            bad(where, "duplicate id", f"{rec['id']!r}, first at {first_at[str(rec['id'])]}")
+            continue
+        first_at[str(rec["id"])] = where
+        for t, (q, a) in enumerate(_turns(rec["conversations"], turns)):
+            items.append({"id": f"{name}/{rec['id']}-{t}", "image": rec["image"], "prompt": question_text(q["value"]),
+                          "answer": a["value"].strip(), "source": name, "where": where})
     return items, no_image
 
 
@@ -178,22 +299,56 @@ def sample_per_source(items, n, seed):
     return list(items) if n <= 0 or n >= len(items) else rng.sample(items, n)
 
 
+def image_path(image_root, rel):
+    """The file of a data record's image path; DataError where the path is not a non-empty string
+    or leaves image_root (absolute, or ../ above it)."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"image path {rel!r} is not a non-empty string")
+    if outside_root(rel):
+        raise DataError(f"image path {rel!r} is outside the image root {image_root} (absolute or ../)")
+    return os.path.join(image_root, rel)
+
+
 def load_image(image_root, rel):
+    """The RGB image at image_root/rel. Transparency is composited on white (as transformers'
+    convert_to_rgb does; a plain convert shows whatever colour hides under alpha 0) and 16-bit
+    samples are scaled to 8 bits (a plain convert clips them to white). DataError naming the file
+    for a path outside the root, a missing, unreadable or truncated file, or more pixels than
+    PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb)."""
+    import numpy as np
     from PIL import Image
-    with Image.open(os.path.join(image_root, rel)) as im:
-        return im.convert("RGB")
+    path = image_path(image_root, rel)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: {im.width}x{im.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+                                f"({Image.MAX_IMAGE_PIXELS})")
+            if im.mode.startswith("I"):  # 16-bit (or wider) integer samples
+                samples = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+                return Image.fromarray(samples.astype(np.uint8)).convert("RGB")
+            if "A" in im.mode or "transparency" in im.info:
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+            return im.convert("RGB")
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- items and resumable sharded output (01, 02)
 
 
-def load_sources(specs, samples_per_source, seed, turns):
-    """Items of every `--data NAME=PATH`, each source sampled uniformly with the seed. Returns
-    (items, n records without image); exits with a one-line reason on bad data or duplicate ids."""
+def load_sources(specs, samples_per_source, seed, turns, bad=None):
+    """Items of every `--data NAME=PATH`, each source sampled uniformly with the seed (from its good
+    records). Returns (items, n records without image); bad records go to `bad` (see load_items);
+    exits with a one-line reason on a DataError or on two sources with the same NAME."""
     items, no_image = [], 0
     for name, path in parse_data_specs(specs):
         try:
-            source_items, n = load_items(name, path, turns)
+            source_items, n = load_items(name, path, turns, bad)
         except (DataError, OSError) as e:
             sys.exit(f"error: {e}")
         no_image += n
@@ -340,10 +495,12 @@ def generate(model, processor, images, prompts, max_new_tokens=512, do_sample=Fa
 
 
 
-def answer_all(items, path, key, config, image_dir, batch_size, desc="answer"):
+def answer_all(items, path, key, config, image_dir, batch_size, where, desc="answer"):
     """Greedy answers of config's model (+ adapter) to items {key, image, question}, appended to the
     JSONL `path` as {**item, answer, **config} the moment a batch is done, so a rerun resumes. A cache
-    made with another model, adapter or max_new_tokens is refused rather than mixed."""
+    made with another model, adapter or max_new_tokens is refused rather than mixed. Every image is
+    read before the model loads, so a bad one stops the run at once, named by where[item[key]]
+    (the benchmark's file:line): a score over part of a benchmark is not the benchmark's score."""
     old = read_jsonl(path, tolerate_partial_last=True) if os.path.exists(path) else []
     if any({k: r.get(k) for k in config} != config for r in old):
         sys.exit(f"error: {path} holds answers of another model, adapter or --max_new_tokens; use another --out_dir")
@@ -352,16 +509,18 @@ def answer_all(items, path, key, config, image_dir, batch_size, desc="answer"):
     print(f"{len(items)} questions, {len(items) - len(todo)} already answered")
     if not todo:
         return
+    for it in todo:
+        try:
+            load_image(image_dir, it["image"])
+        except DataError as e:
+            sys.exit(f"error: {where[it[key]]}: {e}")
     from tqdm import tqdm
     _, _, device = dist_setup()
     model, processor = load_model(config["model"], config["adapter"], device=device)
     writer = JsonlAppender(path)
     for i in tqdm(range(0, len(todo), batch_size), desc=desc):
         batch = todo[i:i + batch_size]
-        try:
-            images = [load_image(image_dir, it["image"]) for it in batch]
-        except OSError as e:
-            sys.exit(f"error: {e}")
+        images = [load_image(image_dir, it["image"]) for it in batch]
         texts = generate(model, processor, images, [it["question"] for it in batch],
                          max_new_tokens=config["max_new_tokens"])
         for it, text in zip(batch, texts):
@@ -509,6 +668,16 @@ class RemoteError(RuntimeError):
     """A remote call that still failed after its retries."""
 
 
+def add_remote_args(parser):
+    """The retry and timeout flags of every script that calls an OpenAI-compatible endpoint."""
+    parser.add_argument("--retries", type=int, default=5,
+                        help="attempts per call on rate limits (429), server errors (5xx, 408, 409), timeouts, dropped "
+                             "connections and empty or malformed replies; then the call counts as failed")
+    parser.add_argument("--backoff", type=float, default=1.0,
+                        help="seconds before the first retry, doubled each time (at most 60), with jitter")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a call counts as timed out")
+
+
 def openai_client(base_url=None, timeout=120.0):
     """A client for OpenAI or any compatible server (vLLM, ...). The key comes from OPENAI_API_KEY
     only; local servers usually take none. The client's own retries are off: chat() retries."""
@@ -517,10 +686,14 @@ def openai_client(base_url=None, timeout=120.0):
                   max_retries=0)
 
 
+RETRIED_STATUS = {408, 409}  # besides 429 and 5xx: request timeout and conflict (OpenAI's own client retries them)
+
+
 def chat(client, model, messages, temperature=0.0, max_tokens=None, tries=5, backoff=1.0, sleep=None):
     """Text of one chat completion. Rate limits, server errors, timeouts, dropped connections,
-    empty `choices` and malformed bodies are retried with exponential backoff and jitter; after
-    `tries` attempts RemoteError says what went wrong last (never the key)."""
+    empty `choices` and malformed bodies are retried with exponential backoff (capped at 60 s) and
+    jitter; after `tries` attempts, or at once on another 4xx, RemoteError says what went wrong
+    last (never the key nor the server's error text, which may quote it)."""
     import time
 
     import openai
@@ -536,25 +709,31 @@ def chat(client, model, messages, temperature=0.0, max_tokens=None, tries=5, bac
             last = "response without choices or content"
         except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                 openai.APIConnectionError) as e:
-            last = f"{type(e).__name__}: {getattr(e, 'status_code', '') or ''}".strip()
+            last = f"{type(e).__name__}: {getattr(e, 'status_code', '') or ''}".strip(": ")
         except (openai.APIResponseValidationError, ValueError, AttributeError, TypeError) as e:
             last = f"malformed response ({type(e).__name__})"
-        except openai.APIStatusError as e:  # 4xx other than 429: asking again will not help
-            raise RemoteError(f"{type(e).__name__} {e.status_code} from {model}") from None
+        except openai.APIStatusError as e:
+            if e.status_code not in RETRIED_STATUS:  # 400, 401, 404, ...: asking again will not help
+                raise RemoteError(f"{type(e).__name__} {e.status_code} from {model}") from None
+            last = f"{type(e).__name__}: {e.status_code}"
         if attempt < tries - 1:
-            sleep(backoff * 2 ** attempt * (0.5 + random.random()))
+            sleep(min(60.0, backoff * 2 ** attempt) * (0.5 + random.random()))
     raise RemoteError(f"{model}: gave up after {tries} tries ({last})")
 
 
 def map_concurrent(fn, items, workers):
     """fn over items with at most `workers` calls in flight; yields (item, result or exception)
-    as they complete, so each result can be written (and resumed) the moment it exists."""
+    as they complete, so each result can be written (and resumed) the moment it exists. A consumer
+    that stops early (an error, Ctrl-C) cancels the calls not started: none is paid for unwritten."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         futures = {pool.submit(fn, it): it for it in items}
         for fut in as_completed(futures):
             exc = fut.exception()
             yield futures[fut], exc if exc is not None else fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- cached remote calls (04, 05)

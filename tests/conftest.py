@@ -1,9 +1,13 @@
 """Shared fixtures: one quick toy world per test session, built by the real 00_make_toy.py."""
+import contextlib
+import io
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -20,6 +24,29 @@ def run_script(name, *args, check=True, env=None, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_here(name, *args, env=None):
+    """Runs a numbered script inside this process (runpy, as `python name args`; env: variables set
+    for the run), which saves the seconds of importing torch and transformers again; the same code
+    path as run_script otherwise. Returns a CompletedProcess whose returncode and stderr mirror the
+    interpreter's: a sys.exit message goes to stderr with code 1, an uncaught exception to
+    sys.excepthook (the script's own, if it sets one; restored afterwards) with code 1."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv = [os.path.join(ROOT, name), *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), mock.patch.dict(os.environ, env or {}), \
+            mock.patch.object(sys, "excepthook", sys.__excepthook__), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Exception as e:
+            code = 1
+            sys.excepthook(type(e), e, e.__traceback__)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def kill_after_lines(args, path, n_lines, timeout=120):

@@ -8,11 +8,20 @@ scripted replies. Point a script at it with `--base_url stub.url`.
 
 A reply is a str (a normal completion with that content), an int (that HTTP status, with an
 OpenAI-style error body), a dict (sent as the JSON body as is, e.g. {"choices": []}), bytes
-(sent raw with status 200: a malformed body), or a callable taking the request body and returning
-one of those. `default` (same kinds) answers once the script is used up; None = status 500."""
+(sent raw with status 200: a malformed body), a (status, dict) tuple (that status with that JSON
+body), RESET (the connection is dropped without a reply), Delay(seconds, reply) (that reply, late:
+a client with a shorter timeout gives up), or a callable taking the request body and returning one
+of those. `default` (same kinds) answers once the script is used up; None = status 500."""
+import collections
 import json
+import socket
+import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RESET = object()
+Delay = collections.namedtuple("Delay", "seconds reply")
 
 
 def completion(content, model="stub"):
@@ -37,8 +46,17 @@ class OpenAIStub:
                     reply = stub.script.pop(0) if stub.script else stub.default
                 if callable(reply):
                     reply = reply(body)
+                if isinstance(reply, Delay):
+                    time.sleep(reply.seconds)
+                    reply = reply.reply
+                if reply is RESET:  # SO_LINGER 0: close() sends a TCP reset instead of a reply
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
                 status, payload = 200, reply
-                if reply is None or isinstance(reply, int):
+                if isinstance(reply, tuple):
+                    status, payload = reply
+                elif reply is None or isinstance(reply, int):
                     status = reply or 500
                     payload = {"error": {"message": f"stub status {status}", "type": "stub", "code": status}}
                 elif isinstance(reply, str):
@@ -53,7 +71,11 @@ class OpenAIStub:
             def log_message(self, *a):  # keep test output clean
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that timed out has gone: no noise
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

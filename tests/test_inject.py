@@ -133,7 +133,8 @@ def test_openai_backend_over_http(tmp_path):
     with OpenAIStub(default=reply) as stub:
         proc = inject("--backend", "openai", "--data", f"gt={data}", "--out", out, "--base_url", stub.url,
                       "--api_model", "stub-model", "--workers", 4, "--retries", 2, "--backoff", 0.01,
-                      "--max_tries", 2, env=env)
+                      "--max_tries", 2, env=env, check=False)
+    assert proc.returncode == 1 and "2 items got no reply" in proc.stderr  # the two api errors: not a silent success
     written, failed, reasons = summary(proc)
     recs = {r["id"]: r for r in check_pairs(out)}
     assert set(recs) == {"gt/normal-0", "gt/rate-0", "gt/labelled-0"} and written == 3

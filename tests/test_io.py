@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 import common
 from conftest import run_script
@@ -20,15 +21,16 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_training_script_reports_file_and_line(tmp_path):
     f = tmp_path / "pairs.jsonl"
     good = {"id": "x", "image": "a.png", "prompt": "q", "chosen": "a", "rejected": "b"}
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "y", "chosen": ""}) + "\n")
     proc = run_script("03_train_bpo.py", "--model", "unused", "--data", f, "--image_root", tmp_path,
                       "--output_dir", tmp_path / "run", check=False)
     assert proc.returncode != 0
-    assert f"{f}:2: field(s) chosen missing, empty or not a string" in proc.stderr
+    assert f"{f}:2: missing, empty or non-string field (chosen)" in proc.stderr
     f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": "c"}) + "\n")
     proc = run_script("03_train_bpo.py", "--model", "unused", "--data", f, "--image_root", tmp_path,
                       "--output_dir", tmp_path / "run", check=False)
-    assert proc.returncode != 0 and f"{f}:2: duplicate id 'x' (first at {f}:1)" in proc.stderr
+    assert proc.returncode != 0 and f"{f}:2: duplicate id ('x', first at {f}:1)" in proc.stderr
     f.write_text(json.dumps(good) + "\n" + "{oops\n")
     proc = run_script("03_train_bpo.py", "--model", "unused", "--data", f, "--image_root", tmp_path,
                       "--output_dir", tmp_path / "run", check=False)

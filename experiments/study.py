@@ -158,8 +158,7 @@ for seed in args.seeds:
                                                       os.path.join(TOY, "world.json"), "--data", f"toy={TRAIN}",
                                                       "--out", os.path.join(pd, "raw_inj.jsonl"),
                                                       "--samples_per_source", n_raw, "--seed", seed)))
-               # `;` not `&&`: 02 may fail after merging its pairs (its closing summary); the pairs file counts
-               + f"; test -s {pd}/raw_inj.jsonl && touch {pd}/raw_inj.jsonl.done"], deps=[world_job])
+               + f" && touch {pd}/raw_inj.jsonl.done"], deps=[world_job])
     sel = job(f"select:{seed}", os.path.join(pd, "select.json"), fn=lambda s=seed: select_pairs(s), deps=[weak, clean, inj])
 
     sizes = [int(round(f * args.pairs)) for f in args.fractions]

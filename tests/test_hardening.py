@@ -259,6 +259,13 @@ def train(*args):
     return run_here(*train_cmd(*args))
 
 
+def image_cases(line):
+    """The bad image paths every file with images can hold, as lines made by `line(image=...)`."""
+    return {"missing image": line(image="missing.png"), "corrupt image bytes": line(image="corrupt.png"),
+            "truncated image": line(image="truncated.png"), "huge image": line(image="huge.png"),
+            "path with ../": line(image="../outside.png"), "absolute path": line(image="ABSOLUTE")}
+
+
 def bad_pairs(good):
     """{case: the line}, for a pair file; test_io already covers malformed JSON, an empty chosen and
     a duplicate id."""
@@ -268,12 +275,7 @@ def bad_pairs(good):
         "missing field": json.dumps({k: v for k, v in good.items() if k != "rejected"}),
         "wrong type": p(chosen=3),
         "chosen == rejected": p(rejected=" " + good["chosen"] + " "),
-        "missing image": p(image="missing.png"),
-        "corrupt image bytes": p(image="corrupt.png"),
-        "truncated image": p(image="truncated.png"),
-        "huge image": p(image="huge.png"),
-        "path with ../": p(image="../outside.png"),
-        "absolute path": p(image="ABSOLUTE"),
+        **image_cases(p),
     }
 
 
@@ -383,12 +385,7 @@ def bad_questions(good):
         "missing field": json.dumps({k: v for k, v in good.items() if k != "question"}),
         "wrong type": q(question=42),
         "empty string": q(question="  "),
-        "missing image": q(image="missing.png"),
-        "corrupt image bytes": q(image="corrupt.png"),
-        "truncated image": q(image="truncated.png"),
-        "huge image": q(image="huge.png"),
-        "path with ../": q(image="../outside.png"),
-        "absolute path": q(image="ABSOLUTE"),
+        **image_cases(q),
     }
 
 

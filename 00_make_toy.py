@@ -377,6 +377,7 @@ seed_all(args.seed)
 rng = random.Random(args.seed)
 out = Path(args.out)
 (out / "images").mkdir(parents=True, exist_ok=True)
+(out / "prior_check.json").unlink(missing_ok=True)  # written last: it marks a complete world (make demo)
 
 # ---- world: image sets (train / MM-Vet / HalBench) and the text-only caption corpus
 train_names, train_scenes, train_imgs, patch_cls, patch_col = make_images("train", N_TRAIN, rng, out / "images")

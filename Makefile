@@ -32,8 +32,11 @@ $(VENV)/.installed: requirements.txt
 test: install
 	$(BIN)/python -m pytest -q tests
 
-demo: install
+# the toy world is built once (and again when 00_make_toy.py changes); a seed always builds the same world
+$(TOY)/prior_check.json: 00_make_toy.py | $(VENV)/.installed
 	$(BIN)/python 00_make_toy.py --out $(TOY)
+
+demo: install $(TOY)/prior_check.json
 	# negatives of both kinds: the model answering from weakened images, and rule-based error injection
 	$(BIN)/python 01_build_pairs.py --model $(TOY)/model --data toy=$(TOY)/train.json --image_root $(TOY)/images \
 	  --out $(RUN)/pairs_weakened.jsonl --noise_step $(TOY_NOISE) --samples_per_source $(TOY_PAIRS) --max_new_tokens 72 --batch_size 32

@@ -115,6 +115,7 @@ REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
 # every linear layer of the language model; nothing in the vision tower or the projector
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
+
 # ---- data: every pair validated up front, so a bad line fails (or is skipped) before hours of training
 def image_problem(rel):
     """Why a pair's image cannot be used, from its path and header (cheap enough for every pair; a file

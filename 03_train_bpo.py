@@ -117,19 +117,6 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 
 # ---- data: every pair validated up front, so a bad line fails (or is skipped) before hours of training
-def image_problem(rel):
-    """Why a pair's image cannot be used, from its path and header (cheap enough for every pair; a file
-    corrupt past its header is found when the reference pass or its batch decodes it), or None."""
-    from PIL import Image
-    try:
-        with Image.open(common.image_path(args.image_root, rel)) as im:
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                return f"{im.width}x{im.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS"
-    except (common.DataError, OSError, Image.DecompressionBombError) as e:
-        return str(e)
-    return None
-
-
 bad = common.OnError(args.on_error, quiet=not main)
 pairs, origin, keys = [], [], []  # origin[i] = "file:line" of pairs[i], for errors; keys[i] = file + id
 seen = {}  # (file, id) -> file:line; one id may appear once per file (01's and 02's pairs share ids)
@@ -146,9 +133,12 @@ try:
                 bad(where, "chosen and rejected are identical")
             elif (path, rec["id"]) in seen:
                 bad(where, "duplicate id", f"{rec['id']!r}, first at {seen[path, rec['id']]}")
-            elif problem := image_problem(rec["image"]):
-                bad(where, "unreadable image", problem)
             else:
+                try:  # path, presence and header: cheap enough for every pair (decoding 170k images is not)
+                    common.check_image(args.image_root, rec["image"])
+                except common.DataError as e:
+                    bad(where, "unreadable image", str(e))
+                    continue
                 seen[path, rec["id"]] = where
                 origin.append(where)
                 keys.append(f"{os.path.abspath(path)}\t{rec['id']}")
@@ -302,6 +292,7 @@ def epoch_steps(epoch):
 
 # ---- the loop
 B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
+responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
 n_cut = 0
 bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not main)
 while step < total_steps:
@@ -314,7 +305,6 @@ while step < total_steps:
     for micro in range(args.grad_accum):
         start = (micro * world + rank) * args.batch_size
         indices = step_pairs[start:start + args.batch_size]
-        responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
         batch, scored, n_tokens, cut = micro_batch(indices, responses)
         n_cut += cut
         sync = micro == args.grad_accum - 1 or world == 1

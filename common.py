@@ -309,22 +309,36 @@ def image_path(image_root, rel):
     return os.path.join(image_root, rel)
 
 
-def load_image(image_root, rel):
-    """The RGB image at image_root/rel. Transparency is composited on white (as transformers'
-    convert_to_rgb does; a plain convert shows whatever colour hides under alpha 0) and 16-bit
-    samples are scaled to 8 bits (a plain convert clips them to white). DataError naming the file
-    for a path outside the root, a missing, unreadable or truncated file, or more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb)."""
-    import numpy as np
+def check_image(image_root, rel):
+    """The path of image_root/rel after what can be checked without decoding it: inside the root,
+    present, a readable header, no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a decompression
+    bomb). DataError naming the file otherwise."""
     from PIL import Image
     path = image_path(image_root, rel)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: {im.width}x{im.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
-                                f"({Image.MAX_IMAGE_PIXELS})")
+            size = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+    if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: {size[0]}x{size[1]} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+                        f"({Image.MAX_IMAGE_PIXELS})")
+    return path
+
+
+def load_image(image_root, rel):
+    """The RGB image at image_root/rel (checked first by check_image). Transparency is composited on
+    white (as transformers' convert_to_rgb does; a plain convert shows whatever colour hides under
+    alpha 0) and 16-bit samples are scaled to 8 bits (a plain convert clips them to white). DataError
+    naming the file for a path outside the root, a missing, unreadable or truncated file, or a
+    decompression bomb."""
+    import numpy as np
+    from PIL import Image
+    path = check_image(image_root, rel)
+    try:
+        with Image.open(path) as im:
             if im.mode.startswith("I"):  # 16-bit (or wider) integer samples
                 samples = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
                 return Image.fromarray(samples.astype(np.uint8)).convert("RGB")
@@ -332,8 +346,6 @@ def load_image(image_root, rel):
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
             return im.convert("RGB")
-    except DataError:
-        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 
@@ -526,6 +538,7 @@ def answer_all(items, path, key, config, image_dir, batch_size, where, desc="ans
         for it, text in zip(batch, texts):
             writer.write({**it, "answer": text, **config})
     writer.close()
+
 
 # ----------------------------------------------------------------------------- token convention and log-probs
 

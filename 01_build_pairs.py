@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import jobs
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
@@ -25,17 +26,17 @@ p.add_argument("--top_p", type=float, default=1.0)
 p.add_argument("--max_new_tokens", type=int, default=512)
 p.add_argument("--batch_size", type=int, default=8, help="generations per forward, per process")
 p.add_argument("--seed", type=int, default=0)
-common.add_on_error_arg(p, "skip", "ground-truth record")
+jobs.add_on_error_arg(p, "skip", "ground-truth record")
 args = p.parse_args()
 
-rank, world, device = common.dist_setup()
+rank, world, device = jobs.dist_setup()
 torch.manual_seed(args.seed + rank)
 
 # ---- items: every source read and sampled uniformly with the seed; the ones already written dropped
-bad_records = common.OnError(args.on_error, quiet=rank != 0)
-items, skipped_no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
+bad_records = jobs.OnError(args.on_error, quiet=rank != 0)
+items, skipped_no_image = jobs.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
                                              bad_records)
-todo, part, n_done = common.pending_items(items, args.out, rank, world)  # each rank appends to its part file
+todo, part, n_done = jobs.pending_items(items, args.out, rank, world)  # each rank appends to its part file
 if rank == 0:
     print(f"{len(items)} items, {n_done} already done, {skipped_no_image} records without image skipped; "
           f"{bad_records.summary('bad ground-truth records')}")
@@ -46,15 +47,15 @@ generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # the noise 
 meta = {"noise_step": args.noise_step, "noise_on": args.noise_on, "model": args.model,
         "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
         "seed": args.seed}
-writer = common.JsonlAppender(part)
+writer = jobs.JsonlAppender(part)
 written = dropped = missing = 0
 for i in tqdm(range(0, len(todo), args.batch_size), desc=f"pairs[{rank}]", disable=rank != 0 and world > 1):
     batch, images = [], []
     for it in todo[i:i + args.batch_size]:
         try:
-            images.append(common.load_image(args.image_root, it["image"]))
+            images.append(jobs.load_image(args.image_root, it["image"]))
             batch.append(it)
-        except common.DataError as e:  # skipped and counted; with --on_error fail, the end of the run
+        except jobs.DataError as e:  # skipped and counted; with --on_error fail, the end of the run
             if args.on_error == "fail":
                 sys.exit(f"error: {it['where']}: {e}")
             print(f"skip {it['where']}: {e}", file=sys.stderr)
@@ -75,12 +76,12 @@ for i in tqdm(range(0, len(todo), args.batch_size), desc=f"pairs[{rank}]", disab
 writer.close()
 
 # ---- merge the part files into --out (rank 0, after everyone is done)
-common.barrier()
-counts = common.mean_over_ranks({"written": written, "dropped": dropped, "missing": missing})
+jobs.barrier()
+counts = jobs.mean_over_ranks({"written": written, "dropped": dropped, "missing": missing})
 if rank == 0:
-    n_out = common.merge_parts(args.out)
+    n_out = jobs.merge_parts(args.out)
     n = {k: round(v * world) for k, v in counts.items()}
     print(f"wrote {n['written']} pairs this run ({n_out} in {args.out}); dropped {n['dropped']} empty or "
           f"identical negatives; skipped {n['missing']} unreadable images")
     print(bad_records.summary("bad ground-truth records"))
-common.dist_cleanup()
+jobs.dist_cleanup()

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import jobs
 
 # The one few-shot prompt (written for this project; --prompt_file replaces it). {question} and
 # {answer} are filled in with str.replace, so braces elsewhere are kept as they are; the model
@@ -74,16 +75,16 @@ p.add_argument("--base_url", default="http://localhost:8000/v1",
                help="openai: endpoint (vLLM's default address; https://api.openai.com/v1 for OpenAI); "
                     "the key comes from OPENAI_API_KEY, optional for local servers")
 p.add_argument("--workers", type=int, default=8, help="openai: requests in flight at once")
-common.add_remote_args(p)
+jobs.add_remote_args(p)
 p.add_argument("--vocab", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "vocab_coco.json"),
                help="rules: substitution vocabulary, a vocabulary JSON (as data/vocab_coco.json) or a toy world.json")
 p.add_argument("--edits", type=int, default=2, help="rules: details changed per answer (fewer if it has fewer)")
-common.add_on_error_arg(p, "skip", "ground-truth record")
+jobs.add_on_error_arg(p, "skip", "ground-truth record")
 args = p.parse_args()
 if args.max_tries < 1:
     p.error("--max_tries must be at least 1")
 
-rank, world, device = common.dist_setup()
+rank, world, device = jobs.dist_setup()
 torch.manual_seed(args.seed + rank)
 
 # ---- the prompt: built in or from --prompt_file; its labels and its instruction sentences
@@ -135,10 +136,10 @@ def problem(it, text):
 
 
 # ---- items: every source read, sampled uniformly with the seed, the ones already written dropped
-bad_records = common.OnError(args.on_error, quiet=rank != 0)
-items, no_image = common.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
+bad_records = jobs.OnError(args.on_error, quiet=rank != 0)
+items, no_image = jobs.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
                                      bad_records)
-todo, part, n_done = common.pending_items(items, args.out, rank, world)
+todo, part, n_done = jobs.pending_items(items, args.out, rank, world)
 if rank == 0:
     print(f"{len(items)} items, {n_done} already done, {no_image} records without image skipped; "
           f"{bad_records.summary('bad ground-truth records')}")
@@ -205,17 +206,17 @@ if args.backend == "rules":
                 "backend": "rules", "vocab": os.path.basename(args.vocab), "seed": args.seed, "changes": changes}
 
 elif args.backend == "openai":
-    client = common.openai_client(args.base_url, args.timeout)
+    client = jobs.openai_client(args.base_url, args.timeout, args.retries)
     meta = {"backend": "openai", "model": args.api_model, "temperature": args.temperature,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt_file or "built-in"}
 
     def ask(it):
-        return common.chat(client, args.api_model, [{"role": "user", "content": fill(it)}], args.temperature,
-                           args.max_new_tokens, tries=args.retries, backoff=args.backoff)
+        return jobs.chat(client, args.api_model, [{"role": "user", "content": fill(it)}], args.temperature,
+                         args.max_new_tokens, tries=args.retries)
 
     def rewrites(batch, k):
-        for it, result in common.map_concurrent(ask, batch, args.workers):
-            if isinstance(result, common.RemoteError):
+        for it, result in jobs.map_concurrent(ask, batch, args.workers):
+            if isinstance(result, jobs.RemoteError):
                 print(f"{it['id']}: {result}", file=sys.stderr)
                 yield it, "", "api error", meta
             elif isinstance(result, BaseException):
@@ -247,7 +248,7 @@ else:  # hf: the MLLM's language model, prompted without an image, batched
 
 # ---- the loop: every item tried, the invalid ones again, up to --max_tries; valid pairs written at once
 REASONS = ("empty", "identical", "echo", "cut off", "nothing to change", "api error")
-writer = common.JsonlAppender(part)
+writer = jobs.JsonlAppender(part)
 n_rejected = 0  # rewrites rejected by validation or the backend, all tries
 last = {}  # id -> why its latest rewrite was rejected, for the items still without a pair
 pending, written = todo, 0
@@ -274,12 +275,12 @@ for k in range(args.max_tries):
 writer.close()
 
 # ---- merge the part files into --out (rank 0, after everyone is done) and report
-common.barrier()
+jobs.barrier()
 failed = collections.Counter(last.values())
-counts = common.mean_over_ranks({"written": written, "retried": n_rejected - len(last),
+counts = jobs.mean_over_ranks({"written": written, "retried": n_rejected - len(last),
                                  **{f"failed {r}": failed[r] for r in REASONS}})
 if rank == 0:
-    total = common.merge_parts(args.out)
+    total = jobs.merge_parts(args.out)
     n = {key: round(v * world) for key, v in counts.items()}
     why = ", ".join(f"{n[f'failed {r}']} {r}" for r in REASONS if n[f"failed {r}"])
     n_failed = sum(n[f"failed {r}"] for r in REASONS)
@@ -291,4 +292,4 @@ if rank == 0:
     if n["failed api error"]:  # no reply is a failure of the run, not a verdict on the data: the exit code says so
         sys.exit(f"error: {n['failed api error']} items got no reply from {args.base_url}; the pairs that did are "
                  f"written, rerun the same command to retry the rest")
-common.dist_cleanup()
+jobs.dist_cleanup()

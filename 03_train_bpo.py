@@ -15,49 +15,51 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import jobs
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=jobs.HelpFormatter)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
 p.add_argument("--data", action="append", required=True, help="pairs JSONL (repeat to train on several)")
 p.add_argument("--image_root", required=True, help="image paths in the pairs are relative to this")
-p.add_argument("--output_dir", required=True)
-p.add_argument("--loss", choices=["dpo", "sft"], default="dpo")
+p.add_argument("--output_dir", required=True, help="adapter/, metrics.jsonl, curves.png and checkpoint-N/ go here")
+p.add_argument("--loss", choices=["dpo", "sft"], default="dpo",
+               help="dpo: the paper's objective; sft: NLL of the chosen answers only (Table 3's baseline)")
 p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (the paper's eta)")
 p.add_argument("--sft_weight", type=float, default=0.0,
                help="DPO only: add this times the chosen answers' per-token NLL to the loss (0: pure DPO, the paper's)")
-p.add_argument("--lr", type=float, default=2e-6)
-p.add_argument("--epochs", type=int, default=2)
+p.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (AdamW, cosine decay after warmup)")
+p.add_argument("--epochs", type=int, default=2, help="passes over the pairs")
 p.add_argument("--batch_size", type=int, default=4, help="pairs per process per micro-step")
-p.add_argument("--grad_accum", type=int, default=1)
-p.add_argument("--lora_r", type=int, default=64)
-p.add_argument("--lora_alpha", type=int, default=128)
-p.add_argument("--lora_dropout", type=float, default=0.05)
-p.add_argument("--weight_decay", type=float, default=0.0)
-p.add_argument("--warmup_ratio", type=float, default=0.03)
-p.add_argument("--max_grad_norm", type=float, default=1.0)
+p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+p.add_argument("--lora_r", type=int, default=64, help="LoRA rank")
+p.add_argument("--lora_alpha", type=int, default=128, help="LoRA scaling numerator (scale = alpha / r)")
+p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
+p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+p.add_argument("--warmup_ratio", type=float, default=0.03, help="share of the steps with linear warmup")
+p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
 p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence incl. image; responses are cut at the end")
 p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: --epochs)")
 p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
 p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-p.add_argument("--log_every", type=int, default=1)
+p.add_argument("--log_every", type=int, default=1, help="write a metrics row every N steps (averaged over them)")
 p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
 p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
-p.add_argument("--gradient_checkpointing", action="store_true")
+p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
 p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=True,
                help="DPO: score every pair under the reference once before training and cache it in "
                     "OUTPUT_DIR/ref_logps.jsonl (the reference never changes), instead of a reference forward every step")
 p.add_argument("--group_by_length", action="store_true",
                help="batch pairs of similar length together (less padding, faster; batches are then less random)")
-common.add_on_error_arg(p, "fail", "pair")
-p.add_argument("--seed", type=int, default=42)
+jobs.add_on_error_arg(p, "fail", "pair")
+p.add_argument("--seed", type=int, default=42, help="seed of the LoRA init, the shuffle and dropout")
 args = p.parse_args()
-
 
 
 def cosine_lr(step, warmup, total):
@@ -70,9 +72,8 @@ def cosine_lr(step, warmup, total):
 def keep_metrics_upto(path, step):
     """On resume, drop log lines written after the checkpoint, so no step is logged twice."""
     if os.path.exists(path):
-        rows = [r for r in common.read_jsonl(path, tolerate_partial_last=True) if r["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        rows = [r for r in jobs.read_jsonl(path, tolerate_partial_last=True) if r["step"] <= step]
+        jobs.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def checkpoints(output_dir):
@@ -86,7 +87,7 @@ def plot_curves(metrics_path, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = common.read_jsonl(metrics_path, tolerate_partial_last=True)
+    rows = jobs.read_jsonl(metrics_path, tolerate_partial_last=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("logps/chosen", "logps/rejected"):
         if rows and key in rows[0]:
@@ -109,49 +110,26 @@ def explain_oom(kind, value, tb):
 
 
 sys.excepthook = explain_oom
-rank, world, device = common.dist_setup()
+rank, world, device = jobs.dist_setup()
 main = rank == 0
-REQUIRED = ("id", "image", "prompt", "chosen", "rejected")
 # every linear layer of the language model; nothing in the vision tower or the projector
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-
 # ---- data: every pair validated up front, so a bad line fails (or is skipped) before hours of training
-bad = common.OnError(args.on_error, quiet=not main)
-pairs, origin, keys = [], [], []  # origin[i] = "file:line" of pairs[i], for errors; keys[i] = file + id
-seen = {}  # (file, id) -> file:line; one id may appear once per file (01's and 02's pairs share ids)
+bad = jobs.OnError(args.on_error, quiet=not main)
 try:
-    for path in args.data:
-        for line, rec in common.read_json_or_jsonl(path, bad):
-            where = f"{path}:{line}"
-            if isinstance(rec.get("prompt"), str):  # the chat template puts the image in, once
-                rec["prompt"] = common.question_text(rec["prompt"])
-            missing = [k for k in REQUIRED if not isinstance(rec.get(k), str) or not rec[k].strip()]
-            if missing:
-                bad(where, "missing, empty or non-string field", ", ".join(missing))
-            elif rec["chosen"].strip() == rec["rejected"].strip():
-                bad(where, "chosen and rejected are identical")
-            elif (path, rec["id"]) in seen:
-                bad(where, "duplicate id", f"{rec['id']!r}, first at {seen[path, rec['id']]}")
-            else:
-                try:  # path, presence and header: cheap enough for every pair (decoding 170k images is not)
-                    common.check_image(args.image_root, rec["image"])
-                except common.DataError as e:
-                    bad(where, "unreadable image", str(e))
-                    continue
-                seen[path, rec["id"]] = where
-                origin.append(where)
-                keys.append(f"{os.path.abspath(path)}\t{rec['id']}")
-                pairs.append(rec)
-except (common.DataError, OSError) as e:
+    pairs, where, keys = jobs.load_pairs(args.data, args.image_root, bad)
+except (jobs.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 if main and args.on_error == "skip":
     print(bad.summary("pairs"))
-per_step = args.batch_size * world * args.grad_accum  # pairs per optimizer step, all ranks
+B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
+per_step = B * world * args.grad_accum  # pairs per optimizer step, all ranks
 steps_per_epoch = len(pairs) // per_step
 if steps_per_epoch == 0:
     sys.exit(f"error: {len(pairs)} pairs is less than one step ({per_step} = batch_size x processes x grad_accum)")
 total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
 
 # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
 model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
@@ -210,26 +188,31 @@ def save_checkpoint(step):
         shutil.rmtree(old)
 
 
+cut = {}  # pair index -> its responses cut at --max_length, counted once however often the pair is seen
+
+
 def micro_batch(indices, responses=("chosen", "rejected")):
     """These pairs as one packed batch (common.pack_responses): per pair one sequence [image + prompt,
-    chosen, rejected], so the shared prefix runs once; logits only where a response token is scored."""
-    pixels, packs, cut = [], [], 0
+    chosen, rejected], so the shared prefix runs once; logits only where a response token is scored.
+    Returns (model inputs, scored positions, response tokens per output slot)."""
+    pixels, packs = [], []
     for i in indices:
         pair = pairs[i]
         try:
-            image = common.load_image(args.image_root, pair["image"])
+            image = jobs.load_image(args.image_root, pair["image"])
             pv, seqs, n_cut = common.build_sequences(processor, image, pair["prompt"],
                                                      [pair[r] for r in responses], args.max_length)
-        except (OSError, common.DataError) as e:
-            sys.exit(f"error: {origin[i]}: {e}")
+        except (OSError, ValueError) as e:  # a broken image or a prompt over --max_length
+            sys.exit(f"error: {where[i]}: {e}")
         pixels.append(pv)
         packs.append(common.pack_responses(seqs))
-        cut += n_cut
+        if n_cut:
+            cut[i] = n_cut
     input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
     batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), attention_mask=mask.to(device),
                  logits_to_keep=keep.to(device), pixel_values=torch.cat(pixels).to(device))
     n_tokens = torch.bincount(scored[2], minlength=len(responses) * len(indices)).to(device)
-    return batch, scored, n_tokens, cut
+    return batch, scored, n_tokens
 
 
 def batch_logps(net, batch, scored, n_out, embeds=None):
@@ -244,33 +227,69 @@ def batch_logps(net, batch, scored, n_out, embeds=None):
 
 
 # ---- reference log-probs, once: the adapter-disabled model is the reference and never changes
-ref_path = os.path.join(args.output_dir, "ref_logps.jsonl")
-if main and not args.resume:  # a fresh run scores afresh (model or data may have changed); --resume reuses them
-    for stale in glob.glob(ref_path + "*"):
-        os.remove(stale)
-common.barrier()
-ref_cache = {}
-if args.loss == "dpo" and args.precompute_ref:
-    items = [{"id": k, "index": i} for i, k in enumerate(keys)]
-    todo, part, n_cached = common.pending_items(items, ref_path, rank, world)
-    t0 = time.time()
-    writer = common.JsonlAppender(part)
+def score_reference(path):
+    """{pair key: (chosen, rejected)} under the reference: each rank scores its share, every rank gets
+    all of them (all_gather_object), rank 0 writes them to `path` once. --resume reads them back."""
+    if args.resume and os.path.exists(path):
+        cached = {r["id"]: (r["chosen"], r["rejected"]) for r in jobs.read_jsonl(path)}
+        if cached.keys() >= set(keys):
+            if main:
+                print(f"reference log-probs: 0 pairs scored ({len(keys)} read from {path})")
+            return cached
+    t0, scored = time.time(), {}
+    mine = list(range(rank, len(pairs), world))
     with torch.no_grad(), model.disable_adapter():
-        for start in tqdm(range(0, len(todo), args.batch_size), desc="reference log-probs", disable=not main):
-            chunk = todo[start:start + args.batch_size]
-            batch, scored, _, _ = micro_batch([it["index"] for it in chunk])
-            ref, _ = batch_logps(model, batch, scored, 2 * len(chunk))
-            for it, chosen, rejected in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
-                writer.write({"id": it["id"], "chosen": chosen, "rejected": rejected})
-    writer.close()
-    common.barrier()
+        for s in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=not main):
+            indices = mine[s:s + B]
+            batch, positions, _ = micro_batch(indices)
+            ref, _ = batch_logps(model, batch, positions, 2 * len(indices))
+            for i, chosen, rejected in zip(indices, ref[:len(indices)].tolist(), ref[len(indices):].tolist()):
+                scored[keys[i]] = (chosen, rejected)
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, scored)
+        scored = {k: v for share in shares for k, v in share.items()}
     if main:
-        common.merge_parts(ref_path)
-    common.barrier()
-    ref_cache = {r["id"]: (r["chosen"], r["rejected"]) for r in common.read_jsonl(ref_path)}
-    if main:
-        print(f"reference log-probs: {len(keys) - n_cached} pairs scored in {time.time() - t0:.1f}s "
-              f"({len(ref_cache)} cached in {ref_path})")
+        jobs.write_atomic(path, "".join(json.dumps({"id": k, "chosen": c, "rejected": r}) + "\n"
+                                        for k, (c, r) in scored.items()))
+        print(f"reference log-probs: {len(scored)} pairs scored in {time.time() - t0:.1f}s (cached in {path})")
+    return scored
+
+
+ref_cache = None
+if args.loss == "dpo" and args.precompute_ref:
+    ref_cache = score_reference(os.path.join(args.output_dir, "ref_logps.jsonl"))
+
+
+def reference_logps(indices, batch, scored, embeds):
+    """Reference log-probs [chosen..., rejected...] of these pairs: from the cache, or a forward with
+    the adapter disabled (--no-precompute_ref, TRL's way)."""
+    if ref_cache is not None:
+        return torch.tensor([ref_cache[keys[i]][0] for i in indices] + [ref_cache[keys[i]][1] for i in indices],
+                            device=device)
+    with torch.no_grad(), model.disable_adapter():
+        return batch_logps(model, batch, scored, 2 * len(indices), embeds)[0]
+
+
+def batch_loss(indices):
+    """(loss, metrics) of one micro-batch, as the DPO reference implementation's get_batch_metrics:
+    metrics are detached 0-d tensors, so nothing waits for the device until a log step."""
+    batch, scored, n_tokens = micro_batch(indices, responses)
+    logps, embeds = batch_logps(ddp, batch, scored, len(responses) * B)
+    chosen = logps[:B]
+    nll_chosen = -chosen / n_tokens[:B]  # per-token NLL of each chosen answer
+    if args.loss == "sft":  # SFT on the chosen answers only, averaged over answers
+        loss = nll_chosen.mean()
+        return loss, {"loss": loss.detach(), "logps/chosen": chosen.detach().mean()}
+    ref = reference_logps(indices, batch, scored, embeds)
+    losses, r_chosen, r_rejected = common.dpo_loss(chosen, logps[B:], ref[:B], ref[B:], args.beta)
+    if args.sft_weight:
+        losses = losses + args.sft_weight * nll_chosen
+    loss = losses.mean()
+    return loss, {"loss": loss.detach(), "rewards/chosen": r_chosen.mean(), "rewards/rejected": r_rejected.mean(),
+                  "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
+                  "rewards/margins": (r_chosen - r_rejected).mean(),
+                  "logps/chosen": chosen.detach().mean(), "logps/rejected": logps[B:].detach().mean()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -290,89 +309,73 @@ def epoch_steps(epoch):
     return steps
 
 
-# ---- the loop
-B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
-responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
-n_cut = 0
+def log_row(window, n_steps, seconds, lr, grad_norm):
+    """The metrics row of a log step: the window's metrics averaged over its steps and over all ranks
+    (one all-reduce, one copy to the host)."""
+    names = sorted(window)
+    values = torch.stack([window[k] for k in names]).double() / (n_steps * args.grad_accum)
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, "grad_norm": grad_norm.item(),
+           **dict(zip(names, values.tolist())), "samples_per_s": per_step * n_steps / seconds}
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+# ---- the loop: lr, accumulate, clip, step, log, save
 bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not main)
+window, n_window, t_window = {}, 0, time.time()  # metrics summed on the device since the last log step
 while step < total_steps:
-    t0 = time.time()
     epoch, within = divmod(step, steps_per_epoch)
     step_pairs = epoch_steps(epoch)[within]
     torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # LoRA dropout: same draws on resume
-    sums = dict.fromkeys(["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                          "rewards/margins", "logps/chosen", "logps/rejected"], 0.0)
     for micro in range(args.grad_accum):
-        start = (micro * world + rank) * args.batch_size
-        indices = step_pairs[start:start + args.batch_size]
-        batch, scored, n_tokens, cut = micro_batch(indices, responses)
-        n_cut += cut
-        sync = micro == args.grad_accum - 1 or world == 1
-        with ddp.no_sync() if not sync else contextlib.nullcontext():  # all-reduce once per step
-            logps, embeds = batch_logps(ddp, batch, scored, len(responses) * B)
-            nll_chosen = -logps[:B] / n_tokens[:B]  # per-token NLL of each chosen answer
-            if args.loss == "dpo":
-                if ref_cache:
-                    ref = torch.tensor([ref_cache[keys[i]][0] for i in indices] +
-                                       [ref_cache[keys[i]][1] for i in indices], device=device)
-                else:
-                    with torch.no_grad(), model.disable_adapter():
-                        ref, _ = batch_logps(model, batch, scored, 2 * B, embeds)
-                losses, r_chosen, r_rejected = common.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
-                if args.sft_weight:
-                    losses = losses + args.sft_weight * nll_chosen
-                sums["rewards/chosen"] += r_chosen.mean().item()
-                sums["rewards/rejected"] += r_rejected.mean().item()
-                sums["rewards/accuracies"] += (r_chosen > r_rejected).float().mean().item()
-                sums["rewards/margins"] += (r_chosen - r_rejected).mean().item()
-                sums["logps/rejected"] += logps[B:].mean().item()
-            else:  # SFT on the chosen answers only, averaged over answers
-                losses = nll_chosen
-            loss = losses.mean()
+        start = (micro * world + rank) * B
+        last = micro == args.grad_accum - 1
+        with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
+            loss, metrics = batch_loss(step_pairs[start:start + B])
             (loss / args.grad_accum).backward()
-        sums["loss"] += loss.item()
-        sums["logps/chosen"] += logps[:B].mean().item()
+        window = {k: window.get(k, 0) + v for k, v in metrics.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    # NaN/inf on any rank reaches every rank (through the all-reduced grads, or this mean): all stop together
-    finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
-    if common.mean_over_ranks({"finite": float(finite)})["finite"] < 1:
+    # gradients are all-reduced, so every rank sees the same norm and all stop together; one host sync a step
+    if not torch.isfinite(grad_norm):
         done = checkpoints(args.output_dir)
-        sys.exit(f"error: non-finite loss or gradient at step {step + 1} (loss {sums['loss'] / args.grad_accum:.4g}, "
-                 f"grad norm {grad_norm.item():.4g}); not applied, nothing saved. Last good checkpoint: "
+        sys.exit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}, grad norm "
+                 f"{grad_norm.item():.4g}); not applied, nothing saved. Last good checkpoint: "
                  f"{done[-1] if done else 'none'} (--resume continues from it). Lower --lr, or check this step's pairs")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    n_window += 1
     bar.update(1)
 
-    row = {k: v / args.grad_accum for k, v in sums.items() if args.loss == "dpo" or k in ("loss", "logps/chosen")}
-    row["samples_per_s"] = per_step / world / (time.time() - t0)
-    if device.type == "cuda":
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    row = common.mean_over_ranks(row)
-    row["samples_per_s"] *= world  # pairs per second over all processes
-    if main and (step % args.log_every == 0 or step == total_steps):
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-               "grad_norm": grad_norm.item(), **row}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("loss", "rewards/accuracies")})
+    if step % args.log_every == 0 or step == total_steps:
+        row = log_row(window, n_window, time.time() - t_window, lr, grad_norm)
+        window, n_window, t_window = {}, 0, time.time()
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("loss", "rewards/accuracies")})
     if main and args.save_every > 0 and step % args.save_every == 0 and step < total_steps:
         save_checkpoint(step)
         plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
-    common.barrier()
 bar.close()
 
 # ---- write: the adapter, the last checkpoint, the curves and a summary
-n_cut = int(common.mean_over_ranks({"cut": n_cut})["cut"] * world)
+if world > 1:
+    shares = [None] * world
+    dist.all_gather_object(shares, cut)
+    cut = {i: n for share in shares for i, n in share.items()}
 if main:
     save_checkpoint(step)
     model.save_pretrained(os.path.join(args.output_dir, "adapter"))
     plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
-    last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) else {}
+    last = jobs.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) else {}
     print(f"done: {step} steps; adapter in {args.output_dir}/adapter, log in {metrics_path}, "
-          f"curves in {args.output_dir}/curves.png; {n_cut} responses cut at --max_length {args.max_length}")
+          f"curves in {args.output_dir}/curves.png; {sum(cut.values())} responses cut at --max_length {args.max_length}")
     print("final " + "  ".join(f"{k}={v:.4g}" for k, v in last.items() if "/" in k or k == "loss"))
-common.dist_cleanup()
+jobs.dist_cleanup()

@@ -12,6 +12,7 @@ import sys
 
 
 import common
+import jobs
 
 CAPABILITIES = ["rec", "ocr", "know", "gen", "spat", "math"]  # the columns of the paper's Table 2
 
@@ -34,7 +35,7 @@ p.add_argument("--grade_tries", type=int, default=5,
                     "after the last the grade is 0.0, recorded as failed")
 p.add_argument("--num_runs", type=int, default=1, help="independent gradings of every answer; mean and std reported")
 p.add_argument("--workers", type=int, default=8, help="judge calls in flight")
-common.add_remote_args(p)
+jobs.add_remote_args(p)
 args = p.parse_args()
 if args.grade_tries < 1 or args.num_runs < 1:
     p.error("--grade_tries and --num_runs must be at least 1")
@@ -78,16 +79,16 @@ def unique_keys(pairs):
 def read_json_dict(path):
     """A JSON object {id: ...} and its text; DataError naming file:line for a byte that is not UTF-8,
     invalid JSON, another type, or an id given twice."""
-    raw = common.read_utf8(path)
+    raw = jobs.read_utf8(path)
     try:
         data = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
-        raise common.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise jobs.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except DuplicateKey as e:
-        raise common.DataError(f"{path}:{line_of(raw, e.args[0], 2)}: {e.args[0]!r} appears twice "
+        raise jobs.DataError(f"{path}:{line_of(raw, e.args[0], 2)}: {e.args[0]!r} appears twice "
                                f"(first at line {line_of(raw, e.args[0])})") from None
     if not isinstance(data, dict):
-        raise common.DataError(f"{path}:1: expected a JSON object {{id: ...}}")
+        raise jobs.DataError(f"{path}:1: expected a JSON object {{id: ...}}")
     return data, raw
 
 
@@ -141,10 +142,10 @@ try:
             and common.question_text(q["question"])
         if not ok or not isinstance(q.get("capability"), list) or not q["capability"] \
                 or not set(q["capability"]) <= set(CAPABILITIES):
-            raise common.DataError(f"{args.mmvet_json}:{line_of(raw, qid)}: question {qid!r} needs imagename, "
+            raise jobs.DataError(f"{args.mmvet_json}:{line_of(raw, qid)}: question {qid!r} needs imagename, "
                                    f"question and answer (non-empty strings) and capability (a non-empty list of "
                                    f"{', '.join(CAPABILITIES)})")
-except (common.DataError, OSError) as e:
+except (jobs.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 if not questions:
     sys.exit(f"error: {args.mmvet_json}: no questions")
@@ -155,13 +156,13 @@ if args.answers:
         answers, raw = read_json_dict(args.answers)
         for qid, a in answers.items():
             if not isinstance(a, str):
-                raise common.DataError(f"{args.answers}:{line_of(raw, qid)}: the answer of {qid!r} is not a string")
+                raise jobs.DataError(f"{args.answers}:{line_of(raw, qid)}: the answer of {qid!r} is not a string")
             if qid not in questions:
-                raise common.DataError(f"{args.answers}:{line_of(raw, qid)}: {qid!r} is not a question of {args.mmvet_json}")
+                raise jobs.DataError(f"{args.answers}:{line_of(raw, qid)}: {qid!r} is not a question of {args.mmvet_json}")
         missing = [qid for qid in questions if qid not in answers]
         if missing:
-            raise common.DataError(f"{args.answers}:1: no answer for {len(missing)} questions (e.g. {missing[0]!r})")
-    except (common.DataError, OSError) as e:
+            raise jobs.DataError(f"{args.answers}:1: no answer for {len(missing)} questions (e.g. {missing[0]!r})")
+    except (jobs.DataError, OSError) as e:
         sys.exit(f"error: {e}")
 else:  # generate, appending to a JSONL cache so that a kill loses at most one batch
     if not args.image_dir:
@@ -171,19 +172,19 @@ else:  # generate, appending to a JSONL cache so that a kill loses at most one b
     items = [{"id": qid, "image": q["imagename"], "question": common.question_text(q["question"])}
              for qid, q in questions.items()]
     where = {qid: f"{args.mmvet_json}:{line_of(raw, qid)}" for qid in questions}
-    common.answer_all(items, cache, "id", config, args.image_dir, args.batch_size, where)
-    answers = {r["id"]: r["answer"] for r in common.read_jsonl(cache, tolerate_partial_last=True)}
+    jobs.answer_all(items, cache, "id", config, args.image_dir, args.batch_size, where)
+    answers = {r["id"]: r["answer"] for r in jobs.read_jsonl(cache, tolerate_partial_last=True)}
 if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
-    common.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1, ensure_ascii=False))
+    jobs.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1, ensure_ascii=False))
 
 # ---- grades: one cached record per (question, run, judge, answer, filled prompt)
 try:
-    template = common.read_utf8(args.grader_prompt_file) if args.grader_prompt_file else GRADER_PROMPT
-except (common.DataError, OSError) as e:
+    template = jobs.read_utf8(args.grader_prompt_file) if args.grader_prompt_file else GRADER_PROMPT
+except (jobs.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 prompts = {qid: template.replace("{question}", q["question"]).replace("{ground_truth}", q["answer"])
            .replace("{answer}", answers[qid].replace("\n", "<br>")) for qid, q in questions.items()}
-client = None if args.judge == "exact" else common.openai_client(args.base_url, args.timeout)
+client = None if args.judge == "exact" else jobs.openai_client(args.base_url, args.timeout, args.retries)
 
 
 def grade(job):
@@ -192,8 +193,8 @@ def grade(job):
         return {"score": exact_score(questions[qid]["answer"], answers[qid]), "failed": False}
     messages = [{"role": "user", "content": prompts[qid]}]
     for attempt in range(args.grade_tries):  # an unreadable reply is asked again, a little hotter
-        reply = common.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3,
-                            tries=args.retries, backoff=args.backoff)
+        reply = jobs.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3,
+                          tries=args.retries)
         score = parse_score(reply)
         if score is not None:
             return {"score": score, "failed": False, "tries": attempt + 1, "reply": reply}
@@ -203,7 +204,7 @@ def grade(job):
 jobs = [{"id": qid, "run": run, "judge": args.judge, "answer": answers[qid],
          "prompt_sha": hashlib.sha256(prompts[qid].encode()).hexdigest()[:16]}
         for run in range(args.num_runs) for qid in questions]
-records, errors = common.cached_map(os.path.join(args.out_dir, "grades.jsonl"), jobs, grade, args.workers, "grade")
+records, errors = jobs.cached_map(os.path.join(args.out_dir, "grades.jsonl"), jobs, grade, args.workers, "grade")
 if errors:
     sys.exit(f"error: {len(errors)} grades got no reply from {args.judge}, e.g. {errors[0]}; rerun to resume")
 failed = sum(r["failed"] for r in records)
@@ -216,8 +217,8 @@ runs = [capability_scores(questions, {r["id"]: r["score"] for r in records if r[
         for run in range(args.num_runs)]
 mean = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
 std = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
-common.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(mean, indent=1))
-common.write_atomic(os.path.join(args.out_dir, "scores_runs.json"),
+jobs.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(mean, indent=1))
+jobs.write_atomic(os.path.join(args.out_dir, "scores_runs.json"),
                     json.dumps({"judge": args.judge, "runs": runs, "std": std, "failed_grades": failed}, indent=1))
 cols = [k for k in CAPABILITIES + ["total"] if k in mean]
 name = args.answers or (f"{args.model} + {args.adapter}" if args.adapter else args.model)

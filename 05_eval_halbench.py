@@ -16,6 +16,7 @@ import inflect
 from tqdm import tqdm
 
 import common
+import jobs
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
@@ -35,7 +36,7 @@ p.add_argument("--extractor", default="rules",
                     "an OpenAI model name: that model lists the objects said to be present first (cached)")
 p.add_argument("--base_url", default=None, help="OpenAI-compatible server of the extractor (none: OpenAI)")
 p.add_argument("--workers", type=int, default=8, help="extractor calls in flight")
-common.add_remote_args(p)
+jobs.add_remote_args(p)
 p.add_argument("--answers", default=None,
                help='score existing answers, no model loaded: JSONL (or JSON list) of {"question_id", "image", '
                     '"answer"} ("text" is read as "answer"; a missing image is looked up in --questions)')
@@ -53,15 +54,15 @@ MODIFIERS = {"baby", "adult", "passenger"}  # "baby elephant" is an elephant; "b
 def read_synonyms(path):
     """{phrase as a tuple of words: class}; the class name is a synonym of itself."""
     table = {}
-    for line_no, line in enumerate(common.read_utf8(path).splitlines(), 1):
+    for line_no, line in enumerate(jobs.read_utf8(path).splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         names = [n.strip() for n in line.split(",")]
         if not all(re.fullmatch(r"[a-z]+( [a-z]+)*", n) for n in names):
-            raise common.DataError(f"{path}:{line_no}: expected 'class, synonym, ...' in lower-case words")
+            raise jobs.DataError(f"{path}:{line_no}: expected 'class, synonym, ...' in lower-case words")
         for n in names:
             if table.get(tuple(n.split()), names[0]) != names[0]:
-                raise common.DataError(f"{path}:{line_no}: {n!r} is already a synonym of {table[tuple(n.split())]!r}")
+                raise jobs.DataError(f"{path}:{line_no}: {n!r} is already a synonym of {table[tuple(n.split())]!r}")
             table[tuple(n.split())] = names[0]
     return table
 
@@ -116,7 +117,7 @@ def chair_scores(found, truths, answers):
 
 try:
     table = read_synonyms(args.synonyms)
-except (common.DataError, OSError) as e:
+except (jobs.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 vocab = {w for phrase in list(table) + list(NOT_OBJECTS) for w in phrase}  # words never singularised
 longest = max(len(phrase) for phrase in list(table) + list(NOT_OBJECTS))
@@ -135,27 +136,27 @@ truth = defaultdict(set)
 gt_file = args.objects  # the file being read, for error messages
 try:
     if args.objects:
-        objects = json.loads(common.read_utf8(args.objects))
+        objects = json.loads(jobs.read_utf8(args.objects))
         if not isinstance(objects, dict) or not all(isinstance(v, list) for v in objects.values()):
             raise TypeError('expected {"<image>": ["class", ...]}')
         for image, names in objects.items():
             truth[os.path.basename(image)] = {c for n in names for c in classes_of(str(n))}
     else:
         gt_file = os.path.join(args.coco_dir, "annotations", "instances_val2014.json")
-        instances = json.loads(common.read_utf8(gt_file))
+        instances = json.loads(jobs.read_utf8(gt_file))
         file_of = {im["id"]: im["file_name"] for im in instances["images"]}
         category = {c["id"]: c["name"] for c in instances["categories"]}
         for a in instances["annotations"]:
             truth[file_of[a["image_id"]]] |= classes_of(category[a["category_id"]])
         gt_file = os.path.join(args.coco_dir, "annotations", "captions_val2014.json")
-        captions = json.loads(common.read_utf8(gt_file))
+        captions = json.loads(jobs.read_utf8(gt_file))
         for a in captions["annotations"]:  # objects the reference captions name count as present too
             truth[file_of[a["image_id"]]] |= {c for _, c in mentions(a["caption"], table)}
 except json.JSONDecodeError as e:
     sys.exit(f"error: {gt_file}:{e.lineno}: not valid JSON ({e.msg})")
 except (KeyError, TypeError, AttributeError) as e:
     sys.exit(f"error: {gt_file}: not in the expected format ({type(e).__name__}: {e})")
-except (common.DataError, OSError) as e:
+except (jobs.DataError, OSError) as e:
     sys.exit(f"error: {e}")
 if unknown:
     print(f"warning: {len(unknown)} ground-truth names not in {args.synonyms}, ignored: {sorted(unknown)[:10]}",
@@ -169,18 +170,18 @@ def valid_id(qid):
 questions, where = [], {}  # where[question_id] = file:line, for messages
 if args.questions:
     try:
-        for line, q in common.read_json_or_jsonl(args.questions):
+        for line, q in jobs.read_json_or_jsonl(args.questions):
             at = f"{args.questions}:{line}"
             if not valid_id(q.get("question_id")) or not isinstance(q.get("image"), str) or not q["image"].strip() \
                     or not isinstance(q.get("question"), str) or not common.question_text(q["question"]):
-                raise common.DataError(f"{at}: a question needs question_id (a string or an integer), image and "
+                raise jobs.DataError(f"{at}: a question needs question_id (a string or an integer), image and "
                                        f"question (non-empty strings)")
             if q["question_id"] in where:
-                raise common.DataError(f"{at}: question_id {q['question_id']!r} appears twice (first at "
+                raise jobs.DataError(f"{at}: question_id {q['question_id']!r} appears twice (first at "
                                        f"{where[q['question_id']]})")
             where[q["question_id"]] = at
             questions.append({**q, "question": common.question_text(q["question"])})
-    except (common.DataError, OSError) as e:
+    except (jobs.DataError, OSError) as e:
         sys.exit(f"error: {e}")
 
 # ---- answers: read as they are, or generated (resumable: answers.jsonl is appended)
@@ -190,30 +191,30 @@ if args.answers:
     image_of = {q["question_id"]: q["image"] for q in questions}
     answers, seen = [], {}
     try:
-        for line, r in common.read_json_or_jsonl(args.answers):
+        for line, r in jobs.read_json_or_jsonl(args.answers):
             text = r.get("answer", r.get("text"))
             if not isinstance(text, str) or not valid_id(r.get("question_id")):
-                raise common.DataError(f"{args.answers}:{line}: expected {{\"question_id\", \"image\", \"answer\"}}")
+                raise jobs.DataError(f"{args.answers}:{line}: expected {{\"question_id\", \"image\", \"answer\"}}")
             if r["question_id"] in seen:  # it would be scored twice
-                raise common.DataError(f"{args.answers}:{line}: question_id {r['question_id']!r} appears twice "
+                raise jobs.DataError(f"{args.answers}:{line}: question_id {r['question_id']!r} appears twice "
                                        f"(first at line {seen[r['question_id']]})")
             seen[r["question_id"]] = line
             image = r.get("image") or image_of.get(r["question_id"])
             if not image:
-                raise common.DataError(f"{args.answers}:{line}: no image, and question {r['question_id']!r} is "
+                raise jobs.DataError(f"{args.answers}:{line}: no image, and question {r['question_id']!r} is "
                                        f"not in --questions")
             answers.append({"question_id": r["question_id"], "image": image, "answer": text})
-    except (common.DataError, OSError) as e:
+    except (jobs.DataError, OSError) as e:
         sys.exit(f"error: {e}")
     if os.path.abspath(args.answers) != os.path.abspath(answers_path):
-        common.write_atomic(answers_path, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+        jobs.write_atomic(answers_path, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
 else:
     if not questions or not args.image_dir:
         sys.exit("error: to generate answers give --questions and --image_dir (or score existing ones with --answers)")
     config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
-    common.answer_all(questions, answers_path, "question_id", config, args.image_dir, args.batch_size, where,
+    jobs.answer_all(questions, answers_path, "question_id", config, args.image_dir, args.batch_size, where,
                       "describe")
-    by_id = {r["question_id"]: r for r in common.read_jsonl(answers_path, tolerate_partial_last=True)}
+    by_id = {r["question_id"]: r for r in jobs.read_jsonl(answers_path, tolerate_partial_last=True)}
     answers = [by_id[q["question_id"]] for q in questions]
 if not answers:
     sys.exit("error: no answers to score")
@@ -229,16 +230,16 @@ else:
                "present in the image, one name per object kind, as the words it uses (for example: man, dogs, "
                "dining table). Leave out objects it says are absent or only possible. Reply with the names "
                "separated by commas and nothing else, or 'none'.\n\nDescription:\n{description}")
-    client = common.openai_client(args.base_url, args.timeout)
+    client = jobs.openai_client(args.base_url, args.timeout, args.retries)
 
     def extract(job):
-        text = common.chat(client, job["extractor"],
-                           [{"role": "user", "content": EXTRACT.replace("{description}", job["answer"])}],
-                           tries=args.retries, backoff=args.backoff)
+        text = jobs.chat(client, job["extractor"],
+                         [{"role": "user", "content": EXTRACT.replace("{description}", job["answer"])}],
+                         tries=args.retries)
         return {"objects": [n.strip() for n in re.split(r"[,\n]", text) if n.strip() and n.strip().lower() != "none"]}
 
     jobs = [{"question_id": a["question_id"], "extractor": args.extractor, "answer": a["answer"]} for a in answers]
-    records, errors = common.cached_map(os.path.join(args.out_dir, "extractions.jsonl"), jobs, extract,
+    records, errors = jobs.cached_map(os.path.join(args.out_dir, "extractions.jsonl"), jobs, extract,
                                         args.workers, "extract")
     if errors:
         sys.exit(f"error: {len(errors)} extractions failed, e.g. {errors[0]}; rerun to retry them")
@@ -246,12 +247,12 @@ else:
 
 # ---- scores and per-response details
 truths = [truth[os.path.basename(a["image"])] for a in answers]
-common.write_atomic(os.path.join(args.out_dir, "details.jsonl"), "".join(
+jobs.write_atomic(os.path.join(args.out_dir, "details.jsonl"), "".join(
     json.dumps({"question_id": a["question_id"], "image": a["image"], "mentions": fd,
                 "mentioned": sorted({c for _, c in fd}), "hallucinated": sorted({c for _, c in fd} - t),
                 "ground_truth": sorted(t)}, ensure_ascii=False) + "\n" for a, fd, t in zip(answers, found, truths)))
 scores = chair_scores(found, truths, [a["answer"] for a in answers])
-common.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(scores, indent=1))
+jobs.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(scores, indent=1))
 print(f"Object HalBench ({scores['n']} responses, extractor {args.extractor}"
       f"{'' if args.answers else f', max_new_tokens {args.max_new_tokens}'}): "
       f"Resp (CHAIR_s) {scores['chair_s']:.1f}  Obj (CHAIR_i) {scores['chair_i']:.1f}  "

@@ -80,6 +80,7 @@ args = p.parse_args()
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import jobs  # noqa: E402
 
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 work = args.work or tempfile.mkdtemp(prefix="bench_trl_")
@@ -139,7 +140,7 @@ def build_model(path):
     processor.image_processor.size = {"shortest_edge": 336}
     processor.image_processor.crop_size = {"height": 336, "width": 336}
     processor.save_pretrained(path)
-    image = common.load_image(image_root, min(os.listdir(image_root)))
+    image = jobs.load_image(image_root, min(os.listdir(image_root)))
     ids = processor(text=[common.chat_prompt(processor, "Describe.")], images=[image]).input_ids[0]
     n_image = sum(i == cfg.image_token_index for i in ids)
     assert n_image == 576, f"the processor expands <image> to {n_image} tokens, not 576"
@@ -157,7 +158,7 @@ need = args.steps * args.batch_size
 run("pairs", ["02_inject_errors.py", "--backend", "rules", "--vocab", os.path.join(toy, "world.json"),
               "--data", f"toy={os.path.join(toy, 'train.json')}", "--samples_per_source", 2 * need,
               "--seed", args.seed, "--out", pairs_path])
-pairs = common.read_jsonl(pairs_path)
+pairs = jobs.read_jsonl(pairs_path)
 assert len(pairs) >= need, f"02 wrote {len(pairs)} pairs, fewer than {need}"
 pairs = pairs[:need]  # exactly one epoch, so that 03's reference pass scores only these
 with open(pairs_path, "w") as f:
@@ -191,7 +192,7 @@ results = {}
 for tag, (name, cmd) in sides.items():
     rss, wall = run(tag, cmd)
     if tag.startswith("ours"):  # 03's own log: per-step samples_per_s (its step timing), peak_mem_gb on CUDA
-        rows = common.read_jsonl(os.path.join(work, tag, "metrics.jsonl"))
+        rows = jobs.read_jsonl(os.path.join(work, tag, "metrics.jsonl"))
         r = {"seconds_per_step": [args.batch_size / row["samples_per_s"] for row in rows],
              "logps/chosen": rows[0]["logps/chosen"], "logps/rejected": rows[0]["logps/rejected"]}
         if device == "cuda":
@@ -222,7 +223,7 @@ def reference_logps(indices):
         pair = pairs[i]
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair["prompt"]}]}]
         prompt_text = processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = processor(text=[prompt_text], images=[common.load_image(image_root, pair["image"])],
+        enc = processor(text=[prompt_text], images=[jobs.load_image(image_root, pair["image"])],
                         return_tensors="pt")  # BOS included, <image> expanded to 576 tokens
         prompt_ids = tok(prompt_text).input_ids
         for key, acc in sums.items():

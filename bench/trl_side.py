@@ -16,7 +16,8 @@ from trl import DPOConfig, DPOTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402  (the pairs reader and the image loader only: TRL does all the rest)
+import jobs  # noqa: E402  (the pairs reader and the image loader only: TRL does all the rest)
+import common  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--model", required=True)
@@ -36,7 +37,7 @@ args = p.parse_args()
 cuda = torch.cuda.is_available()
 
 # ---- the pairs in 03's order: 03 takes epoch e's steps from randperm(seed + e); one epoch suffices
-pairs = common.read_jsonl(args.pairs)
+pairs = jobs.read_jsonl(args.pairs)
 n = args.steps * args.batch_size
 assert len(pairs) >= n, f"{len(pairs)} pairs, fewer than {args.steps} steps of {args.batch_size}"
 order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()[:n]
@@ -45,7 +46,7 @@ eos = processor.tokenizer.eos_token
 # TRL's standard (non-conversational) format with the prompt already templated: the same chat text as 03,
 # so that TRL scores the same tokens (it drops BOS: its collator tokenizes with add_special_tokens=False).
 # TRL appends EOS to text-only responses but not to image data; appended here so both sides score it.
-rows = [{"images": [common.load_image(args.image_root, pairs[i]["image"])],
+rows = [{"images": [jobs.load_image(args.image_root, pairs[i]["image"])],
          "prompt": common.chat_prompt(processor, pairs[i]["prompt"]),
          "chosen": " " + pairs[i]["chosen"] + eos, "rejected": " " + pairs[i]["rejected"] + eos} for i in order]
 dataset = Dataset.from_list(rows)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 import common
+import jobs
 
 I = common.IGNORE
 
@@ -59,7 +60,7 @@ def _pairs(toy, processor, n=3):
     recs = json.load(open(toy / "train.json"))[:n]
     pixels, seqs = [], []
     for i, rec in enumerate(recs):
-        image = common.load_image(str(toy / "images"), rec["image"])
+        image = jobs.load_image(str(toy / "images"), rec["image"])
         answer = rec["conversations"][1]["value"]
         question = rec["conversations"][0]["value"].replace("<image>\n", "") + " please" * i
         pv, pair_seqs, _ = common.build_sequences(processor, image, question,

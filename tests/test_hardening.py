@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
+import jobs
 from conftest import kill_after_lines, run_here
 from openai_stub import RESET, Delay, OpenAIStub
 
@@ -107,14 +108,14 @@ def root(toy, tmp_path_factory):
 
 
 def test_odd_image_modes_load_as_what_a_person_sees(root):
-    rgba = common.load_image(root, "rgba.png")
+    rgba = jobs.load_image(root, "rgba.png")
     assert rgba.mode == "RGB" and rgba.size == (64, 64)
     assert rgba.getpixel((0, 0)) == (255, 0, 0)
     assert rgba.getpixel((60, 0)) == (255, 255, 255)  # transparent: white, not the black under it
     assert all(abs(a - b) <= 1 for a, b in zip(rgba.getpixel((40, 0)), (127, 127, 255)))  # half-transparent blue
-    assert common.load_image(root, "grey.png").getpixel((5, 5)) == (77, 77, 77)
-    assert common.load_image(root, "grey16.png").getpixel((5, 5)) == (128, 128, 128)  # not clipped to white
-    palette = common.load_image(root, "palette.png")
+    assert jobs.load_image(root, "grey.png").getpixel((5, 5)) == (77, 77, 77)
+    assert jobs.load_image(root, "grey16.png").getpixel((5, 5)) == (128, 128, 128)  # not clipped to white
+    palette = jobs.load_image(root, "palette.png")
     assert palette.getpixel((0, 0)) == (0, 255, 0) and palette.getpixel((60, 0)) == (255, 255, 255)
 
 
@@ -129,8 +130,8 @@ def test_odd_image_modes_load_as_what_a_person_sees(root):
 ])
 def test_bad_image_is_a_data_error_naming_it(root, rel, says):
     rel = str(root.parent / "outside.png") if rel == "ABSOLUTE" else rel
-    with pytest.raises(common.DataError, match=says) as e:
-        common.load_image(root, rel)
+    with pytest.raises(jobs.DataError, match=says) as e:
+        jobs.load_image(root, rel)
     assert os.path.basename(rel) in str(e.value)
 
 
@@ -164,21 +165,21 @@ def bad_ground_truth(outside):
 def test_bad_ground_truth_record_fails_or_is_skipped_and_counted(root, tmp_path, case):
     line, kind = bad_ground_truth(root.parent / "outside.png")[case]
     f = write_lines(tmp_path / "gt.jsonl", [json.dumps(gt("good0", "good_0.png")), line])
-    with pytest.raises(common.DataError, match=rf"^{f}:2: {kind}"):
-        common.load_items("src", f)  # the default: fail
-    bad = common.OnError("skip")
-    items, _ = common.load_items("src", f, bad=bad)
+    with pytest.raises(jobs.DataError, match=rf"^{f}:2: {kind}"):
+        jobs.load_items("src", f)  # the default: fail
+    bad = jobs.OnError("skip")
+    items, _ = jobs.load_items("src", f, bad=bad)
     assert [it["id"] for it in items] == ["src/good0-0"] and bad.counts == {kind: 1}
 
 
 def test_ground_truth_json_list_that_does_not_parse_names_the_line(tmp_path):
     f = tmp_path / "gt.json"
     f.write_bytes(b'[\n{"id": "a", "image": "a.png", "conversations": []},\n{"id": "caf\xe9"}\n]')
-    with pytest.raises(common.DataError, match=rf"^{f}:3: not UTF-8"):
-        common.load_items("src", f, bad=common.OnError("skip"))  # no record can be told from the next
+    with pytest.raises(jobs.DataError, match=rf"^{f}:3: not UTF-8"):
+        jobs.load_items("src", f, bad=jobs.OnError("skip"))  # no record can be told from the next
     f.write_text('[\n{"id": "a"},\n{"id": \n]')
-    with pytest.raises(common.DataError, match=rf"^{f}:4: not valid JSON"):
-        common.load_items("src", f, bad=common.OnError("skip"))
+    with pytest.raises(jobs.DataError, match=rf"^{f}:4: not valid JSON"):
+        jobs.load_items("src", f, bad=jobs.OnError("skip"))
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,7 @@ def test_build_pairs_skips_and_counts_bad_ground_truth(toy, root, ground_truth, 
             "--max_new_tokens", 4, "--batch_size", 4]
     proc = run_here("01_build_pairs.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = [r["id"] for r in common.read_jsonl(out)]
+    ids = [r["id"] for r in jobs.read_jsonl(out)]
     dropped = int(summary_line(proc, "wrote ").split("dropped ")[1].split()[0])
     assert len(ids) == len(set(ids)) and set(ids) <= {f"src/{i}-0" for i in good} and len(ids) + dropped == len(good)
     assert f"skipped {len(unreadable)} unreadable images" in proc.stdout
@@ -216,7 +217,7 @@ def test_build_pairs_skips_and_counts_bad_ground_truth(toy, root, ground_truth, 
     assert all(f"{n} {kind}" in skipped for kind, n in kinds.items())
     for line in range(3, 3 + sum(kinds.values())):  # each bad line named on stderr
         assert f"skip {f}:{line}: " in proc.stderr
-    assert all("<image>" not in r["prompt"] for r in common.read_jsonl(out))
+    assert all("<image>" not in r["prompt"] for r in jobs.read_jsonl(out))
     # --on_error fail: the first bad line, then (with that one fixed) the first unreadable image
     error_line(run_here("01_build_pairs.py", *args, "--on_error", "fail"), f"{f}:3: not a valid JSON line")
     only_images = write_lines(tmp_path / "gt.jsonl", [json.dumps(gt("missing", "missing.png")),
@@ -232,7 +233,7 @@ def test_inject_skips_and_counts_bad_ground_truth(toy, root, ground_truth, tmp_p
                     "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 02 never opens images (03 checks them): only the records themselves are judged here
-    assert sorted(r["id"] for r in common.read_jsonl(out)) == sorted(f"src/{i}-0" for i in good + unreadable)
+    assert sorted(r["id"] for r in jobs.read_jsonl(out)) == sorted(f"src/{i}-0" for i in good + unreadable)
     skipped = summary_line(proc, "skipped ")
     assert skipped.startswith(f"skipped {sum(kinds.values())} bad ground-truth records (")
     assert all(f"{n} {kind}" in skipped for kind, n in kinds.items())
@@ -371,7 +372,7 @@ def test_train_killed_between_checkpoints_resumes_to_the_same_weights(toy, pair_
     assert f"resumed from {out / f'checkpoint-{done[-1]}'} at step {done[-1]}" in proc.stdout
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, straight))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [r["step"] for r in common.read_jsonl(out / "metrics.jsonl")] == list(range(1, 9))
+    assert [r["step"] for r in jobs.read_jsonl(out / "metrics.jsonl")] == list(range(1, 9))
 
 
 # ----------------------------------------------------------------------------- benchmark files (04, 05)
@@ -444,32 +445,47 @@ def test_benchmarks_take_odd_images_and_image_tokens_in_questions(toy, root, tmp
 MESSAGES = [{"role": "user", "content": "Grade this."}]
 
 
-def test_chat_retries_each_transient_fault_with_backoff_and_jitter():
-    faults = [429, 500, 502, 503, (408, {"error": {}}), RESET, Delay(1.5, "too late"), {"choices": []},
-              {"object": "chat.completion"}, {"choices": [{"index": 0}]}, b'{"choices": [']
-    waits = []
-    with OpenAIStub(faults + ["0.7"]) as stub:
-        client = common.openai_client(stub.url, timeout=0.5)  # the Delay outlasts it: a timeout
-        assert common.chat(client, "judge", MESSAGES, tries=len(faults) + 1, backoff=0.01, sleep=waits.append) == "0.7"
-        assert len(stub.requests) == len(faults) + 1
-    factors = [w / (0.01 * 2 ** k) for k, w in enumerate(waits)]
-    assert len(waits) == len(faults) and all(0.5 <= x < 1.5 for x in factors) and len(set(factors)) > 1
-    waits.clear()
-    with OpenAIStub([503, 503, "ok"]) as stub:  # the exponential wait is capped at 60 s
-        assert common.chat(common.openai_client(stub.url), "judge", MESSAGES, backoff=100, sleep=waits.append) == "ok"
-    assert all(30 <= w < 90 for w in waits)
+def fast_backoff(monkeypatch):
+    """The openai client's waits before each retry, recorded and then shortened 1000x (tests stay fast)."""
+    from openai._base_client import SyncAPIClient
+    waits, real = [], SyncAPIClient._calculate_retry_timeout
+
+    def recorded(self, *a, **k):
+        waits.append(real(self, *a, **k))
+        return waits[-1] / 1000
+    monkeypatch.setattr(SyncAPIClient, "_calculate_retry_timeout", recorded)
+    return waits
+
+
+def test_chat_retries_each_transient_fault_with_backoff_and_jitter(monkeypatch):
+    transport = [429, 500, 502, 503, (408, {"error": {}}), (409, {}), RESET, Delay(1.5, "too late")]
+    bodies = [{"choices": []}, {"object": "chat.completion"}, {"choices": [{"index": 0}]}, b'{"choices": [']
+    waits = fast_backoff(monkeypatch)
+    with OpenAIStub(transport + bodies + ["0.7"]) as stub:
+        client = jobs.openai_client(stub.url, timeout=0.5, tries=len(transport) + 1)  # the Delay outlasts the timeout
+        assert jobs.chat(client, "judge", MESSAGES, tries=len(bodies) + 1) == "0.7"
+        assert len(stub.requests) == len(transport) + len(bodies) + 1  # every fault asked again, none given up
+    # the client's exponential backoff with jitter, before each transport retry (malformed bodies are re-asked)
+    factors = [w / min(0.5 * 2 ** k, 8.0) for k, w in enumerate(waits)]
+    assert len(waits) == len(transport) and all(0.75 <= x <= 1 for x in factors) and len(set(factors)) > 1
+    assert max(waits) <= 8.0  # capped
 
 
 def test_chat_gives_up_after_bounded_tries_and_never_quotes_the_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    fast_backoff(monkeypatch)
     with OpenAIStub(default=503) as stub:
-        with pytest.raises(common.RemoteError, match=r"gave up after 3 tries \(InternalServerError: 503\)"):
-            common.chat(common.openai_client(stub.url), "judge", MESSAGES, tries=3, sleep=lambda s: None)
+        with pytest.raises(jobs.RemoteError, match=r"gave up after 3 tries \(InternalServerError: 503\)"):
+            jobs.chat(jobs.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
+        assert len(stub.requests) == 3
+    with OpenAIStub(default={"choices": []}) as stub:
+        with pytest.raises(jobs.RemoteError, match=r"gave up after 3 tries \(response without choices"):
+            jobs.chat(jobs.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
         assert len(stub.requests) == 3
     echo = (401, {"error": {"message": f"Incorrect API key provided: {SECRET}", "code": "invalid_api_key"}})
     with OpenAIStub(default=echo) as stub:  # a server that quotes the key back
-        with pytest.raises(common.RemoteError) as e:
-            common.chat(common.openai_client(stub.url), "judge", MESSAGES, tries=3, sleep=lambda s: None)
+        with pytest.raises(jobs.RemoteError) as e:
+            jobs.chat(jobs.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
         assert len(stub.requests) == 1 and stub.headers[0]["authorization"] == f"Bearer {SECRET}"
     assert SECRET not in "".join(traceback.format_exception(e.value)) and "401" in str(e.value)
 
@@ -494,16 +510,16 @@ def test_inject_openai_survives_faults_and_a_failure_sets_the_exit_code(tmp_path
                        "clock": [(409, {})], "book": [500] * 99}, lambda p: "Not " + p.strip().lower())
     out = tmp_path / "pairs.jsonl"
     args = ["--backend", "openai", "--data", f"src={data}", "--out", out, "--prompt_file", prompt, "--retries", 3,
-            "--backoff", 0.01, "--timeout", 0.5, "--max_tries", 1, "--workers", 3]
+            "--timeout", 0.5, "--max_tries", 1, "--workers", 3]
     with OpenAIStub(default=reply) as stub:
         proc = run_here("02_inject_errors.py", *args, "--base_url", stub.url, env=KEY)
     assert "1 items got no reply" in error_line(proc, stub.url)
     assert "failed 1 items (up to 1 tries each: 1 api error)" in summary_line(proc, "wrote 5 pairs this run (5 in")
-    assert sorted(r["chosen"] for r in common.read_jsonl(out)) == sorted(answers[:5])
+    assert sorted(r["chosen"] for r in jobs.read_jsonl(out)) == sorted(answers[:5])
     with OpenAIStub(default=lambda body: "Not an old book .") as stub:  # the rerun asks for the missing one only
         again = run_here("02_inject_errors.py", *args, "--base_url", stub.url, env=KEY)
         assert again.returncode == 0 and len(stub.requests) == 1
-    assert len(common.read_jsonl(out)) == 6
+    assert len(jobs.read_jsonl(out)) == 6
     assert_no_secret(tmp_path, proc, again)
 
 
@@ -528,12 +544,12 @@ def test_mmvet_judge_faults_are_retried_and_a_failure_is_never_a_zero(tmp_path):
                        "What is the sum?": [{"choices": []}, b"<html>"], "What is 2+2?": [quoting] * 99}, judge_score)
     out = tmp_path / "out"
     args = ["--mmvet_json", mm, "--answers", ans, "--out_dir", out, "--judge", "gpt-stub", "--retries", 3,
-            "--backoff", 0.01, "--timeout", 0.5, "--workers", 2]
+            "--timeout", 0.5, "--workers", 2]
     with OpenAIStub(default=reply) as stub:
         proc = run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=KEY)
     assert "1 grades got no reply" in error_line(proc, "rerun to resume")
     assert not (out / "scores.json").exists()  # no total with a 0.0 standing in for the failed grade
-    grades = {g["id"]: g for g in common.read_jsonl(out / "grades.jsonl")}
+    grades = {g["id"]: g for g in jobs.read_jsonl(out / "grades.jsonl")}
     assert sorted(grades) == ["v1_0", "v1_1", "v1_2"] and not any(g["failed"] for g in grades.values())
     with OpenAIStub(default=lambda body: judge_score(body["messages"][-1]["content"])) as stub:
         again = run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=KEY)
@@ -550,7 +566,7 @@ def test_halbench_extractor_failure_exits_nonzero_and_rerun_asks_only_for_it(tmp
     objects.write_text(json.dumps({"a.jpg": ["cup"], "b.jpg": ["dog"]}))
     out = tmp_path / "out"
     args = ["--answers", answers, "--objects", objects, "--out_dir", out, "--extractor", "gpt-stub", "--retries", 2,
-            "--backoff", 0.01]
+           ]
     with OpenAIStub(default=by_marker({"sofa": [500] * 99}, lambda p: "cup")) as stub:
         proc = run_here("05_eval_halbench.py", *args, "--base_url", stub.url, env=KEY)
     assert "1 extractions failed" in error_line(proc, "gave up after 2 tries")
@@ -566,7 +582,7 @@ def test_halbench_extractor_failure_exits_nonzero_and_rerun_asks_only_for_it(tmp
 
 
 def lines_as_set(path):
-    return sorted(json.dumps(r, sort_keys=True) for r in common.read_jsonl(path))
+    return sorted(json.dumps(r, sort_keys=True) for r in jobs.read_jsonl(path))
 
 
 def test_inject_openai_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
@@ -581,7 +597,7 @@ def test_inject_openai_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
         kill_after_lines([*args, "--base_url", stub.url, "--out", killed], part, random.Random(2).randint(5, 30))
         half_line(part)
         assert run_here(*args, "--base_url", stub.url, "--out", killed).returncode == 0
-    ids = [r["id"] for r in common.read_jsonl(killed)]
+    ids = [r["id"] for r in jobs.read_jsonl(killed)]
     assert len(ids) == len(set(ids)) == 40 and lines_as_set(killed) == lines_as_set(straight)
 
 
@@ -603,7 +619,7 @@ def test_mmvet_killed_answering_then_grading_equals_uninterrupted(toy, tmp_path)
         assert (out / name).read_text() == (straight / name).read_text()
     assert lines_as_set(out / "answers.jsonl") == lines_as_set(straight / "answers.jsonl")
     assert lines_as_set(out / "grades.jsonl") == lines_as_set(straight / "grades.jsonl")
-    assert len(common.read_jsonl(out / "grades.jsonl")) == n  # each question graded exactly once
+    assert len(jobs.read_jsonl(out / "grades.jsonl")) == n  # each question graded exactly once
 
 
 def test_halbench_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
@@ -616,7 +632,7 @@ def test_halbench_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
     kill_after_lines([*args, "--out_dir", out], out / "answers.jsonl", random.Random(5).randint(3, n - 6))
     half_line(out / "answers.jsonl", '{"question_id": 0, "ans')
     assert run_here(*args, "--out_dir", out).returncode == 0
-    ids = [r["question_id"] for r in common.read_jsonl(out / "answers.jsonl")]
+    ids = [r["question_id"] for r in jobs.read_jsonl(out / "answers.jsonl")]
     assert len(ids) == len(set(ids)) == n
     assert lines_as_set(out / "answers.jsonl") == lines_as_set(straight / "answers.jsonl")
     for name in ("details.jsonl", "scores.json"):
@@ -625,9 +641,9 @@ def test_halbench_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
 
 def test_whole_file_outputs_are_replaced_atomically(tmp_path):
     f = tmp_path / "scores.json"
-    common.write_atomic(f, '{"total": 50.0}')
+    jobs.write_atomic(f, '{"total": 50.0}')
     with pytest.raises(UnicodeEncodeError):  # a write that dies half-way (a lone surrogate cannot be encoded)
-        common.write_atomic(f, '{"total": 12.5, "note": "' + "x" * 100_000 + '\ud800"}')
+        jobs.write_atomic(f, '{"total": 12.5, "note": "' + "x" * 100_000 + '\ud800"}')
     assert json.loads(f.read_text()) == {"total": 50.0} and os.listdir(tmp_path) == ["scores.json"]
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import common
+import jobs
 from conftest import ROOT, kill_after_lines, run_script
 from openai_stub import OpenAIStub
 
@@ -29,7 +30,7 @@ def summary(proc):
 
 
 def check_pairs(path, method="error_injection"):
-    recs = common.read_jsonl(path)
+    recs = jobs.read_jsonl(path)
     assert recs and len({r["id"] for r in recs}) == len(recs), "duplicate ids"
     for r in recs:
         assert PAIR_FIELDS <= set(r) and r["method"] == method
@@ -73,8 +74,8 @@ def test_rules_all_turns_count_failures_and_resume(toy, tmp_path):
     args = ("--backend", "rules", "--data", f"toy={toy / 'train.json'}", "--vocab", toy / "world.json",
             "--out", out, "--turns", "all", "--samples_per_source", 200)
     written, failed, reasons = summary(inject(*args))
-    items, _ = common.load_items("toy", toy / "train.json", "all")
-    sampled = {it["id"]: it for it in common.sample_per_source(items, 200, 0)}
+    items, _ = jobs.load_items("toy", toy / "train.json", "all")
+    sampled = {it["id"]: it for it in jobs.sample_per_source(items, 200, 0)}
     recs = check_pairs(out)
     unchangeable = [i for i, it in sampled.items() if it["answer"] in ("none .", "nothing .")]
     assert unchangeable and written == len(recs) and written + failed == len(sampled)
@@ -132,7 +133,7 @@ def test_openai_backend_over_http(tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-secret-123"}
     with OpenAIStub(default=reply) as stub:
         proc = inject("--backend", "openai", "--data", f"gt={data}", "--out", out, "--base_url", stub.url,
-                      "--api_model", "stub-model", "--workers", 4, "--retries", 2, "--backoff", 0.01,
+                      "--api_model", "stub-model", "--workers", 4, "--retries", 2,
                       "--max_tries", 2, env=env, check=False)
     assert proc.returncode == 1 and "2 items got no reply" in proc.stderr  # the two api errors: not a silent success
     written, failed, reasons = summary(proc)
@@ -148,7 +149,7 @@ def test_openai_backend_over_http(tmp_path):
     assert "sk-test" not in proc.stdout + proc.stderr + open(out).read()
     with OpenAIStub(default="Something else entirely.") as stub:  # a rerun asks only for what is missing
         inject("--backend", "openai", "--data", f"gt={data}", "--out", out, "--base_url", stub.url,
-               "--backoff", 0.01, env=env)
+               env=env)
         assert len(stub.requests) == 5
     assert len(check_pairs(out)) == 8
 
@@ -160,12 +161,12 @@ def test_hf_backend_killed_and_rerun_loses_and_duplicates_nothing(toy, tmp_path)
             "--samples_per_source", 60, "--batch_size", 1, "--max_new_tokens", 24, "--prompt_file", prompt]
     part = f"{out}.part0"
     kill_after_lines(["02_inject_errors.py", *args], part, 3)
-    before = {r["id"] for r in common.read_jsonl(part, tolerate_partial_last=True)}
+    before = {r["id"] for r in jobs.read_jsonl(part, tolerate_partial_last=True)}
     written, failed, _ = summary(inject(*args))
     recs = check_pairs(out)
     ids = {r["id"] for r in recs}
-    items, _ = common.load_items("toy", toy / "train.json")
-    assert before <= ids <= {it["id"] for it in common.sample_per_source(items, 60, 0)}
+    items, _ = jobs.load_items("toy", toy / "train.json")
+    assert before <= ids <= {it["id"] for it in jobs.sample_per_source(items, 60, 0)}
     assert len(ids) + failed == 60 and written == len(ids) - len(before)
     assert not os.path.exists(part)
     for r in recs:
@@ -185,6 +186,6 @@ def test_torchrun_two_ranks_equal_one_process(toy, tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 50 pairs this run (50 in" in proc.stdout
-    key = lambda path: sorted(json.dumps(r, sort_keys=True) for r in common.read_jsonl(path))
+    key = lambda path: sorted(json.dumps(r, sort_keys=True) for r in jobs.read_jsonl(path))
     assert key(tmp_path / "one.jsonl") == key(tmp_path / "two.jsonl")
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]

@@ -5,17 +5,18 @@ import pytest
 from PIL import Image
 
 import common
+import jobs
 from conftest import run_script
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text('{"id": "a"}\n\n{"id": "b",\n{"id": "c"}\n')
-    with pytest.raises(common.DataError, match=r"pairs\.jsonl:3: not a valid JSON line"):
-        common.read_jsonl(f)
+    with pytest.raises(jobs.DataError, match=r"pairs\.jsonl:3: not a valid JSON line"):
+        jobs.read_jsonl(f)
     f.write_text('{"id": "a"}\n[1, 2]\n')
-    with pytest.raises(common.DataError, match=r"pairs\.jsonl:2: expected a JSON object"):
-        common.read_jsonl(f)
+    with pytest.raises(jobs.DataError, match=r"pairs\.jsonl:2: expected a JSON object"):
+        jobs.read_jsonl(f)
 
 
 def test_training_script_reports_file_and_line(tmp_path):
@@ -41,13 +42,13 @@ def test_training_script_reports_file_and_line(tmp_path):
 def test_partial_last_line_dropped_and_truncated_on_append(tmp_path):
     f = tmp_path / "out.jsonl"
     f.write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c", "rej')  # a kill in the middle of a write
-    assert common.existing_ids(f) == {"a", "b"}
-    with pytest.raises(common.DataError):
-        common.read_jsonl(f)  # a reader that does not expect a partial line still refuses it
-    w = common.JsonlAppender(f)
+    assert jobs.existing_ids(f) == {"a", "b"}
+    with pytest.raises(jobs.DataError):
+        jobs.read_jsonl(f)  # a reader that does not expect a partial line still refuses it
+    w = jobs.JsonlAppender(f)
     w.write({"id": "c"})
     w.close()
-    assert [r["id"] for r in common.read_jsonl(f)] == ["a", "b", "c"]
+    assert [r["id"] for r in jobs.read_jsonl(f)] == ["a", "b", "c"]
 
 
 def test_json_list_and_jsonl_read_alike(tmp_path):
@@ -58,16 +59,16 @@ def test_json_list_and_jsonl_read_alike(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(recs))
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     for name in ("a.json", "a.jsonl"):
-        items, no_image = common.load_items("src", tmp_path / name, turns="all")
+        items, no_image = jobs.load_items("src", tmp_path / name, turns="all")
         assert no_image == 1
         assert [(i["id"], i["prompt"], i["answer"]) for i in items] == [
             ("src/1-0", "What is it?", "A cup."), ("src/1-1", "Colour?", "Red.")]
-    items, _ = common.load_items("src", tmp_path / "a.json", turns="first")
+    items, _ = jobs.load_items("src", tmp_path / "a.json", turns="first")
     assert [i["id"] for i in items] == ["src/1-0"]
 
 
 def test_sample_per_source_is_uniform_and_seeded():
     items = list(range(100))
-    a, b = common.sample_per_source(items, 10, 3), common.sample_per_source(items, 10, 3)
-    assert a == b and len(set(a)) == 10 and a != common.sample_per_source(items, 10, 4)
-    assert common.sample_per_source(items, -1, 0) == items
+    a, b = jobs.sample_per_source(items, 10, 3), jobs.sample_per_source(items, 10, 3)
+    assert a == b and len(set(a)) == 10 and a != jobs.sample_per_source(items, 10, 4)
+    assert jobs.sample_per_source(items, -1, 0) == items

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import jobs
 
 LLAMA_TOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "llama2-tokenizer")
 
@@ -46,7 +47,7 @@ def _logits(model, processor, image, noise_step=0, noise_on="features"):
 @pytest.mark.parametrize("noise_on", ["features", "pixels"])
 def test_weakening_changes_logits_and_step0_does_not(toy, toy_model, noise_on):
     model, processor = toy_model
-    image = common.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    image = jobs.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     clean = _logits(model, processor, image)
     assert torch.equal(clean, _logits(model, processor, image, 0, noise_on))
     weak = _logits(model, processor, image, 800, noise_on)
@@ -54,34 +55,36 @@ def test_weakening_changes_logits_and_step0_does_not(toy, toy_model, noise_on):
     assert torch.equal(clean, _logits(model, processor, image))  # the hook is gone after the context
 
 
-def test_sequence_logps_equals_log_softmax_gather():
+def test_packed_logps_equals_log_softmax_gather():
     torch.manual_seed(0)
-    logits = torch.randn(3, 6, 11)
-    labels = torch.randint(0, 11, (3, 6))
-    labels[0, :3] = common.IGNORE
-    labels[2, :] = common.IGNORE
+    logits = torch.randn(7, 11)  # the kept positions' logits
+    index = torch.tensor([0, 1, 2, 4, 5, 6])  # row 3 is kept but scores nothing
+    toks = torch.randint(0, 11, (6,))
+    slots = torch.tensor([0, 0, 2, 2, 2, 0])  # slot 1: a response with no scored token
     want = torch.zeros(3)
-    logp = torch.log_softmax(logits, -1)
-    for b in range(3):
-        for t in range(1, 6):
-            if labels[b, t] != common.IGNORE:
-                want[b] += logp[b, t - 1, labels[b, t]]
-    assert torch.allclose(common.sequence_logps(logits, labels), want, atol=1e-5)
-    assert common.sequence_logps(logits, labels)[2] == 0
+    logp = torch.log_softmax(logits.double(), -1)
+    for i, t, s in zip(index.tolist(), toks.tolist(), slots.tolist()):
+        want[s] += logp[i, t]
+    got = common.packed_logps(logits, (index, toks, slots), 3)
+    assert torch.allclose(got, want.float(), atol=1e-5)
+    assert got[1] == 0
 
 
-def test_sequence_logps_equals_model_token_loss(toy, toy_model):
+def test_packed_logps_equal_model_token_loss(toy, toy_model):
     """Summed response log-probs = -(mean token loss of the model's own loss) x number of tokens,
     with prompt and image tokens masked."""
     model, processor = toy_model
-    image = common.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    image = jobs.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     words = [w for w in processor.tokenizer.get_vocab() if w.isalpha()][:5]
     pixel_values, seqs, cut = common.build_sequences(processor, image, "Describe the image in detail.",
                                                      [" ".join(words), words[0]], max_length=512)
     input_ids, mask, labels = common.pad_batch(seqs, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        ours = common.sequence_logps(model(input_ids=input_ids, attention_mask=mask,
-                                           pixel_values=pixel_values.repeat(2, 1, 1, 1)).logits, labels)
+        ids, position_ids, packed_mask, keep, scored = common.packed_batch([common.pack_responses(seqs)],
+                                                                           processor.tokenizer.pad_token_id)
+        logits = model(inputs_embeds=common.image_embeds(model, ids, pixel_values), attention_mask=packed_mask,
+                       position_ids=position_ids, logits_to_keep=keep).logits
+        ours = common.packed_logps(logits, scored, 2)
         for i in range(2):
             out = model(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], pixel_values=pixel_values,
                         labels=labels[i:i + 1])
@@ -98,11 +101,11 @@ def test_sequence_logps_equals_model_token_loss(toy, toy_model):
 
 def test_truncation_cuts_the_response_never_the_image(toy, toy_model):
     model, processor = toy_model
-    image = common.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    image = jobs.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     prompt_len = len(processor(text=[common.chat_prompt(processor, "q")], images=[image]).input_ids[0])
     _, seqs, cut = common.build_sequences(processor, image, "q", ["a " * 50, "a"], max_length=prompt_len + 5)
     assert cut == 1 and len(seqs[0][0]) == prompt_len + 5 and len(seqs[1][0]) == prompt_len + 2
-    with pytest.raises(common.DataError):
+    with pytest.raises(ValueError, match="more than --max_length"):
         common.build_sequences(processor, image, "q", ["a"], max_length=prompt_len - 1)
 
 

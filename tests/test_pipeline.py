@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import jobs
 from conftest import ROOT, kill_after_lines, run_script
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
@@ -28,7 +29,7 @@ def pairs(toy, tmp_path_factory):
 
 
 def test_pairs_follow_spec(pairs, toy):
-    recs = common.read_jsonl(pairs)
+    recs = jobs.read_jsonl(pairs)
     gt = {f"toy/{r['id']}-0": r for r in json.load(open(toy / "train.json"))}
     assert len(recs) >= 60 and len({r["id"] for r in recs}) == len(recs)
     for r in recs:
@@ -48,8 +49,8 @@ def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
     with open(part, "a") as f:
         f.write('{"id": "toy/half-written')  # as if the kill had landed mid-line
     run_script(*args)
-    ids = [r["id"] for r in common.read_jsonl(out)]
-    expected = {it["id"] for it in common.sample_per_source(common.load_items("toy", toy / "train.json")[0], 40, 0)}
+    ids = [r["id"] for r in jobs.read_jsonl(out)]
+    expected = {it["id"] for it in jobs.sample_per_source(jobs.load_items("toy", toy / "train.json")[0], 40, 0)}
     assert len(ids) == len(set(ids)) and set(ids) <= expected
     dropped = len(expected) - len(ids)  # only empty or identical negatives may be missing, and are counted
     assert dropped <= 4 and not os.path.exists(part)
@@ -62,7 +63,7 @@ def train(toy, data, out, *extra):
 
 def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
     proc = train(toy, pairs, tmp_path, "--lr", 2e-3, "--batch_size", 8, "--epochs", 3, "--save_every", 0)
-    rows = common.read_jsonl(tmp_path / "metrics.jsonl")
+    rows = jobs.read_jsonl(tmp_path / "metrics.jsonl")
     need = {"step", "epoch", "loss", "lr", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
             "rewards/margins", "logps/chosen", "logps/rejected", "samples_per_s"}
     assert need <= set(rows[0]) and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
@@ -84,13 +85,13 @@ def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
 
 def test_sft_baseline_learns_the_chosen_answers(toy, pairs, tmp_path):
     # the toy base already fits its own captions, so teach it one answer it does not give yet
-    recs = common.read_jsonl(pairs)
+    recs = jobs.read_jsonl(pairs)
     target = recs[0]["chosen"]
     sft_pairs = tmp_path / "sft_pairs.jsonl"
     sft_pairs.write_text("".join(json.dumps({**r, "chosen": target}) + "\n" for r in recs if r["rejected"] != target))
     train(toy, sft_pairs, tmp_path, "--loss", "sft", "--lr", 2e-3, "--batch_size", 8, "--max_steps", 12,
           "--save_every", 0)
-    rows = common.read_jsonl(tmp_path / "metrics.jsonl")
+    rows = jobs.read_jsonl(tmp_path / "metrics.jsonl")
     assert set(rows[0]) >= {"loss", "logps/chosen"} and "rewards/margins" not in rows[0]
     assert rows[-1]["logps/chosen"] > rows[0]["logps/chosen"] + 5
     assert rows[-1]["loss"] < 0.85 * rows[0]["loss"]
@@ -116,12 +117,12 @@ def test_resume_equals_straight_run(toy, pairs, tmp_path):
     shutil.copytree(tmp_path / "straight", cut)
     shutil.rmtree(cut / "checkpoint-6")
     shutil.rmtree(cut / "adapter")
-    rows = common.read_jsonl(cut / "metrics.jsonl")
+    rows = jobs.read_jsonl(cut / "metrics.jsonl")
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))  # one line too many
     proc = train(toy, pairs, cut, *args, "--resume")
     assert "resumed from" in proc.stdout and "checkpoint-3" in proc.stdout
     assert_same_weights(adapter(cut), adapter(tmp_path / "straight"), atol=1e-6)
-    resumed = common.read_jsonl(cut / "metrics.jsonl")
+    resumed = jobs.read_jsonl(cut / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     assert resumed[-1]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
 
@@ -137,7 +138,7 @@ def test_ddp_two_processes_equal_one(toy, pairs, tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(adapter(tmp_path / "two"), adapter(tmp_path / "one"), atol=1e-5)
-    one, two = (common.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    one, two = (jobs.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     for a, b in zip(one, two):  # metrics averaged over ranks = the single process's batch means
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-4)
@@ -148,11 +149,11 @@ def test_precomputed_reference_trains_like_the_per_step_reference(toy, pairs, tm
                    "--batch_size", 4, "--lr", 1e-3, "--lora_r", 4, "--lora_alpha", 8, "--save_every", 0]
     run_script("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "cached")
     run_script("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "per_step", "--no-precompute_ref")
-    cache = common.read_jsonl(tmp_path / "cached" / "ref_logps.jsonl")
-    n_pairs = len(common.read_jsonl(pairs))
+    cache = jobs.read_jsonl(tmp_path / "cached" / "ref_logps.jsonl")
+    n_pairs = len(jobs.read_jsonl(pairs))
     assert len(cache) == n_pairs and len({r["id"] for r in cache}) == n_pairs
     assert not (tmp_path / "per_step" / "ref_logps.jsonl").exists()
-    for a, b in zip(common.read_jsonl(tmp_path / "cached" / "metrics.jsonl"),
-                    common.read_jsonl(tmp_path / "per_step" / "metrics.jsonl")):
+    for a, b in zip(jobs.read_jsonl(tmp_path / "cached" / "metrics.jsonl"),
+                    jobs.read_jsonl(tmp_path / "per_step" / "metrics.jsonl")):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -1,5 +1,5 @@
 """Step 0: an offline toy world in the real formats. Renders a synthetic image world with a known
-language prior, builds a tiny LLaVA (word-level tokenizer, LLaVA-1.5 chat template), trains it in
+language prior, builds a tiny LLaVA (word-level tokenizer that knows LLaVA-1.5's conversation), trains it in
 stages so that it sees but leans on the prior, writes the ground truth and both benchmarks, and
 measures the prior: hallucination of clean and weakened captions (prior_check.json)."""
 import argparse
@@ -151,7 +151,7 @@ def vocabulary():
     """Every word the world can say or ask, independent of the sampled data."""
     texts = OBJECTS + list(PLURALS.values()) + list(COLOURS) + list(POSITIONS) + NUMBERS + DESCRIBE
     texts += [re.sub(r"\{\w+\}", "", q) for q in QUESTIONS.values()]
-    texts += ["USER: ASSISTANT:", "there is are a an at the it they and yes no nothing none , ."]
+    texts += [common.VICUNA_SYSTEM, "USER: ASSISTANT:", "there is are a an at the it they and yes no nothing none , ."]
     return SPECIALS + sorted({w for t in texts for w in words(t)})
 
 

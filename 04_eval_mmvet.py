@@ -16,7 +16,7 @@ import jobs
 
 CAPABILITIES = ["rec", "ocr", "know", "gen", "spat", "math"]  # the columns of the paper's Table 2
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=jobs.HelpFormatter)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
 p.add_argument("--adapter", default=None, help="peft adapter dir (03's D/adapter) merged onto --model; none = base model")
 p.add_argument("--mmvet_json", required=True, help="the official mm-vet.json {id: {imagename, capability, question, answer}}")
@@ -36,6 +36,7 @@ p.add_argument("--grade_tries", type=int, default=5,
 p.add_argument("--num_runs", type=int, default=1, help="independent gradings of every answer; mean and std reported")
 p.add_argument("--workers", type=int, default=8, help="judge calls in flight")
 jobs.add_remote_args(p)
+common.add_format_args(p)
 args = p.parse_args()
 if args.grade_tries < 1 or args.num_runs < 1:
     p.error("--grade_tries and --num_runs must be at least 1")
@@ -168,11 +169,13 @@ else:  # generate, appending to a JSONL cache so that a kill loses at most one b
     if not args.image_dir:
         sys.exit("error: to generate answers give --image_dir (or grade existing ones with --answers)")
     cache = os.path.join(args.out_dir, "answers.jsonl")
-    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
+    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens,
+              **common.input_format(args)._asdict()}
     items = [{"id": qid, "image": q["imagename"], "question": common.question_text(q["question"])}
              for qid, q in questions.items()]
     where = {qid: f"{args.mmvet_json}:{line_of(raw, qid)}" for qid in questions}
-    jobs.answer_all(items, cache, "id", config, args.image_dir, args.batch_size, where)
+    jobs.answer_all(items, cache, "id", config, lambda it: jobs.load_image(args.image_dir, it["image"]),
+                    args.batch_size, where)
     answers = {r["id"]: r["answer"] for r in jobs.read_jsonl(cache, tolerate_partial_last=True)}
 if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
     jobs.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1, ensure_ascii=False))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import common
 import jobs
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=jobs.HelpFormatter)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
 p.add_argument("--adapter", default=None, help="peft adapter dir (03's D/adapter) merged onto --model; none = base model")
 p.add_argument("--questions", default=None,
@@ -42,6 +42,7 @@ p.add_argument("--answers", default=None,
                     '"answer"} ("text" is read as "answer"; a missing image is looked up in --questions)')
 p.add_argument("--max_new_tokens", type=int, default=512, help="description length cap (recorded with each answer)")
 p.add_argument("--batch_size", type=int, default=8, help="generations per forward")
+common.add_format_args(p)
 args = p.parse_args()
 
 # ---- the CHAIR engine: words -> singular -> longest synonym phrase first -> COCO class
@@ -211,9 +212,10 @@ if args.answers:
 else:
     if not questions or not args.image_dir:
         sys.exit("error: to generate answers give --questions and --image_dir (or score existing ones with --answers)")
-    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens}
-    jobs.answer_all(questions, answers_path, "question_id", config, args.image_dir, args.batch_size, where,
-                      "describe")
+    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens,
+              **common.input_format(args)._asdict()}
+    jobs.answer_all(questions, answers_path, "question_id", config,
+                    lambda it: jobs.load_image(args.image_dir, it["image"]), args.batch_size, where, "describe")
     by_id = {r["question_id"]: r for r in jobs.read_jsonl(answers_path, tolerate_partial_last=True)}
     answers = [by_id[q["question_id"]] for q in questions]
 if not answers:

@@ -2,6 +2,8 @@
 input format, the forward-diffusion noise that weakens an image, generation, the token convention
 with packed response log-probs, and the DPO loss. The job plumbing (process groups, JSONL with resume,
 validation, remote calls) is in jobs.py."""
+import argparse
+import collections
 import contextlib
 
 import torch
@@ -39,10 +41,56 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
     return model, processor
 
 
-def chat_prompt(processor, question):
-    """The chat-template text of one image + question turn, ending with the generation prompt."""
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+# LLaVA-1.5's conversation (LLaVA's conv_vicuna_v1): how it was trained and how it is evaluated
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+InputFormat = collections.namedtuple("InputFormat", "chat_format pad_square")
+LLAVA_15 = InputFormat("vicuna_v1", True)
+
+
+def add_format_args(parser):
+    """--chat_format and --pad_square, on every script that builds a prompt."""
+    parser.add_argument("--chat_format", choices=["vicuna_v1", "template"], default="vicuna_v1",
+                        help="vicuna_v1: LLaVA-1.5's conversation (its system line, then ' USER: <image>\\n{question} "
+                             "ASSISTANT:'), as it was trained and evaluated; template: the processor's own chat template")
+    parser.add_argument("--pad_square", action=argparse.BooleanOptionalAction, default=True,
+                        help="pad each image to a square with the image processor's mean colour, centred, before the "
+                             "processor (LLaVA-1.5's image_aspect_ratio: pad); --no-pad_square: the processor alone "
+                             "(CLIP's resize and centre crop)")
+
+
+def input_format(args):
+    return InputFormat(args.chat_format, args.pad_square)
+
+
+def chat_prompt(processor, question, fmt=LLAVA_15, image=True):
+    """The text of one (image +) question turn, ending where the answer starts. The question is
+    stripped of surrounding white space, as LLaVA's preprocessing does."""
+    question = question.strip()
+    if fmt.chat_format == "vicuna_v1":
+        return f"{VICUNA_SYSTEM} USER: " + (f"{processor.image_token}\n" if image else "") + f"{question} ASSISTANT:"
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def pad_square(image, processor):
+    """LLaVA-1.5's expand2square: the image centred on a square of the processor's mean colour, so
+    that the resize keeps all of it (CLIP's centre crop would cut the edges, and objects there)."""
+    from PIL import Image
+    w, h = image.size
+    if w == h:
+        return image
+    colour = tuple(int(255 * m) for m in processor.image_processor.image_mean)
+    square = Image.new(image.mode, (max(w, h), max(w, h)), colour)
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
+def encode(processor, texts, images, fmt):
+    """Processor inputs for prompts with one image each, padded to squares where the format says so."""
+    if fmt.pad_square:
+        images = [pad_square(im, processor) for im in images]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
 
 def question_text(text):
@@ -108,19 +156,17 @@ def weaken_images(model, noise_step, noise_on="features", generator=None):
 
 
 @torch.no_grad()
-def generate(model, processor, images, prompts, max_new_tokens=512, do_sample=False,
-             temperature=1.0, top_p=1.0):
+def generate(model, processor, images, prompts, fmt=LLAVA_15, max_new_tokens=512, do_sample=False,
+             temperature=1.0, top_p=1.0, num_beams=1):
     """One batch of answers, left-padded; prompts are plain questions."""
-    texts = [chat_prompt(processor, p) for p in prompts]
-    enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    enc = encode(processor, [chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id,
-                         **sampling)
+                         num_beams=num_beams, **sampling)
     return [s.strip() for s in processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-
 
 
 # ----------------------------------------------------------------------------- token convention and log-probs
@@ -139,12 +185,13 @@ def response_ids(tokenizer, prompt_text, response):
     return ids + [tokenizer.eos_token_id]
 
 
-def build_sequences(processor, image, prompt, responses, max_length):
-    """Encodes one image + prompt and its responses under the token convention.
-    Returns (pixel_values [1,...], list of (input_ids, labels)), n_truncated. Responses longer than
-    max_length allows are cut at the end; the image and prompt tokens are never cut."""
-    prompt_text = chat_prompt(processor, prompt)
-    enc = processor(text=[prompt_text], images=[image], return_tensors="pt")
+def build_sequences(processor, image, prompt, responses, max_length, fmt=LLAVA_15):
+    """Encodes one image + prompt and its responses under the token convention (SPEC: the prompt
+    tokenised in one call, as at inference; the response and EOS scored). Returns (pixel_values
+    [1,...], list of (input_ids, labels), n_truncated). Responses longer than max_length allows are
+    cut at the end; the image and prompt tokens are never cut."""
+    prompt_text = chat_prompt(processor, prompt, fmt)
+    enc = encode(processor, [prompt_text], [image], fmt)
     prompt_ids = enc["input_ids"][0].tolist()
     room = max_length - len(prompt_ids)
     if room < 1:

@@ -432,15 +432,18 @@ def merge_parts(out):
     return len(have)
 
 
-def answer_all(items, path, key, config, image_dir, batch_size, where, desc="answer"):
-    """Greedy answers of config's model (+ adapter) to items {key, image, question}, appended to the
-    JSONL `path` as {**item, answer, **config} the moment a batch is done, so a rerun resumes. A cache
-    made with another model, adapter or max_new_tokens is refused rather than mixed. Every image is
-    read before the model loads, so a bad one stops the run at once, named by where[item[key]]
-    (the benchmark's file:line): a score over part of a benchmark is not the benchmark's score."""
+def answer_all(items, path, key, config, image_of, batch_size, where, desc="answer"):
+    """Answers of config's model (+ adapter) to items {key, question, ...}, greedy (or config's
+    num_beams), in config's input format (chat_format, pad_square), appended to the JSONL `path` as
+    {**item, answer, **config} the moment a batch is done, so a rerun resumes. A cache made with
+    other settings is refused rather than mixed. image_of(item) gives the item's PIL image or raises
+    DataError; every image is read before the model loads, so a bad one stops the run at once, named
+    by where[item[key]] (the benchmark's file:line): a score over part of a benchmark is not the
+    benchmark's score."""
     old = read_jsonl(path, tolerate_partial_last=True) if os.path.exists(path) else []
     if any({k: r.get(k) for k in config} != config for r in old):
-        sys.exit(f"error: {path} holds answers of another model, adapter or --max_new_tokens; use another --out_dir")
+        sys.exit(f"error: {path} holds answers made with other settings (model, adapter, format, decoding); "
+                 "use another --out_dir")
     done = {r[key] for r in old}
     todo = [it for it in items if it[key] not in done]
     print(f"{len(items)} questions, {len(items) - len(todo)} already answered")
@@ -448,18 +451,18 @@ def answer_all(items, path, key, config, image_dir, batch_size, where, desc="ans
         return
     for it in todo:
         try:
-            load_image(image_dir, it["image"])
+            image_of(it)
         except DataError as e:
             sys.exit(f"error: {where[it[key]]}: {e}")
     from tqdm import tqdm
     _, _, device = dist_setup()
     model, processor = common.load_model(config["model"], config["adapter"], device=device)
+    fmt = common.InputFormat(config["chat_format"], config["pad_square"])
     writer = JsonlAppender(path)
     for i in tqdm(range(0, len(todo), batch_size), desc=desc):
         batch = todo[i:i + batch_size]
-        images = [load_image(image_dir, it["image"]) for it in batch]
-        texts = common.generate(model, processor, images, [it["question"] for it in batch],
-                         max_new_tokens=config["max_new_tokens"])
+        texts = common.generate(model, processor, [image_of(it) for it in batch], [it["question"] for it in batch], fmt,
+                                max_new_tokens=config["max_new_tokens"], num_beams=config.get("num_beams", 1))
         for it, text in zip(batch, texts):
             writer.write({**it, "answer": text, **config})
     writer.close()

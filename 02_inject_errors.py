@@ -79,6 +79,10 @@ jobs.add_remote_args(p)
 p.add_argument("--vocab", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "vocab_coco.json"),
                help="rules: substitution vocabulary, a vocabulary JSON (as data/vocab_coco.json) or a toy world.json")
 p.add_argument("--edits", type=int, default=2, help="rules: details changed per answer (fewer if it has fewer)")
+p.add_argument("--dry_run", action="store_true",
+               help="check every record and tokenise every question and answer (with --model's tokenizer for hf); "
+                    "print counts and lengths; rewrite and write nothing")
+common.add_format_args(p)  # hf: the conversation the MLLM's language model is prompted in (no image)
 jobs.add_on_error_arg(p, "skip", "ground-truth record")
 args = p.parse_args()
 if args.max_tries < 1:
@@ -138,7 +142,11 @@ def problem(it, text):
 # ---- items: every source read, sampled uniformly with the seed, the ones already written dropped
 bad_records = jobs.OnError(args.on_error, quiet=rank != 0)
 items, no_image = jobs.load_sources(args.data, args.samples_per_source, args.seed, args.turns,
-                                     bad_records)
+                                    bad_records)
+if args.dry_run:
+    args.model = args.model if args.backend == "hf" else None  # rules and openai use no local tokenizer
+    jobs.dry_run_items(items, None, args, common.input_format(args), bad_records)
+    sys.exit(0)
 todo, part, n_done = jobs.pending_items(items, args.out, rank, world)
 if rank == 0:
     print(f"{len(items)} items, {n_done} already done, {no_image} records without image skipped; "
@@ -236,8 +244,7 @@ else:  # hf: the MLLM's language model, prompted without an image, batched
     def rewrites(batch, k):
         for i in range(0, len(batch), args.batch_size):
             chunk = batch[i:i + args.batch_size]
-            texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": fill(it)}]}],
-                                                   add_generation_prompt=True) for it in chunk]
+            texts = [common.chat_prompt(processor, fill(it), common.input_format(args), image=False) for it in chunk]
             enc = tok(texts, return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                                  top_p=args.top_p, pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -27,10 +28,13 @@ import jobs
 p = argparse.ArgumentParser(description=__doc__, formatter_class=jobs.HelpFormatter)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
 p.add_argument("--data", action="append", required=True, help="pairs JSONL (repeat to train on several)")
-p.add_argument("--image_root", required=True, help="image paths in the pairs are relative to this")
+p.add_argument("--image_root", action="append", required=True, metavar="DIR|NAME=DIR",
+               help="image paths in the pairs are relative to this: one DIR for every source, or NAME=DIR per "
+                    "pair `source` (as 01's --data NAME=PATH)")
 p.add_argument("--output_dir", required=True, help="adapter/, metrics.jsonl, curves.png and checkpoint-N/ go here")
 p.add_argument("--loss", choices=["dpo", "sft"], default="dpo",
-               help="dpo: the paper's objective; sft: NLL of the chosen answers only (Table 3's baseline)")
+               help="dpo: the paper's objective; sft: NLL of the chosen answers only (Table 3's baseline), the mean "
+                    "over the micro-batch's answer tokens, as LLaVA's fine-tuning")
 p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (the paper's eta)")
 p.add_argument("--sft_weight", type=float, default=0.0,
                help="DPO only: add this times the chosen answers' per-token NLL to the loss (0: pure DPO, the paper's)")
@@ -49,9 +53,17 @@ p.add_argument("--max_steps", type=int, default=-1, help="stop after this many o
 p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
 p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
 p.add_argument("--log_every", type=int, default=1, help="write a metrics row every N steps (averaged over them)")
-p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+run_dir = p.add_mutually_exclusive_group()
+run_dir.add_argument("--resume", action="store_true",
+                     help="continue the run in --output_dir from its latest checkpoint (refused if a setting that "
+                          "changes what a step sees differs; a longer --max_steps or more --epochs continue it)")
+run_dir.add_argument("--overwrite", action="store_true", help="delete an earlier run in --output_dir and start clean")
+p.add_argument("--dry_run", action="store_true",
+               help="check every pair, root and image header and tokenise every prompt and answer; print counts, "
+                    "lengths, cuts, steps and the estimated peak memory per GPU; train nothing, write nothing")
 p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
-p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
+p.add_argument("--gradient_checkpointing", action="store_true",
+               help="recompute activations in the backward: far less memory (the 7B on 48 GB needs it), ~30%% slower")
 p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=True,
                help="DPO: score every pair under the reference once before training and cache it in "
                     "OUTPUT_DIR/ref_logps.jsonl (the reference never changes), instead of a reference forward every step")
@@ -59,6 +71,7 @@ p.add_argument("--group_by_length", action="store_true",
                help="batch pairs of similar length together (less padding, faster; batches are then less random)")
 jobs.add_on_error_arg(p, "fail", "pair")
 p.add_argument("--seed", type=int, default=42, help="seed of the LoRA init, the shuffle and dropout")
+common.add_format_args(p)
 args = p.parse_args()
 
 
@@ -115,30 +128,112 @@ main = rank == 0
 # every linear layer of the language model; nothing in the vision tower or the projector
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
+fmt = common.input_format(args)
+roots = jobs.parse_image_roots(args.image_root)
+B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
+per_step = B * world * args.grad_accum  # pairs per optimizer step, all ranks
+responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
+
+# ---- the run directory: a fresh run never mixes with an earlier one; a resume sees the same steps
+# what a step sees: if any of these differs, a resumed run would not continue the same run
+settings = {"model": args.model, "data": [[os.path.abspath(d), os.path.getsize(d)] for d in args.data],
+            "pairs per step (batch_size x processes x grad_accum)": per_step, "max_length": args.max_length,
+            "loss": args.loss, "seed": args.seed, "group_by_length": args.group_by_length,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, **fmt._asdict()}
+run_path = os.path.join(args.output_dir, "run.json")
+earlier = sorted(n for n in os.listdir(args.output_dir) if n in ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")
+                 or n.startswith("checkpoint-")) if os.path.isdir(args.output_dir) else []
+if args.resume and os.path.exists(run_path):
+    with open(run_path) as f:
+        run = json.load(f)
+    changed = [f"{k} {run['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if run["settings"].get(k) != v]
+    if changed:
+        sys.exit(f"error: --resume of {args.output_dir} with settings that change what a step sees: {'; '.join(changed)}. "
+                 "Resume with the run's settings, or start another run (--overwrite, or another --output_dir)")
+elif args.resume and earlier:
+    sys.exit(f"error: {args.output_dir} holds no run.json ({', '.join(earlier)}): not a run 03 can resume")
+elif earlier and not args.dry_run and not args.overwrite:
+    sys.exit(f"error: {args.output_dir} holds an earlier run ({', '.join(earlier)}); --resume continues it, "
+             "--overwrite deletes it and starts clean")
+run = {"settings": settings, "finished_step": None} if not args.resume or not os.path.exists(run_path) else run
+jobs.barrier()  # every rank has looked before rank 0 clears the folder
+if main and not args.dry_run:
+    if args.overwrite:
+        for name in earlier + ["curves.png"]:
+            path = os.path.join(args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    jobs.write_atomic(run_path, json.dumps(run, indent=1))
+
 # ---- data: every pair validated up front, so a bad line fails (or is skipped) before hours of training
 bad = jobs.OnError(args.on_error, quiet=not main)
 try:
-    pairs, where, keys = jobs.load_pairs(args.data, args.image_root, bad)
+    pairs, where, keys = jobs.load_pairs(args.data, roots, bad)
 except (jobs.DataError, OSError) as e:
     sys.exit(f"error: {e}")
+processor = common.load_processor(args.model)
+image_extra = common.image_token_count(processor) - 1  # the image placeholder becomes this many more tokens
+
+
+def measure(i):
+    """(prompt tokens with the image, [tokens of each response + EOS], error) of pair i; the real run
+    decodes the image too, so a file corrupt past its header fails here and not hours in."""
+    pair = pairs[i]
+    try:
+        if not args.dry_run:
+            jobs.load_image(jobs.image_root(roots, pair.get("source")), pair["image"])
+        prompt_text = common.chat_prompt(processor, pair["prompt"], fmt)
+        n_prompt = len(processor.tokenizer(prompt_text).input_ids) + image_extra
+        if n_prompt >= args.max_length:
+            raise jobs.DataError(f"prompt with image takes {n_prompt} tokens, --max_length is {args.max_length}")
+        return n_prompt, [len(common.response_ids(processor.tokenizer, prompt_text, pair[r])) for r in responses], None
+    except jobs.DataError as e:
+        return 0, [], str(e)
+
+
+# each rank measures its share, all ranks see every result (and so drop the same pairs)
+measured = {i: measure(i) for i in tqdm(range(rank, len(pairs), world), desc="check pairs", disable=not main)}
+if world > 1:
+    shares = [None] * world
+    dist.all_gather_object(shares, measured)
+    measured = {i: m for share in shares for i, m in share.items()}
+try:
+    for i in sorted(i for i, m in measured.items() if m[2]):
+        bad(where[i], "unusable pair", measured[i][2])
+except jobs.DataError as e:
+    sys.exit(f"error: {e}")
+good = [i for i in range(len(pairs)) if not measured[i][2]]
+pairs, where, keys = [pairs[i] for i in good], [where[i] for i in good], [keys[i] for i in good]
+lengths = [measured[i][:2] for i in good]  # (prompt tokens, response tokens), as pairs now
+n_cut = sum(n_prompt + n > args.max_length for n_prompt, ns in lengths for n in ns)
 if main and args.on_error == "skip":
     print(bad.summary("pairs"))
-B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
-per_step = B * world * args.grad_accum  # pairs per optimizer step, all ranks
 steps_per_epoch = len(pairs) // per_step
 if steps_per_epoch == 0:
     sys.exit(f"error: {len(pairs)} pairs is less than one step ({per_step} = batch_size x processes x grad_accum)")
 total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
+if args.dry_run:
+    if main:
+        print(f"dry run: {len(pairs)} pairs in {len(args.data)} files ({bad.summary('pairs')}); every image root and "
+              f"header found; {steps_per_epoch} steps per epoch of {per_step} pairs, {total_steps} steps in all")
+        jobs.print_lengths("prompt tokens (image included)", [n for n, _ in lengths], args.max_length, "over --max_length")
+        for k, r in enumerate(responses):
+            jobs.print_lengths(f"{r} tokens (+EOS)", [ns[k] for _, ns in lengths])
+        jobs.print_lengths("packed sequence tokens", jobs.packed_lengths(lengths, args.max_length))
+        print(f"  responses cut at --max_length {args.max_length}: {n_cut}")
+        print(jobs.train_memory_estimate(args, lengths, responses))
+        print("nothing trained or written (--dry_run)")
+    sys.exit(0)
+if args.resume and run["finished_step"] is not None and run["finished_step"] >= total_steps:
+    if main:
+        print(f"nothing to do: the run in {args.output_dir} finished at step {run['finished_step']} of {total_steps} "
+              f"(a larger --max_steps or --epochs continues it); its adapter is in {args.output_dir}/adapter")
+    sys.exit(0)
 
 # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
 model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
-model.requires_grad_(False)
-if args.load_in_4bit:
-    from peft import prepare_model_for_kbit_training
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-elif args.gradient_checkpointing:
+model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
+if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -168,10 +263,7 @@ if args.resume and ckpts:
     step = state["step"]
     if main:
         print(f"resumed from {ckpts[-1]} at step {step}")
-elif main and os.path.exists(metrics_path):
-    os.remove(metrics_path)  # a fresh run starts a fresh log
 if main:
-    os.makedirs(args.output_dir, exist_ok=True)
     keep_metrics_upto(metrics_path, step)  # drop log lines past the checkpoint we resumed
 
 
@@ -183,12 +275,11 @@ def save_checkpoint(step):
     model.save_pretrained(os.path.join(tmp, "adapter"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "args": vars(args)}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved before (a continued run)
     os.replace(tmp, final)
-    for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+    done = checkpoints(args.output_dir)
+    for old in done[:max(0, len(done) - args.keep_checkpoints)]:
         shutil.rmtree(old)
-
-
-cut = {}  # pair index -> its responses cut at --max_length, counted once however often the pair is seen
 
 
 def micro_batch(indices, responses=("chosen", "rejected")):
@@ -198,16 +289,11 @@ def micro_batch(indices, responses=("chosen", "rejected")):
     pixels, packs = [], []
     for i in indices:
         pair = pairs[i]
-        try:
-            image = jobs.load_image(args.image_root, pair["image"])
-            pv, seqs, n_cut = common.build_sequences(processor, image, pair["prompt"],
-                                                     [pair[r] for r in responses], args.max_length)
-        except (OSError, ValueError) as e:  # a broken image or a prompt over --max_length
-            sys.exit(f"error: {where[i]}: {e}")
+        image = jobs.load_image(jobs.image_root(roots, pair.get("source")), pair["image"])  # checked up front
+        pv, seqs, _ = common.build_sequences(processor, image, pair["prompt"], [pair[r] for r in responses],
+                                             args.max_length, fmt)
         pixels.append(pv)
         packs.append(common.pack_responses(seqs))
-        if n_cut:
-            cut[i] = n_cut
     input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
     batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), attention_mask=mask.to(device),
                  logits_to_keep=keep.to(device), pixel_values=torch.cat(pixels).to(device))
@@ -222,16 +308,19 @@ def batch_logps(net, batch, scored, n_out, embeds=None):
         if embeds is None:
             embeds = common.image_embeds(model, batch["input_ids"], batch["pixel_values"])
         logits = net(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                     logits_to_keep=batch["logits_to_keep"]).logits
+                     logits_to_keep=batch["logits_to_keep"], use_cache=False).logits  # no KV cache: 2-3 GB at 7B
     return common.packed_logps(logits, scored, n_out), embeds
 
 
 # ---- reference log-probs, once: the adapter-disabled model is the reference and never changes
 def score_reference(path):
     """{pair key: (chosen, rejected)} under the reference: each rank scores its share, every rank gets
-    all of them (all_gather_object), rank 0 writes them to `path` once. --resume reads them back."""
+    all of them (all_gather_object), rank 0 writes them to `path` once. --resume reads them back;
+    each record carries the hash of what the scores depend on, so a stale file is never read."""
+    depends = json.dumps([settings[k] for k in ("model", "data", "max_length", "chat_format", "pad_square")])
+    key = hashlib.sha256(depends.encode()).hexdigest()[:16]
     if args.resume and os.path.exists(path):
-        cached = {r["id"]: (r["chosen"], r["rejected"]) for r in jobs.read_jsonl(path)}
+        cached = {r["id"]: (r["chosen"], r["rejected"]) for r in jobs.read_jsonl(path) if r.get("key") == key}
         if cached.keys() >= set(keys):
             if main:
                 print(f"reference log-probs: 0 pairs scored ({len(keys)} read from {path})")
@@ -250,7 +339,7 @@ def score_reference(path):
         dist.all_gather_object(shares, scored)
         scored = {k: v for share in shares for k, v in share.items()}
     if main:
-        jobs.write_atomic(path, "".join(json.dumps({"id": k, "chosen": c, "rejected": r}) + "\n"
+        jobs.write_atomic(path, "".join(json.dumps({"id": k, "chosen": c, "rejected": r, "key": key}) + "\n"
                                         for k, (c, r) in scored.items()))
         print(f"reference log-probs: {len(scored)} pairs scored in {time.time() - t0:.1f}s (cached in {path})")
     return scored
@@ -277,10 +366,10 @@ def batch_loss(indices):
     batch, scored, n_tokens = micro_batch(indices, responses)
     logps, embeds = batch_logps(ddp, batch, scored, len(responses) * B)
     chosen = logps[:B]
-    nll_chosen = -chosen / n_tokens[:B]  # per-token NLL of each chosen answer
-    if args.loss == "sft":  # SFT on the chosen answers only, averaged over answers
-        loss = nll_chosen.mean()
+    if args.loss == "sft":  # LLaVA's fine-tuning: the mean NLL over the micro-batch's answer tokens
+        loss = -chosen.sum() / n_tokens[:B].sum()
         return loss, {"loss": loss.detach(), "logps/chosen": chosen.detach().mean()}
+    nll_chosen = -chosen / n_tokens[:B]  # per-token NLL of each chosen answer
     ref = reference_logps(indices, batch, scored, embeds)
     losses, r_chosen, r_rejected = common.dpo_loss(chosen, logps[B:], ref[:B], ref[B:], args.beta)
     if args.sft_weight:
@@ -365,17 +454,14 @@ while step < total_steps:
         plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
 bar.close()
 
-# ---- write: the adapter, the last checkpoint, the curves and a summary
-if world > 1:
-    shares = [None] * world
-    dist.all_gather_object(shares, cut)
-    cut = {i: n for share in shares for i, n in share.items()}
+# ---- write: the adapter, the last checkpoint, the curves, the run marked finished, a summary
 if main:
     save_checkpoint(step)
     model.save_pretrained(os.path.join(args.output_dir, "adapter"))
     plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
+    jobs.write_atomic(run_path, json.dumps({**run, "finished_step": step}, indent=1))
     last = jobs.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) else {}
     print(f"done: {step} steps; adapter in {args.output_dir}/adapter, log in {metrics_path}, "
-          f"curves in {args.output_dir}/curves.png; {sum(cut.values())} responses cut at --max_length {args.max_length}")
+          f"curves in {args.output_dir}/curves.png; {n_cut} responses cut at --max_length {args.max_length}")
     print("final " + "  ".join(f"{k}={v:.4g}" for k, v in last.items() if "/" in k or k == "loss"))
 jobs.dist_cleanup()

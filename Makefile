@@ -8,7 +8,7 @@ TOY ?= toy
 RUN ?= runs/demo
 # Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model);
 # the learning rates come from the study's pilot (README, "What reproduces"): DPO at 1e-3 breaks the toy
-TOY_TRAIN ?= --epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0
+TOY_TRAIN ?= --epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0 --overwrite
 TOY_DPO_LR ?= 1e-4
 TOY_SFT_LR ?= 1e-3
 # The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions (README)

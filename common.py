@@ -16,7 +16,7 @@ IGNORE = -100  # label of a position whose token is not scored
 def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
     """(model, processor) for a LLaVA-style checkpoint dir or hub id; optionally with a peft
     adapter merged in for inference. bf16 on CUDA, fp32 elsewhere."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -30,8 +30,7 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     if not load_in_4bit:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(name)
-    processor.tokenizer.padding_side = "left"  # generation pads on the left
+    processor = load_processor(name)
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
@@ -39,6 +38,22 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
             model = model.merge_and_unload()
     model.eval()
     return model, processor
+
+
+def load_processor(name):
+    """The tokenizer + image processor of a checkpoint, padding on the left (for generation)."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(name)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def image_token_count(processor):
+    """How many tokens the processor expands one image into (576 for LLaVA-1.5's 336 px CLIP)."""
+    from PIL import Image
+    size = processor.image_processor.crop_size
+    enc = processor(text=[processor.image_token], images=[Image.new("RGB", (size["width"], size["height"]))])
+    return len(enc["input_ids"][0]) - len(processor.tokenizer(processor.image_token).input_ids) + 1
 
 
 # LLaVA-1.5's conversation (LLaVA's conv_vicuna_v1): how it was trained and how it is evaluated
@@ -157,16 +172,22 @@ def weaken_images(model, noise_step, noise_on="features", generator=None):
 
 @torch.no_grad()
 def generate(model, processor, images, prompts, fmt=LLAVA_15, max_new_tokens=512, do_sample=False,
-             temperature=1.0, top_p=1.0, num_beams=1):
-    """One batch of answers, left-padded; prompts are plain questions."""
+             temperature=1.0, top_p=1.0, num_beams=1, keep_unfinished=True):
+    """One batch of answers, left-padded; prompts are plain questions. With keep_unfinished=False an
+    answer that reached max_new_tokens without EOS (cut mid-sentence) comes back as None."""
     enc = encode(processor, [chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id,
-                         num_beams=num_beams, **sampling)
-    return [s.strip() for s in processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+                         num_beams=num_beams, **sampling)[:, enc["input_ids"].shape[1]:]
+    texts = [s.strip() for s in processor.batch_decode(out, skip_special_tokens=True)]
+    if keep_unfinished:
+        return texts
+    eos = model.generation_config.eos_token_id
+    ended = torch.isin(out, torch.tensor(eos if isinstance(eos, list) else [eos], device=out.device)).any(1)
+    return [t if e else None for t, e in zip(texts, ended.tolist())]
 
 
 # ----------------------------------------------------------------------------- token convention and log-probs

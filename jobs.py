@@ -3,6 +3,7 @@ groups, bad-input reporting, JSONL with resume, ground-truth items and images, s
 output, benchmark answering, and remote calls with caching."""
 import argparse
 import collections
+import hashlib
 import json
 import os
 import random
@@ -297,6 +298,29 @@ def sample_per_source(items, n, seed):
     return list(items) if n <= 0 or n >= len(items) else rng.sample(items, n)
 
 
+def parse_image_roots(specs):
+    """`--image_root DIR` (one root for every source) or `--image_root NAME=DIR` repeated, one per source
+    (NAME as in --data NAME=PATH, or a pair's `source`) -> {NAME or None: DIR}."""
+    roots = {}
+    for s in specs:
+        name, _, path = s.partition("=") if "=" in s and not os.path.isdir(s) else ("", "", s)
+        if (name or None) in roots:
+            sys.exit(f"error: --image_root given twice for {name or 'every source'}")
+        roots[name or None] = path
+    if None in roots and len(roots) > 1:
+        sys.exit("error: --image_root takes either one DIR for every source or NAME=DIR per source, not both")
+    return roots
+
+
+def image_root(roots, source):
+    """The image folder of a source (see parse_image_roots); DataError if it has none."""
+    if None in roots:
+        return roots[None]
+    if source not in roots:
+        raise DataError(f"no --image_root for source {source!r} (given: {', '.join(sorted(roots))})")
+    return roots[source]
+
+
 def image_path(image_root, rel):
     """The file of a data record's image path; DataError where the path is not a non-empty string
     or leaves image_root (absolute, or ../ above it)."""
@@ -351,9 +375,10 @@ def load_image(image_root, rel):
 PAIR_FIELDS = ("id", "image", "prompt", "chosen", "rejected")
 
 
-def load_pairs(paths, image_root, bad):
+def load_pairs(paths, roots, bad):
     """Every pair of the pair files, validated before any training: fields, chosen != rejected, an id
-    once per file (01's and 02's pairs share ids), the image's path and header. `<image>` is
+    once per file (01's and 02's pairs share ids), the image's root (roots: parse_image_roots, by the
+    pair's `source`), path and header. `<image>` is
     stripped from prompts (the chat format puts the image in once). Returns (pairs, where, keys):
     where[i] = "file:line" of pairs[i] for messages, keys[i] = "abs file\tid", unique over files.
     A bad pair raises DataError naming file:line, or goes to `bad` (see OnError)."""
@@ -373,8 +398,8 @@ def load_pairs(paths, image_root, bad):
             if (path, rec["id"]) in seen:
                 bad(at, "duplicate id", f"{rec['id']!r}, first at {seen[path, rec['id']]}")
                 continue
-            try:  # path, presence and header: cheap enough for every pair (decoding 170k images is not)
-                check_image(image_root, rec["image"])
+            try:  # root, path, presence and header: cheap enough for every pair (decoding 170k images is not)
+                check_image(image_root(roots, rec.get("source")), rec["image"])
             except DataError as e:
                 bad(at, "unreadable image", str(e))
                 continue
@@ -406,6 +431,83 @@ def load_sources(specs, samples_per_source, seed, turns, bad=None):
     return items, no_image
 
 
+def print_lengths(name, lengths, limit=None, what="over the limit"):
+    """A dry run's line: count and percentiles of token lengths, and how many exceed `limit`."""
+    s = sorted(lengths) or [0]
+    cut = f"; {sum(n > limit for n in s)} {what} ({limit})" if limit else ""
+    print(f"  {name}: n={len(lengths)}  p50={s[len(s) // 2]}  p90={s[int(0.9 * (len(s) - 1))]}  "
+          f"p99={s[int(0.99 * (len(s) - 1))]}  max={s[-1]}{cut}")
+
+
+def dry_run_items(items, roots, args, fmt, bad):
+    """01/02 --dry_run: every item's image root and header checked (roots None: no images, as in 02's
+    text-only backends), every prompt and answer tokenised by args.model's tokenizer (when given),
+    counts and length percentiles printed. Nothing is generated or written."""
+    from collections import Counter
+
+    from tqdm import tqdm
+    unreadable = 0
+    for it in tqdm(items if roots is not None else [], desc="image headers"):
+        try:
+            check_image(image_root(roots, it["source"]), it["image"])
+        except DataError as e:
+            try:
+                bad(it["where"], "unreadable image", str(e))
+            except DataError as failed:
+                sys.exit(f"error: {failed}")
+            unreadable += 1
+    per_source = ", ".join(f"{n} {s}" for s, n in sorted(Counter(it["source"] for it in items).items()))
+    print(f"dry run: {len(items)} items ({per_source}); {unreadable} unreadable images; "
+          f"{bad.summary('bad ground-truth records')}")
+    if args.model:
+        processor = common.load_processor(args.model)
+        tok = processor.tokenizer
+        extra = common.image_token_count(processor) - 1 if roots is not None else 0  # <image> becomes n tokens
+        prompts = [len(tok(common.chat_prompt(processor, it["prompt"], fmt, image=roots is not None)).input_ids) + extra
+                   for it in tqdm(items, desc="tokenise")]
+        answers = [len(tok(it["answer"], add_special_tokens=False).input_ids) + 1 for it in items]
+        print_lengths("prompt tokens (image included)", prompts)
+        print_lengths("ground-truth answer tokens (+EOS)", answers, args.max_new_tokens, "longer than --max_new_tokens")
+    print("nothing generated or written (--dry_run)")
+
+
+def packed_lengths(lengths, max_length):
+    """Tokens of each pair's packed sequence [image + prompt, responses...] from (prompt tokens,
+    [response tokens]), responses cut at max_length as 03 cuts them."""
+    return [n + sum(min(r, max_length - n) for r in rs) for n, rs in lengths]
+
+
+def train_memory_estimate(args, lengths, responses):
+    """03 --dry_run's line: peak GPU memory per process, estimated from the model's config (built on
+    the meta device: nothing loaded) for a micro-batch of --batch_size pairs at the p99 packed
+    length. Bytes: bf16 weights (NF4 language-model linears with --load_in_4bit), LoRA in fp32 with
+    its gradient and AdamW's two moments, activations ~52 h per token and layer (Megatron's 34 h of a
+    bf16 LLaMA layer + the LoRA inputs) or, checkpointed, 2 h per layer + one whole layer, the 4D mask,
+    and fp32 logits at the scored positions. A rough figure (+-30%): measure with bench/gpu_check.py."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(args.model)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    text = config.text_config
+    h, layers = text.hidden_size, text.num_hidden_layers
+    linears = [m for n, m in model.named_modules() if "language_model" in n and isinstance(m, torch.nn.Linear)]
+    n_linear = sum(m.weight.numel() for m in linears)
+    weights = (sum(p.numel() for p in model.parameters()) - n_linear) * 2 + n_linear * (0.5 if args.load_in_4bit else 2)
+    lora = 16 * sum(args.lora_r * (m.in_features + m.out_features) for m in linears)
+    packed = sorted(packed_lengths(lengths, args.max_length))
+    T = packed[int(0.99 * (len(packed) - 1))]
+    tokens = args.batch_size * T
+    acts = tokens * (layers * 2 * h + 52 * h) if args.gradient_checkpointing else tokens * layers * 52 * h
+    mask = args.batch_size * T * T * 2
+    scored = sorted(sum(min(r, args.max_length - n) for r in rs) for n, rs in lengths)
+    logits = args.batch_size * scored[int(0.99 * (len(scored) - 1))] * text.vocab_size * 4 * 3
+    gb = lambda x: f"{x / 2**30:.1f} GB"
+    return (f"  estimated peak memory per GPU: {gb(weights + lora + acts + mask + logits)} (weights {gb(weights)}, "
+            f"LoRA + AdamW {gb(lora)}, activations {gb(acts)}, mask {gb(mask)}, logits {gb(logits)}) for "
+            f"{args.batch_size} pairs of the p99 packed length {T}"
+            + ("" if args.gradient_checkpointing else "; --gradient_checkpointing lowers the activations ~20x"))
+
+
 def pending_items(items, out, rank, world):
     """(this rank's share of the items whose id is in neither `out` nor a part file `out.partR` left
     by a run cut short, the part file this rank appends to, how many items are done). Every rank
@@ -432,14 +534,18 @@ def merge_parts(out):
     return len(have)
 
 
-def answer_all(items, path, key, config, image_of, batch_size, where, desc="answer"):
+def answer_all(items, path, key, config, image_of, batch_size, where, desc="answer", field="answer"):
     """Answers of config's model (+ adapter) to items {key, question, ...}, greedy (or config's
     num_beams), in config's input format (chat_format, pad_square), appended to the JSONL `path` as
-    {**item, answer, **config} the moment a batch is done, so a rerun resumes. A cache made with
+    {**item, <field>: answer, **config} the moment a batch is done, so a rerun resumes. A cache made with
     other settings is refused rather than mixed. image_of(item) gives the item's PIL image or raises
     DataError; every image is read before the model loads, so a bad one stops the run at once, named
     by where[item[key]] (the benchmark's file:line): a score over part of a benchmark is not the
     benchmark's score."""
+    weights = os.path.join(config.get("adapter") or "", "adapter_model.safetensors")
+    if config.get("adapter") and os.path.exists(weights):  # the same folder retrained (03 --overwrite): another model
+        with open(weights, "rb") as f:
+            config = {**config, "adapter_sha256": hashlib.sha256(f.read()).hexdigest()}
     old = read_jsonl(path, tolerate_partial_last=True) if os.path.exists(path) else []
     if any({k: r.get(k) for k in config} != config for r in old):
         sys.exit(f"error: {path} holds answers made with other settings (model, adapter, format, decoding); "
@@ -464,8 +570,21 @@ def answer_all(items, path, key, config, image_of, batch_size, where, desc="answ
         texts = common.generate(model, processor, [image_of(it) for it in batch], [it["question"] for it in batch], fmt,
                                 max_new_tokens=config["max_new_tokens"], num_beams=config.get("num_beams", 1))
         for it, text in zip(batch, texts):
-            writer.write({**it, "answer": text, **config})
+            writer.write({**it, field: text, **config})
     writer.close()
+
+
+def benchmark_answers(args, items, path, key, where, desc="answer", field="answer", **config):
+    """{item[key]: answer} of a benchmark script's model: answer_all with its --model, --adapter,
+    --max_new_tokens, --batch_size, input format flags and images under --image_dir, plus `config`
+    (e.g. num_beams). Exits with a one-line reason without --image_dir."""
+    if not args.image_dir:
+        sys.exit("error: to generate answers give --image_dir (or score existing ones with --answers)")
+    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens, **config,
+              **common.input_format(args)._asdict()}
+    answer_all(items, path, key, config, lambda it: load_image(args.image_dir, it["image"]), args.batch_size, where,
+               desc, field)
+    return {r[key]: r[field] for r in read_jsonl(path, tolerate_partial_last=True)}
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible endpoints
@@ -563,3 +682,50 @@ def cached_map(path, jobs, fn, workers=8, desc="calls"):
             writer.write(records[i])
         writer.close()
     return records, errors
+
+
+# ----------------------------------------------------------------------------- judged benchmarks (04, 06)
+
+
+def judge_runs(path, key, prompts, answers, judge, num_runs, fn, workers=8, what="grade"):
+    """Every answer judged num_runs times (a run is one independent judgement of each; a sampling
+    judge differs between runs), fn(job) -> result dict, each judgement made once ever: cached in the
+    JSONL `path` by its inputs ({key: question id, run, judge, answer, prompt_sha: a hash of the
+    filled prompt}), so a new answer, prompt or judge asks again and nothing else does. A call that
+    still got no reply after its retries exits non-zero before any score is written, so that no
+    score stands on part of the benchmark; a rerun asks only for those. Returns per run
+    {question id: {**job, **result}}."""
+    import hashlib
+    todo = [{key: qid, "run": run, "judge": judge, "answer": answers[qid],
+             "prompt_sha": hashlib.sha256(prompts[qid].encode()).hexdigest()[:16]}
+            for run in range(num_runs) for qid in prompts]
+    records, errors = cached_map(path, todo, fn, workers, what)
+    if errors:
+        sys.exit(f"error: {len(errors)} {what}s got no reply from {judge}, e.g. {errors[0]}; rerun to resume")
+    return [{r[key]: r for r in records if r["run"] == run} for run in range(num_runs)]
+
+
+def mean_std(runs):
+    """(mean, sample standard deviation, 0.0 for one run) over runs of the same shape: dicts and
+    lists of numbers, elementwise; None wherever a run has None."""
+    import statistics
+
+    def over(values, f):
+        if any(v is None for v in values):
+            return None
+        if isinstance(values[0], dict):
+            return {k: over([v[k] for v in values], f) for k in values[0]}
+        if isinstance(values[0], list):
+            return [over(list(column), f) for column in zip(*values)]
+        return f(values)
+    return over(runs, statistics.fmean), over(runs, lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def print_scores(title, columns, name, mean, std, num_runs):
+    """The printed result: a title line, then a one-row Markdown table, `name` and, per columns
+    {key: heading}, the mean (± std over runs where there were several; n/a for None)."""
+    cell = lambda k: "n/a" if mean[k] is None else f"{mean[k]:.1f}" + (f" ± {std[k]:.1f}" if num_runs > 1 else "")
+    print(title)
+    print("| Model | " + " | ".join(columns.values()) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    print(f"| {name} | " + " | ".join(cell(k) for k in columns) + " |")

@@ -179,7 +179,7 @@ for seed in args.seeds:
         out = os.path.join(d, name)
         data = [x for f in files for x in ("--data", f)]
         t = job(f"train:{name}:{seed}", os.path.join(out, "adapter", "adapter_config.json"),
-                script("03_train_bpo.py", "--model", MODEL, *data, "--image_root", IMAGES, "--output_dir", out,
+                script("03_train_bpo.py", "--model", MODEL, *data, "--image_root", IMAGES, "--output_dir", out, "--overwrite",
                        *args.train.split(), "--lr", args.sft_lr if "sft" in extra else args.bpo_lr, "--seed", seed,
                        *extra), deps=[sel])
         eval_jobs(f"s{seed}/{name}", os.path.join(out, "adapter"), [t])

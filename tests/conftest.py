@@ -66,6 +66,12 @@ def kill_after_lines(args, path, n_lines, timeout=120):
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
+    """The quick toy world; BPO_TEST_TOY=DIR reuses one built earlier by `00_make_toy.py --out DIR
+    --quick` (for running a few tests while working; CI builds it afresh)."""
+    from pathlib import Path
+    reuse = os.environ.get("BPO_TEST_TOY")
+    if reuse and os.path.exists(os.path.join(reuse, "prior_check.json")):
+        return Path(reuse)
     out = tmp_path_factory.mktemp("toy")
     run_script("00_make_toy.py", "--out", out, "--quick", "--seed", 0)
     return out

@@ -18,7 +18,7 @@ PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method"
 
 def build_pairs(toy, out, *extra):
     return run_script("01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}",
-                      "--image_root", toy / "images", "--out", out, "--max_new_tokens", 24, "--seed", 0, *extra)
+                      "--image_root", toy / "images", "--out", out, "--max_new_tokens", 96, "--seed", 0, *extra)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def test_pairs_follow_spec(pairs, toy):
 def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
     out = tmp_path / "pairs.jsonl"
     args = ["01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}", "--image_root",
-            toy / "images", "--out", out, "--samples_per_source", 40, "--batch_size", 1, "--max_new_tokens", 24]
+            toy / "images", "--out", out, "--samples_per_source", 40, "--batch_size", 1, "--max_new_tokens", 96]
     part = f"{out}.part0"
     kill_after_lines(args, part, 5)
     with open(part, "a") as f:

@@ -3,11 +3,9 @@ answer 0.0-1.0 against the ground truth (GPT-4 with a few-shot MM-Vet-style prom
 offline for short answers); a capability's score is the mean over the questions that have it,
 x100. Resumable and never pays twice: answers and grades are appended as they come."""
 import argparse
-import hashlib
 import json
 import os
 import re
-import statistics
 import sys
 
 
@@ -166,17 +164,10 @@ if args.answers:
     except (jobs.DataError, OSError) as e:
         sys.exit(f"error: {e}")
 else:  # generate, appending to a JSONL cache so that a kill loses at most one batch
-    if not args.image_dir:
-        sys.exit("error: to generate answers give --image_dir (or grade existing ones with --answers)")
-    cache = os.path.join(args.out_dir, "answers.jsonl")
-    config = {"model": args.model, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens,
-              **common.input_format(args)._asdict()}
     items = [{"id": qid, "image": q["imagename"], "question": common.question_text(q["question"])}
              for qid, q in questions.items()]
     where = {qid: f"{args.mmvet_json}:{line_of(raw, qid)}" for qid in questions}
-    jobs.answer_all(items, cache, "id", config, lambda it: jobs.load_image(args.image_dir, it["image"]),
-                    args.batch_size, where)
-    answers = {r["id"]: r["answer"] for r in jobs.read_jsonl(cache, tolerate_partial_last=True)}
+    answers = jobs.benchmark_answers(args, items, os.path.join(args.out_dir, "answers.jsonl"), "id", where)
 if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
     jobs.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1, ensure_ascii=False))
 
@@ -204,29 +195,20 @@ def grade(job):
     return {"score": 0.0, "failed": True, "tries": args.grade_tries, "reply": reply}
 
 
-jobs = [{"id": qid, "run": run, "judge": args.judge, "answer": answers[qid],
-         "prompt_sha": hashlib.sha256(prompts[qid].encode()).hexdigest()[:16]}
-        for run in range(args.num_runs) for qid in questions]
-records, errors = jobs.cached_map(os.path.join(args.out_dir, "grades.jsonl"), jobs, grade, args.workers, "grade")
-if errors:
-    sys.exit(f"error: {len(errors)} grades got no reply from {args.judge}, e.g. {errors[0]}; rerun to resume")
-failed = sum(r["failed"] for r in records)
+graded = jobs.judge_runs(os.path.join(args.out_dir, "grades.jsonl"), "id", prompts, answers, args.judge, args.num_runs,
+                         grade, args.workers, "grade")
+failed = sum(r["failed"] for run in graded for r in run.values())
 if failed:
     print(f"warning: {failed} grades unreadable after {args.grade_tries} tries, scored 0.0 (failed: true in grades.jsonl)",
           file=sys.stderr)
 
 # ---- scores: per run, then mean and std over runs
-runs = [capability_scores(questions, {r["id"]: r["score"] for r in records if r["run"] == run})
-        for run in range(args.num_runs)]
-mean = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
-std = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
+runs = [capability_scores(questions, {qid: r["score"] for qid, r in run.items()}) for run in graded]
+mean, std = jobs.mean_std(runs)
 jobs.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(mean, indent=1))
 jobs.write_atomic(os.path.join(args.out_dir, "scores_runs.json"),
                     json.dumps({"judge": args.judge, "runs": runs, "std": std, "failed_grades": failed}, indent=1))
-cols = [k for k in CAPABILITIES + ["total"] if k in mean]
 name = args.answers or (f"{args.model} + {args.adapter}" if args.adapter else args.model)
-cell = lambda k: f"{mean[k]:.1f}" + (f" ± {std[k]:.1f}" if len(runs) > 1 else "")
-print(f"MM-Vet, judge {args.judge}, {len(questions)} questions, {args.num_runs} run(s)")
-print("| Model | " + " | ".join(c.capitalize() if c != "ocr" else "OCR" for c in cols) + " |")
-print("|---" * (len(cols) + 1) + "|")
-print(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
+jobs.print_scores(f"MM-Vet, judge {args.judge}, {len(questions)} questions, {args.num_runs} run(s)",
+                  {k: k.capitalize() if k != "ocr" else "OCR" for k in CAPABILITIES + ["total"] if k in mean},
+                  name, mean, std, args.num_runs)

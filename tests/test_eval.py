@@ -67,8 +67,9 @@ def test_chair_hand_computed(tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     # responses with a hallucination: 1, 2, 3 of 6; mentions 4+3+2+0+2+1 = 12, hallucinated 1+2+1 = 4;
     # ground truth 2+1+1+1+3+1 = 9 objects, of which mentioned 2+1+1+0+2+1 = 7; words 14+12+7+9+7+7 = 56
-    assert scores == pytest.approx({"chair_s": 50.0, "chair_i": 100 * 4 / 12, "recall": 100 * 7 / 9,
-                                    "avg_len": 56 / 6, "n": 6})
+    # 5 of the 6 name an object, so Resp over those (RLHF-V's) is 3 of 5
+    assert scores == pytest.approx({"chair_s": 50.0, "chair_s_refine": 60.0, "chair_i": 100 * 4 / 12,
+                                    "recall": 100 * 7 / 9, "avg_len": 56 / 6, "n": 6, "n_with_objects": 5})
     assert (out / "answers.jsonl").exists()
 
 
@@ -219,7 +220,8 @@ def test_halbench_on_toy_world(toy, tmp_path):
     details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
     assert len(details) == n and all({"mentioned", "hallucinated", "ground_truth"} <= set(d) for d in details)
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores) == {"chair_s", "chair_i", "recall", "avg_len", "n"} and scores["n"] == n
+    assert set(scores) == {"chair_s", "chair_s_refine", "chair_i", "recall", "avg_len", "n", "n_with_objects"}
+    assert scores["n"] == n and all(a["num_beams"] == 3 for a in answers)  # RLHF-V's 3 beams by default
     assert scores["recall"] > 0 and scores["avg_len"] > 0
     # the answers it wrote score the same through --answers, with no model loaded
     run_script("05_eval_halbench.py", "--answers", out / "answers.jsonl", "--objects", toy / "halbench_objects.json",

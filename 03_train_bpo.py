@@ -32,9 +32,22 @@ p.add_argument("--image_root", action="append", required=True, metavar="DIR|NAME
                help="image paths in the pairs are relative to this: one DIR for every source, or NAME=DIR per "
                     "pair `source` (as 01's --data NAME=PATH)")
 p.add_argument("--output_dir", required=True, help="adapter/, metrics.jsonl, curves.png and checkpoint-N/ go here")
-p.add_argument("--loss", choices=["dpo", "sft"], default="dpo",
-               help="dpo: the paper's objective; sft: NLL of the chosen answers only (Table 3's baseline), the mean "
-                    "over the micro-batch's answer tokens, as LLaVA's fine-tuning")
+p.add_argument("--loss", choices=["dpo", "ipo", "sft"], default="dpo",
+               help="dpo: the paper's objective, -log sigmoid(beta h) with h = log-ratio(chosen) - log-ratio(rejected); "
+                    "ipo: (h - 1/(2 beta))^2; sft: NLL of the chosen answers only (Table 3's baseline), the mean over "
+                    "the micro-batch's answer tokens, as LLaVA's fine-tuning")
+p.add_argument("--length_normalize", action="store_true",
+               help="dpo/ipo: each response's log-ratio log pi/pi_ref divided by its token count (+EOS), in every term")
+p.add_argument("--conditional_weight", type=float, default=0.0,
+               help="dpo/ipo: add W x mDPO's conditional term, -log sigmoid(beta [log-ratio(chosen | image) - "
+                    "log-ratio(chosen | weakened image)]); one more forward of the chosen answer per pair")
+p.add_argument("--anchor_weight", type=float, default=0.0,
+               help="dpo/ipo: add W x the anchor -log sigmoid(beta log-ratio(chosen)), keeping the chosen reward above 0")
+p.add_argument("--noise_step", type=int, default=-1,
+               help="conditional term: forward-diffusion step of the weakened image (-1: each pair's meta.noise_step, "
+                    "as 01 wrote it, else 500)")
+p.add_argument("--noise_on", choices=["features", "pixels"], default=None,
+               help="conditional term: where the noise goes (default: each pair's meta.noise_on, else features)")
 p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (the paper's eta)")
 p.add_argument("--sft_weight", type=float, default=0.0,
                help="DPO only: add this times the chosen answers' per-token NLL to the loss (0: pure DPO, the paper's)")
@@ -132,7 +145,7 @@ fmt = common.input_format(args)
 roots = jobs.parse_image_roots(args.image_root)
 B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
 per_step = B * world * args.grad_accum  # pairs per optimizer step, all ranks
-responses = ("chosen", "rejected") if args.loss == "dpo" else ("chosen",)
+responses = ("chosen",) if args.loss == "sft" else ("chosen", "rejected")
 
 # ---- the run directory: a fresh run never mixes with an earlier one; a resume sees the same steps
 # what a step sees: if any of these differs, a resumed run would not continue the same run
@@ -156,14 +169,6 @@ elif earlier and not args.dry_run and not args.overwrite:
     sys.exit(f"error: {args.output_dir} holds an earlier run ({', '.join(earlier)}); --resume continues it, "
              "--overwrite deletes it and starts clean")
 run = {"settings": settings, "finished_step": None} if not args.resume or not os.path.exists(run_path) else run
-jobs.barrier()  # every rank has looked before rank 0 clears the folder
-if main and not args.dry_run:
-    if args.overwrite:
-        for name in earlier + ["curves.png"]:
-            path = os.path.join(args.output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-    os.makedirs(args.output_dir, exist_ok=True)
-    jobs.write_atomic(run_path, json.dumps(run, indent=1))
 
 # ---- data: every pair validated up front, so a bad line fails (or is skipped) before hours of training
 bad = jobs.OnError(args.on_error, quiet=not main)
@@ -229,6 +234,15 @@ if args.resume and run["finished_step"] is not None and run["finished_step"] >= 
         print(f"nothing to do: the run in {args.output_dir} finished at step {run['finished_step']} of {total_steps} "
               f"(a larger --max_steps or --epochs continues it); its adapter is in {args.output_dir}/adapter")
     sys.exit(0)
+
+jobs.barrier()  # every rank has looked at the folder before rank 0 clears it and marks the run as begun
+if main:
+    if args.overwrite:
+        for name in earlier + ["curves.png"]:
+            path = os.path.join(args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    jobs.write_atomic(run_path, json.dumps(run, indent=1))
 
 # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
 model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
@@ -312,15 +326,40 @@ def batch_logps(net, batch, scored, n_out, embeds=None):
     return common.packed_logps(logits, scored, n_out), embeds
 
 
+def weakening(i):
+    """(noise step, where, seed) of pair i's weakened image for the conditional term: 01's settings
+    from the pair's meta unless given; the seed from the pair and the step, so that policy,
+    reference and a resumed run see the same weakened image."""
+    meta = pairs[i].get("meta") if isinstance(pairs[i].get("meta"), dict) else {}
+    step = args.noise_step if args.noise_step >= 0 else int(meta.get("noise_step", 500))
+    where = args.noise_on or meta.get("noise_on", "features")
+    return step, where, int(hashlib.sha256(f"{keys[i]}\t{step}\t{where}".encode()).hexdigest()[:15], 16)
+
+
+def chosen_given_weakened(net, indices):
+    """The conditional term's second input: summed log-probs of the chosen answers given the weakened
+    image (a forward of its own: the prefix differs, so it cannot share the packed sequence), and
+    that forward's inputs, for the reference."""
+    batch, scored, n_tokens = micro_batch(indices, ("chosen",))
+    embeds = common.image_embeds(model, batch["input_ids"], batch["pixel_values"], [weakening(i) for i in indices])
+    return batch_logps(net, batch, scored, len(indices), embeds)[0], (batch, scored, embeds), n_tokens
+
+
 # ---- reference log-probs, once: the adapter-disabled model is the reference and never changes
+REF_FIELDS = responses + (("chosen_weak",) if args.conditional_weight else ())
+
+
 def score_reference(path):
-    """{pair key: (chosen, rejected)} under the reference: each rank scores its share, every rank gets
-    all of them (all_gather_object), rank 0 writes them to `path` once. --resume reads them back;
-    each record carries the hash of what the scores depend on, so a stale file is never read."""
-    depends = json.dumps([settings[k] for k in ("model", "data", "max_length", "chat_format", "pad_square")])
-    key = hashlib.sha256(depends.encode()).hexdigest()[:16]
+    """{pair key: {field: log-prob}} under the reference (chosen, rejected and, for the conditional
+    term, chosen_weak): each rank scores its share, every rank gets all of them (all_gather_object),
+    rank 0 writes them to `path` once. --resume reads them back; each record carries the hash of what
+    the scores depend on, so a stale file is never read."""
+    depends = [settings[k] for k in ("model", "data", "max_length", "chat_format", "pad_square")]
+    if args.conditional_weight:
+        depends.append([args.noise_step, args.noise_on])
+    key = hashlib.sha256(json.dumps(depends).encode()).hexdigest()[:16]
     if args.resume and os.path.exists(path):
-        cached = {r["id"]: (r["chosen"], r["rejected"]) for r in jobs.read_jsonl(path) if r.get("key") == key}
+        cached = {r["id"]: r for r in jobs.read_jsonl(path) if r.get("key") == key and set(REF_FIELDS) <= r.keys()}
         if cached.keys() >= set(keys):
             if main:
                 print(f"reference log-probs: 0 pairs scored ({len(keys)} read from {path})")
@@ -330,53 +369,70 @@ def score_reference(path):
     with torch.no_grad(), model.disable_adapter():
         for s in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=not main):
             indices = mine[s:s + B]
-            batch, positions, _ = micro_batch(indices)
-            ref, _ = batch_logps(model, batch, positions, 2 * len(indices))
-            for i, chosen, rejected in zip(indices, ref[:len(indices)].tolist(), ref[len(indices):].tolist()):
-                scored[keys[i]] = (chosen, rejected)
+            batch, positions, _ = micro_batch(indices, responses)
+            ref = batch_logps(model, batch, positions, len(responses) * len(indices))[0].view(len(responses), -1)
+            if args.conditional_weight:
+                ref = torch.cat([ref, chosen_given_weakened(model, indices)[0][None]])
+            for k, i in enumerate(indices):
+                scored[keys[i]] = {"id": keys[i], **dict(zip(REF_FIELDS, ref[:, k].tolist())), "key": key}
     if world > 1:
         shares = [None] * world
         dist.all_gather_object(shares, scored)
         scored = {k: v for share in shares for k, v in share.items()}
     if main:
-        jobs.write_atomic(path, "".join(json.dumps({"id": k, "chosen": c, "rejected": r, "key": key}) + "\n"
-                                        for k, (c, r) in scored.items()))
+        jobs.write_atomic(path, "".join(json.dumps(r) + "\n" for r in scored.values()))
         print(f"reference log-probs: {len(scored)} pairs scored in {time.time() - t0:.1f}s (cached in {path})")
     return scored
 
 
 ref_cache = None
-if args.loss == "dpo" and args.precompute_ref:
+if args.loss != "sft" and args.precompute_ref:
     ref_cache = score_reference(os.path.join(args.output_dir, "ref_logps.jsonl"))
 
 
-def reference_logps(indices, batch, scored, embeds):
-    """Reference log-probs [chosen..., rejected...] of these pairs: from the cache, or a forward with
-    the adapter disabled (--no-precompute_ref, TRL's way)."""
+def reference_logps(indices, fields, batch, scored, embeds):
+    """Reference log-probs [fields[0] of each pair..., fields[1] of each pair...]: from the cache, or
+    a forward with the adapter disabled on the same inputs (--no-precompute_ref, TRL's way)."""
     if ref_cache is not None:
-        return torch.tensor([ref_cache[keys[i]][0] for i in indices] + [ref_cache[keys[i]][1] for i in indices],
-                            device=device)
+        return torch.tensor([ref_cache[keys[i]][f] for f in fields for i in indices], device=device)
     with torch.no_grad(), model.disable_adapter():
-        return batch_logps(model, batch, scored, 2 * len(indices), embeds)[0]
+        return batch_logps(model, batch, scored, len(fields) * len(indices), embeds)[0]
 
 
 def batch_loss(indices):
     """(loss, metrics) of one micro-batch, as the DPO reference implementation's get_batch_metrics:
-    metrics are detached 0-d tensors, so nothing waits for the device until a log step."""
+    metrics are detached 0-d tensors, so nothing waits for the device until a log step. `loss` is the
+    whole objective; each added term is also logged on its own (loss/sft, loss/anchor, loss/conditional)."""
+    terms = {}
+    if args.conditional_weight:  # first, through the plain model: DDP's forward comes last, once a micro-step
+        weak, weak_inputs, weak_tokens = chosen_given_weakened(model, indices)
+        weak_ref = reference_logps(indices, ("chosen_weak",), *weak_inputs)
     batch, scored, n_tokens = micro_batch(indices, responses)
     logps, embeds = batch_logps(ddp, batch, scored, len(responses) * B)
     chosen = logps[:B]
     if args.loss == "sft":  # LLaVA's fine-tuning: the mean NLL over the micro-batch's answer tokens
         loss = -chosen.sum() / n_tokens[:B].sum()
         return loss, {"loss": loss.detach(), "logps/chosen": chosen.detach().mean()}
-    nll_chosen = -chosen / n_tokens[:B]  # per-token NLL of each chosen answer
-    ref = reference_logps(indices, batch, scored, embeds)
-    losses, r_chosen, r_rejected = common.dpo_loss(chosen, logps[B:], ref[:B], ref[B:], args.beta)
+    ref = reference_logps(indices, responses, batch, scored, embeds)
+    per = n_tokens.float() if args.length_normalize else torch.ones_like(logps)  # log-ratio per token or summed
+    policy, reference = logps / per, ref / per
+    objective = common.ipo_loss if args.loss == "ipo" else common.dpo_loss
+    losses, r_chosen, r_rejected = objective(policy[:B], policy[B:], reference[:B], reference[B:], args.beta)
     if args.sft_weight:
-        losses = losses + args.sft_weight * nll_chosen
+        terms["sft"] = (args.sft_weight, -chosen / n_tokens[:B])  # per-token NLL of each chosen answer
+    if args.anchor_weight:
+        terms["anchor"] = (args.anchor_weight, common.anchor_loss(policy[:B], reference[:B], args.beta))
+    if args.conditional_weight:
+        per_weak = weak_tokens.float() if args.length_normalize else 1.0
+        terms["conditional"] = (args.conditional_weight, common.conditional_loss(
+            policy[:B], weak / per_weak, reference[:B], weak_ref / per_weak, args.beta))
+    metrics = {}
+    for name, (weight, term) in terms.items():
+        losses = losses + weight * term
+        metrics[f"loss/{name}"] = term.detach().mean()
     loss = losses.mean()
-    return loss, {"loss": loss.detach(), "rewards/chosen": r_chosen.mean(), "rewards/rejected": r_rejected.mean(),
-                  "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
+    return loss, {"loss": loss.detach(), **metrics, "rewards/chosen": r_chosen.mean(),
+                  "rewards/rejected": r_rejected.mean(), "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
                   "rewards/margins": (r_chosen - r_rejected).mean(),
                   "logps/chosen": chosen.detach().mean(), "logps/rejected": logps[B:].detach().mean()}
 

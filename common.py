@@ -285,12 +285,21 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
     return input_ids, position_ids, mask, keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
-def image_embeds(model, input_ids, pixel_values):
+def image_embeds(model, input_ids, pixel_values, weaken=()):
     """Input embeddings with each image's projected features in its placeholder tokens. The vision
     tower, projector and embeddings are frozen, so this runs once per batch (no grad) and serves the
-    policy and the reference forward alike."""
+    policy and the reference forward alike. `weaken`: (noise step, "features"|"pixels", seed) per
+    image, each weakened (weaken_images) with noise from its own seeded generator, so that the policy,
+    the reference and a resumed run all see the same weakened image."""
     with torch.no_grad():
-        features = torch.cat(model.get_image_features(pixel_values=pixel_values).pooler_output)
+        if weaken:
+            features = []
+            for i, (step, where, seed) in enumerate(weaken):
+                with weaken_images(model, step, where, torch.Generator().manual_seed(seed)):
+                    features += model.get_image_features(pixel_values=pixel_values[i:i + 1]).pooler_output
+            features = torch.cat(features)
+        else:
+            features = torch.cat(model.get_image_features(pixel_values=pixel_values).pooler_output)
         embeds = model.get_input_embeddings()(input_ids)
         is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(is_image, features.to(embeds.dtype))
@@ -311,3 +320,25 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     rejected_rewards = beta * (policy_rejected - ref_rejected)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """IPO (Azar et al., 2023) per pair: (h - 1 / (2 beta))^2, h = the chosen's log-ratio log pi/pi_ref
+    minus the rejected's; it regresses the margin to a fixed target instead of pushing it to
+    infinity. Rewards as dpo_loss's."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def conditional_loss(policy_chosen, policy_chosen_weak, ref_chosen, ref_chosen_weak, beta):
+    """mDPO's conditional term (Wang et al., 2024) per pair: the chosen answer given the real image
+    preferred over the same answer given the weakened image, -log sigmoid(beta * [log pi/pi_ref(y_w | I)
+    - log pi/pi_ref(y_w | I')]): a preference that text alone cannot satisfy."""
+    return -F.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_chosen_weak - ref_chosen_weak)))
+
+
+def anchor_loss(policy_chosen, ref_chosen, beta):
+    """mDPO's anchor per pair: -log sigmoid(beta * log pi/pi_ref(y_w)), which keeps the chosen answer's
+    reward above zero (plain DPO may lower the chosen log-prob as long as the rejected falls faster)."""
+    return -F.logsigmoid(beta * (policy_chosen - ref_chosen))

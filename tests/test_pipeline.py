@@ -107,16 +107,23 @@ def assert_same_weights(a, b, atol):
         assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
 
 
-def test_resume_equals_straight_run(toy, pairs, tmp_path):
+# beyond the paper's DPO: IPO on per-token log-ratios with the anchor and the conditional (weakened-image) term
+OBJECTIVES = ("--loss", "ipo", "--length_normalize", "--anchor_weight", 0.5, "--conditional_weight", 0.5)
+
+
+@pytest.mark.parametrize("objective", [(), OBJECTIVES], ids=["dpo", "ipo+terms"])
+def test_resume_equals_straight_run(toy, pairs, tmp_path, objective):
     # length-grouped batches too: their order must come out the same after a restart
     args = ("--lr", 1e-3, "--batch_size", 4, "--max_steps", 6, "--save_every", 3, "--keep_checkpoints", 2,
-            "--group_by_length")
+            "--group_by_length", *objective)
     train(toy, pairs, tmp_path / "straight", *args)
     # a run stopped right after checkpoint-3: its later checkpoint, adapter and log lines never written
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "straight", cut)
     shutil.rmtree(cut / "checkpoint-6")
     shutil.rmtree(cut / "adapter")
+    run = json.loads((cut / "run.json").read_text())
+    (cut / "run.json").write_text(json.dumps({**run, "finished_step": None}))  # a finished run marks it at the end
     rows = jobs.read_jsonl(cut / "metrics.jsonl")
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))  # one line too many
     proc = train(toy, pairs, cut, *args, "--resume")
@@ -127,9 +134,11 @@ def test_resume_equals_straight_run(toy, pairs, tmp_path):
     assert resumed[-1]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
 
 
-def test_ddp_two_processes_equal_one(toy, pairs, tmp_path):
+@pytest.mark.parametrize("objective", [(), OBJECTIVES], ids=["dpo", "ipo+terms"])
+def test_ddp_two_processes_equal_one(toy, pairs, tmp_path, objective):
     args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--lora_r", 8,
-            "--lora_alpha", 16, "--lora_dropout", 0, "--lr", 1e-3, "--max_steps", 3, "--save_every", 0, "--seed", 0]
+            "--lora_alpha", 16, "--lora_dropout", 0, "--lr", 1e-3, "--max_steps", 3, "--save_every", 0, "--seed", 0,
+            *objective]
     run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "one", "--batch_size", 4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -142,6 +151,9 @@ def test_ddp_two_processes_equal_one(toy, pairs, tmp_path):
     for a, b in zip(one, two):  # metrics averaged over ranks = the single process's batch means
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-4)
+        for key in ("loss/anchor", "loss/conditional"):
+            assert (key in a) == (key in b) == bool(objective)
+            assert key not in a or b[key] == pytest.approx(a[key], rel=1e-4)
 
 
 def test_precomputed_reference_trains_like_the_per_step_reference(toy, pairs, tmp_path):

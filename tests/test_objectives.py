@@ -1,0 +1,95 @@
+"""Beyond the paper's DPO: IPO, length normalisation, mDPO's conditional term and anchor. Each term
+against hand-computed values; the weakened-image forward against the plain path; 03's objective
+wiring at step 1, where the policy equals the reference and every log-ratio is 0."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import jobs
+from conftest import run_here
+
+
+def test_ipo_loss_hand_computed():
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
+    rc, rr = torch.tensor([-11.0, -19.0]), torch.tensor([-11.0, -19.0])
+    losses, chosen_rewards, rejected_rewards = common.ipo_loss(pc, pr, rc, rr, beta=0.1)
+    # h = (pc - rc) - (pr - rr) = [1 - (-1), -1 - 1] = [2, -2]; target 1 / (2 * 0.1) = 5
+    assert torch.allclose(losses, torch.tensor([9.0, 49.0]))
+    assert torch.allclose(chosen_rewards, torch.tensor([0.1, -0.1])) and torch.allclose(rejected_rewards,
+                                                                                        torch.tensor([-0.1, 0.1]))
+    pc.requires_grad_(True)
+    common.ipo_loss(pc, pr, rc, rr, 0.1)[0].sum().backward()
+    assert torch.allclose(pc.grad, torch.tensor([2 * (2 - 5.0), 2 * (-2 - 5.0)]))  # d/dpc (h - 5)^2
+
+
+def test_conditional_and_anchor_terms_hand_computed():
+    pc, pcw = torch.tensor([-10.0, -5.0]), torch.tensor([-14.0, -5.0])
+    rc, rcw = torch.tensor([-11.0, -6.0]), torch.tensor([-12.0, -4.0])
+    # conditional: beta [(pc - rc) - (pcw - rcw)] = 0.5 [1 - (-2), 1 - (-1)] = [1.5, 1.0]
+    want = torch.tensor([math.log(1 + math.exp(-1.5)), math.log(1 + math.exp(-1.0))])
+    assert torch.allclose(common.conditional_loss(pc, pcw, rc, rcw, beta=0.5), want)
+    # anchor: beta (pc - rc) = 0.1 [1, 1]
+    assert torch.allclose(common.anchor_loss(pc, rc, beta=0.1), torch.full((2,), math.log(1 + math.exp(-0.1))))
+    pcw.requires_grad_(True)
+    common.conditional_loss(pc, pcw, rc, rcw, 0.5).sum().backward()
+    assert (pcw.grad > 0).all()  # lowering the answer's log-prob under the weakened image lowers the loss
+
+
+def test_weakened_packed_forward_equals_the_plain_path(toy, toy_model):
+    """The conditional term's forward (features weakened per image with its own seed, packed, logits
+    at the scored rows) against the plain one: pixels through the whole model under the same seeded
+    weakening, a full log-softmax."""
+    model, processor = toy_model
+    recs = json.load(open(toy / "train.json"))[:2]
+    weaken = [(700, "features", 11), (500, "features", 12)]
+    packs, pixels, plain = [], [], []
+    with torch.no_grad():
+        for rec, (step, where, seed) in zip(recs, weaken):
+            image = jobs.load_image(toy / "images", rec["image"])
+            pv, seqs, _ = common.build_sequences(processor, image, "Describe the image.",
+                                                 [rec["conversations"][1]["value"]], 512)
+            packs.append(common.pack_responses(seqs))
+            pixels.append(pv)
+            ids, labels = seqs[0]
+            with common.weaken_images(model, step, where, torch.Generator().manual_seed(seed)):
+                logits = model(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            logp = F.log_softmax(logits.double(), -1).gather(1, target.clamp(min=0)[:, None])[:, 0]
+            plain.append(float((logp * (target != common.IGNORE)).sum()))
+        input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id)
+        embeds = common.image_embeds(model, input_ids, torch.cat(pixels), weaken)
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
+        packed = common.packed_logps(logits, scored, 2)
+        clean = common.packed_logps(model(inputs_embeds=common.image_embeds(model, input_ids, torch.cat(pixels)),
+                                          attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits,
+                                    scored, 2)
+    assert packed.tolist() == pytest.approx(plain, rel=1e-4)
+    assert (packed - clean).abs().min() > 1e-3  # the weakening changes what the model sees
+
+
+def test_objective_terms_at_step_one(toy, tmp_path):
+    """At step 1 LoRA's B is zero: policy = reference, every log-ratio 0. So IPO's term is
+    (0 - 1/(2 beta))^2 = 25 at beta 0.1, the anchor and the conditional term are ln 2 each, and `loss`
+    is their weighted sum."""
+    recs = json.load(open(toy / "train.json"))[:5]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "id": r["id"], "image": r["image"], "prompt": "Describe the image.", "chosen": r["conversations"][1]["value"],
+        "rejected": n["conversations"][1]["value"], "source": "toy", "method": "image_weakened",
+        "meta": {"noise_step": 700, "noise_on": "features"}}) + "\n" for r, n in zip(recs, recs[1:])))
+    proc = run_here("03_train_bpo.py", "--model", toy / "model", "--data", pairs, "--image_root", toy / "images",
+                    "--output_dir", tmp_path / "run", "--batch_size", 4, "--max_steps", 1, "--save_every", 0,
+                    "--lora_r", 4, "--lora_alpha", 8, "--loss", "ipo", "--length_normalize",
+                    "--anchor_weight", 0.5, "--conditional_weight", 0.3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = jobs.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["loss/anchor"] == pytest.approx(math.log(2), abs=1e-5)
+    assert row["loss/conditional"] == pytest.approx(math.log(2), abs=1e-5)
+    assert row["loss"] == pytest.approx(25 + 0.8 * math.log(2), abs=1e-4)
+    cache = jobs.read_jsonl(tmp_path / "run" / "ref_logps.jsonl")
+    assert all({"chosen", "rejected", "chosen_weak"} <= r.keys() for r in cache)
+    assert all(r["chosen_weak"] != r["chosen"] for r in cache)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import common
 import jobs
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in the data workers
 p = argparse.ArgumentParser(description=__doc__, formatter_class=jobs.HelpFormatter)
 p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
 p.add_argument("--data", action="append", required=True, help="pairs JSONL (repeat to train on several)")
@@ -80,6 +81,9 @@ p.add_argument("--gradient_checkpointing", action="store_true",
 p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=True,
                help="DPO: score every pair under the reference once before training and cache it in "
                     "OUTPUT_DIR/ref_logps.jsonl (the reference never changes), instead of a reference forward every step")
+p.add_argument("--num_workers", type=int, default=4 if torch.cuda.is_available() else 0,
+               help="processes that read, process and pack the next micro-batches while the GPU computes (0: in the "
+                    "training process; the default on CPU)")
 p.add_argument("--group_by_length", action="store_true",
                help="batch pairs of similar length together (less padding, faster; batches are then less random)")
 jobs.add_on_error_arg(p, "fail", "pair")
@@ -296,23 +300,55 @@ def save_checkpoint(step):
         shutil.rmtree(old)
 
 
-def micro_batch(indices, responses=("chosen", "rejected")):
-    """These pairs as one packed batch (common.pack_responses): per pair one sequence [image + prompt,
-    chosen, rejected], so the shared prefix runs once; logits only where a response token is scored.
-    Returns (model inputs, scored positions, response tokens per output slot)."""
+def pack(indices, fields):
+    """These pairs as one packed micro-batch of CPU tensors (common.pack_responses): per pair one
+    sequence [image + prompt, chosen, rejected], so the shared prefix runs once; logits only where a
+    response token is scored. Runs in the DataLoader's workers (decoding, processor, packing)."""
     pixels, packs = [], []
     for i in indices:
         pair = pairs[i]
         image = jobs.load_image(jobs.image_root(roots, pair.get("source")), pair["image"])  # checked up front
-        pv, seqs, _ = common.build_sequences(processor, image, pair["prompt"], [pair[r] for r in responses],
+        pv, seqs, _ = common.build_sequences(processor, image, pair["prompt"], [pair[r] for r in fields],
                                              args.max_length, fmt)
         pixels.append(pv)
         packs.append(common.pack_responses(seqs))
     input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
-    batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), attention_mask=mask.to(device),
-                 logits_to_keep=keep.to(device), pixel_values=torch.cat(pixels).to(device))
-    n_tokens = torch.bincount(scored[2], minlength=len(responses) * len(indices)).to(device)
-    return batch, scored, n_tokens
+    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, logits_to_keep=keep,
+                pixel_values=torch.cat(pixels), scored=scored, indices=indices,
+                n_tokens=torch.bincount(scored[2], minlength=len(fields) * len(indices)))
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item k: the packed micro-batch of the k-th list of pair indices (and, for the conditional term,
+    the same pairs' chosen answers alone, to be given the weakened image)."""
+
+    def __init__(self, chunks, fields, weak):
+        self.chunks, self.fields, self.weak = chunks, fields, weak
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, k):
+        return {"main": pack(self.chunks[k], self.fields),
+                "weak": pack(self.chunks[k], ("chosen",)) if self.weak else None}
+
+
+def micro_batches(chunks, fields):
+    """The packed micro-batches of these lists of pair indices, in order, prepared by --num_workers
+    processes ahead of the step that needs them (pinned memory, non-blocking copies on CUDA)."""
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(chunks, fields, bool(args.conditional_weight)), batch_size=None, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if args.num_workers else None,
+        generator=torch.Generator())  # its own: drawing its seed from the global RNG would shift LoRA dropout
+    for item in loader:
+        yield {k: to_device(v) if v else None for k, v in item.items()}
+
+
+def to_device(cpu):
+    """(model inputs on the device, scored positions, response tokens per output slot, pair indices)."""
+    batch = {k: cpu[k].to(device, non_blocking=True) for k in
+             ("input_ids", "position_ids", "attention_mask", "logits_to_keep", "pixel_values")}
+    return batch, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"]
 
 
 def batch_logps(net, batch, scored, n_out, embeds=None):
@@ -336,11 +372,11 @@ def weakening(i):
     return step, where, int(hashlib.sha256(f"{keys[i]}\t{step}\t{where}".encode()).hexdigest()[:15], 16)
 
 
-def chosen_given_weakened(net, indices):
+def chosen_given_weakened(net, weak):
     """The conditional term's second input: summed log-probs of the chosen answers given the weakened
     image (a forward of its own: the prefix differs, so it cannot share the packed sequence), and
     that forward's inputs, for the reference."""
-    batch, scored, n_tokens = micro_batch(indices, ("chosen",))
+    batch, scored, n_tokens, indices = weak
     embeds = common.image_embeds(model, batch["input_ids"], batch["pixel_values"], [weakening(i) for i in indices])
     return batch_logps(net, batch, scored, len(indices), embeds)[0], (batch, scored, embeds), n_tokens
 
@@ -366,13 +402,14 @@ def score_reference(path):
             return cached
     t0, scored = time.time(), {}
     mine = list(range(rank, len(pairs), world))
+    chunks = [mine[s:s + B] for s in range(0, len(mine), B)]
     with torch.no_grad(), model.disable_adapter():
-        for s in tqdm(range(0, len(mine), B), desc="reference log-probs", disable=not main):
-            indices = mine[s:s + B]
-            batch, positions, _ = micro_batch(indices, responses)
+        for item in tqdm(micro_batches(chunks, responses), total=len(chunks), desc="reference log-probs",
+                         disable=not main):
+            batch, positions, _, indices = item["main"]
             ref = batch_logps(model, batch, positions, len(responses) * len(indices))[0].view(len(responses), -1)
             if args.conditional_weight:
-                ref = torch.cat([ref, chosen_given_weakened(model, indices)[0][None]])
+                ref = torch.cat([ref, chosen_given_weakened(model, item["weak"])[0][None]])
             for k, i in enumerate(indices):
                 scored[keys[i]] = {"id": keys[i], **dict(zip(REF_FIELDS, ref[:, k].tolist())), "key": key}
     if world > 1:
@@ -399,15 +436,15 @@ def reference_logps(indices, fields, batch, scored, embeds):
         return batch_logps(model, batch, scored, len(fields) * len(indices), embeds)[0]
 
 
-def batch_loss(indices):
+def batch_loss(item):
     """(loss, metrics) of one micro-batch, as the DPO reference implementation's get_batch_metrics:
     metrics are detached 0-d tensors, so nothing waits for the device until a log step. `loss` is the
     whole objective; each added term is also logged on its own (loss/sft, loss/anchor, loss/conditional)."""
     terms = {}
+    batch, scored, n_tokens, indices = item["main"]
     if args.conditional_weight:  # first, through the plain model: DDP's forward comes last, once a micro-step
-        weak, weak_inputs, weak_tokens = chosen_given_weakened(model, indices)
+        weak, weak_inputs, weak_tokens = chosen_given_weakened(model, item["weak"])
         weak_ref = reference_logps(indices, ("chosen_weak",), *weak_inputs)
-    batch, scored, n_tokens = micro_batch(indices, responses)
     logps, embeds = batch_logps(ddp, batch, scored, len(responses) * B)
     chosen = logps[:B]
     if args.loss == "sft":  # LLaVA's fine-tuning: the mean NLL over the micro-batch's answer tokens
@@ -471,16 +508,17 @@ def log_row(window, n_steps, seconds, lr, grad_norm):
 
 # ---- the loop: lr, accumulate, clip, step, log, save
 bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not main)
+# this rank's micro-batches from here to the end, in order: step s, micro-step m takes its slice of s's pairs
+chunks = [epoch_steps(s // steps_per_epoch)[s % steps_per_epoch][(m * world + rank) * B:(m * world + rank + 1) * B]
+          for s in range(step, total_steps) for m in range(args.grad_accum)]
+batches = micro_batches(chunks, responses)
 window, n_window, t_window = {}, 0, time.time()  # metrics summed on the device since the last log step
 while step < total_steps:
-    epoch, within = divmod(step, steps_per_epoch)
-    step_pairs = epoch_steps(epoch)[within]
     torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # LoRA dropout: same draws on resume
     for micro in range(args.grad_accum):
-        start = (micro * world + rank) * B
         last = micro == args.grad_accum - 1
         with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
-            loss, metrics = batch_loss(step_pairs[start:start + B])
+            loss, metrics = batch_loss(next(batches))
             (loss / args.grad_accum).backward()
         window = {k: window.get(k, 0) + v for k, v in metrics.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -156,6 +156,18 @@ def test_ddp_two_processes_equal_one(toy, pairs, tmp_path, objective):
             assert key not in a or b[key] == pytest.approx(a[key], rel=1e-4)
 
 
+def test_data_workers_give_the_same_training(toy, pairs, tmp_path):
+    """Micro-batches prepared by DataLoader workers ahead of the step = prepared in the training process."""
+    args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--max_steps", 3,
+            "--batch_size", 4, "--grad_accum", 2, "--lr", 1e-3, "--lora_r", 4, "--lora_alpha", 8, "--save_every", 0]
+    run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "main", "--num_workers", 0)
+    run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "workers", "--num_workers", 2)
+    assert_same_weights(adapter(tmp_path / "workers"), adapter(tmp_path / "main"), atol=1e-7)
+    for a, b in zip(*(jobs.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("main", "workers"))):
+        assert {k: v for k, v in a.items() if k != "samples_per_s"} == {k: v for k, v in b.items()
+                                                                         if k != "samples_per_s"}
+
+
 def test_precomputed_reference_trains_like_the_per_step_reference(toy, pairs, tmp_path):
     common_args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--max_steps", 3,
                    "--batch_size", 4, "--lr", 1e-3, "--lora_r", 4, "--lora_alpha", 8, "--save_every", 0]

@@ -53,7 +53,14 @@ demo: install $(TOY)/prior_check.json
 	    --out_dir $(RUN)/eval/$$m/mmvet --judge exact --max_new_tokens 32 --batch_size 32 || exit 1; \
 	  $(BIN)/python 05_eval_halbench.py --model $(TOY)/model $$adapter --questions $(TOY)/halbench.jsonl --image_dir $(TOY)/images \
 	    --objects $(TOY)/halbench_objects.json --synonyms $(TOY)/synonyms.txt --out_dir $(RUN)/eval/$$m/halbench \
-	    --max_new_tokens 96 --batch_size 32 || exit 1; \
+	    --max_new_tokens 96 --num_beams 1 --batch_size 32 || exit 1; \
+	  $(BIN)/python 06_eval_llavabench.py --model $(TOY)/model $$adapter --questions $(TOY)/llavabench/questions.jsonl \
+	    --context $(TOY)/llavabench/context.jsonl --references $(TOY)/llavabench/answers_gpt4.jsonl \
+	    --rule $(TOY)/llavabench/rule.json --image_dir $(TOY)/llavabench/images --out_dir $(RUN)/eval/$$m/llavabench \
+	    --judge overlap --max_new_tokens 96 --batch_size 32 || exit 1; \
+	  $(BIN)/python 07_eval_pope.py --model $(TOY)/model $$adapter --questions $(TOY)/pope/coco_pope_random.json \
+	    $(TOY)/pope/coco_pope_popular.json $(TOY)/pope/coco_pope_adversarial.json --image_dir $(TOY)/images \
+	    --out_dir $(RUN)/eval/$$m/pope --max_new_tokens 8 --batch_size 64 || exit 1; \
 	done
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"
 	$(BIN)/python experiments/demo_table.py base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo

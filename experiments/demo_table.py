@@ -1,10 +1,12 @@
-"""Prints one markdown table of named evaluation runs: MM-Vet total and per capability, Object
-HalBench Resp (CHAIR_s) and Obj (CHAIR_i), lower is better, beside recall (a model that names fewer
-objects also hallucinates fewer: the two must be read together).
+"""Prints one markdown table of named evaluation runs: MM-Vet total and per capability, the
+LLaVA-Bench-style relative score, Object HalBench Resp (RLHF-V's: over responses that name an
+object) and Obj (CHAIR_i), lower is better, beside recall (a model that names fewer objects also
+hallucinates fewer: the two must be read together), and POPE adversarial F1 and yes-ratio.
 
     python experiments/demo_table.py base=runs/demo/eval/base sft=runs/demo/eval/sft bpo=runs/demo/eval/bpo
 
-Each DIR holds mmvet/scores.json (04) and halbench/scores.json (05); a missing one shows as '-'."""
+Each DIR holds mmvet/, llavabench/, halbench/ and pope/ with their scores.json (04-07); a missing
+one shows as '-'."""
 import argparse
 import json
 import os
@@ -29,12 +31,15 @@ for spec in args.runs:
     if "=" not in spec:
         sys.exit(f"error: {spec!r}: expected NAME=DIR")
     name, d = spec.split("=", 1)
-    rows.append((name, load(os.path.join(d, "mmvet", "scores.json")), load(os.path.join(d, "halbench", "scores.json"))))
+    mm, wild, hal, pope = (load(os.path.join(d, b, "scores.json")) for b in ("mmvet", "llavabench", "halbench", "pope"))
+    hal.setdefault("chair_s_refine", hal.get("chair_s"))  # older 05 outputs: Resp over all responses
+    rows.append((name, mm, {"wild": wild.get("all"), **hal, **{f"pope_{k}": v for k, v in pope.get("adversarial", {}).items()}}))
 caps = [c for c in CAPABILITIES if any(c in mm for _, mm, _ in rows)]  # the capabilities the benchmark has
-fmt = lambda scores, k: f"{scores[k]:.1f}" if k in scores else "-"
+fmt = lambda scores, k: f"{scores[k]:.1f}" if scores.get(k) is not None else "-"
+columns = ["wild", "chair_s_refine", "chair_i", "recall", "pope_f1", "pope_yes_ratio"]
 print("| Model | MM-Vet | " + " | ".join(c.upper() if c == "ocr" else c.capitalize() for c in caps)
-      + " | Resp ↓ | Obj ↓ | Recall |")
-print("|---" * (len(caps) + 5) + "|")
-for name, mm, hal in rows:
-    print(f"| {name} | {fmt(mm, 'total')} | " + " | ".join(fmt(mm, c) for c in caps)
-          + f" | {fmt(hal, 'chair_s')} | {fmt(hal, 'chair_i')} | {fmt(hal, 'recall')} |")
+      + " | LLaVA-Bench | Resp ↓ | Obj ↓ | Recall | POPE adv. F1 | POPE adv. yes % |")
+print("|---" * (len(caps) + len(columns) + 2) + "|")
+for name, mm, other in rows:
+    print(f"| {name} | {fmt(mm, 'total')} | " + " | ".join(fmt(mm, c) for c in caps) + " | "
+          + " | ".join(fmt(other, k) for k in columns) + " |")

@@ -248,14 +248,21 @@ def test_chair_ground_truth_from_coco(tmp_path):
 
 def test_demo_table(tmp_path):
     for name, total, resp in (("base", 20.0, 60.0), ("bpo", 30.0, 40.0)):
-        (tmp_path / name / "mmvet").mkdir(parents=True)
-        (tmp_path / name / "halbench").mkdir()
+        for bench in ("mmvet", "halbench", "llavabench", "pope"):
+            (tmp_path / name / bench).mkdir(parents=True)
         write_json(tmp_path / name / "mmvet" / "scores.json", {"rec": total, "math": 1.0, "total": total})
         write_json(tmp_path / name / "halbench" / "scores.json", {"chair_s": resp, "chair_i": 9.0, "recall": 50.0,
-                                                                   "avg_len": 30.0, "n": 24})
+                                                                   "avg_len": 30.0, "n": 24, "chair_s_refine": resp + 5,
+                                                                   "n_with_objects": 20})
+        write_json(tmp_path / name / "llavabench" / "scores.json", {"conv": 1.0, "all": total + 1, "judge": "overlap"})
+        write_json(tmp_path / name / "pope" / "scores.json", {
+            "random": {"f1": 99.0, "yes_ratio": 1.0},
+            "adversarial": {"accuracy": 70.0, "precision": 60.0, "recall": 90.0, "f1": 72.0, "yes_ratio": 75.0, "n": 8}})
     proc = run_script("experiments/demo_table.py", f"base={tmp_path / 'base'}", f"bpo={tmp_path / 'bpo'}",
                       f"sft={tmp_path / 'none'}")
     lines = proc.stdout.splitlines()
-    assert lines[0] == "| Model | MM-Vet | Rec | Math | Resp ↓ | Obj ↓ | Recall |"
-    assert lines[2:] == ["| base | 20.0 | 20.0 | 1.0 | 60.0 | 9.0 | 50.0 |",
-                         "| bpo | 30.0 | 30.0 | 1.0 | 40.0 | 9.0 | 50.0 |", "| sft | - | - | - | - | - | - |"]
+    assert lines[0] == ("| Model | MM-Vet | Rec | Math | LLaVA-Bench | Resp ↓ | Obj ↓ | Recall | POPE adv. F1 | "
+                        "POPE adv. yes % |")
+    assert lines[2:] == ["| base | 20.0 | 20.0 | 1.0 | 21.0 | 65.0 | 9.0 | 50.0 | 72.0 | 75.0 |",
+                         "| bpo | 30.0 | 30.0 | 1.0 | 31.0 | 45.0 | 9.0 | 50.0 | 72.0 | 75.0 |",
+                         "| sft | - | - | - | - | - | - | - | - | - |"]

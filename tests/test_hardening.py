@@ -400,10 +400,16 @@ def test_bad_halbench_question_stops_naming_file_and_line(root, tmp_path, case):
             **bad_questions({**good, "question_id": 1, "image": "good_1.png"})}[case]
     f = write_lines(tmp_path / "questions.jsonl", [json.dumps(good), absolute(line, root)])
     objects = tmp_path / "objects.json"
-    objects.write_text(json.dumps({"good_0.png": ["cup"], "good_1.png": ["cup"]}))
+    truth = {"good_0.png": ["cup"], "good_1.png": ["cup"]}
+    try:  # ground truth for a bad image too, so that it is the image check that stops the run
+        image = json.loads(absolute(line, root))["image"]
+        truth.update({image: ["cup"]} if isinstance(image, str) else {})
+    except (ValueError, KeyError, TypeError):
+        pass
+    objects.write_text(json.dumps(truth))
     proc = run_here("05_eval_halbench.py", "--model", "never-loaded", "--questions", f, "--image_dir", root,
                     "--objects", objects, "--out_dir", tmp_path / "out")
-    error_line(proc, f"{f}:2:")
+    assert "no ground truth" not in error_line(proc, f"{f}:2:")
 
 
 @pytest.mark.parametrize("case", list(bad_questions({"image": "", "question": ""})) + ["duplicate id"])

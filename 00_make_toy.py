@@ -221,6 +221,39 @@ def partner_rate(scenes):
     return sum(PARTNER[t] in names for t, names in with_trigger) / max(1, len(with_trigger))
 
 
+WILD_RULE = ("Two AI assistants answered the question above about an image, which the context describes. Rate {what} "
+             "of each answer on a scale of 1 to 10 (higher is better). On the first line write only the two scores, "
+             "Assistant 1's then Assistant 2's, separated by a space; below it explain briefly, and do not let the "
+             "order of the answers sway you.")
+
+
+def write_llavabench(folder, seed, n_images=24):
+    """A toy LLaVA-Bench in-the-Wild in the published formats, on new images rendered with its own
+    random stream (nothing else in the world moves): per image a conv question (a short one), a
+    detail question (a description prompt) and a complex one (a total or the fruit), the ground
+    truth as the reference answers (answers_gpt4.jsonl; not GPT-4's) and the caption as the context;
+    rule.json in LLaVA's structure, with this repo's own wording."""
+    rng = random.Random(f"llavabench{seed}")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    names, scenes, _, _, _ = make_images("llavabench", n_images, rng, folder / "images")
+    questions, references = [], []
+    for i, (name, objs) in enumerate(zip(names, scenes)):
+        conv = qa(["colour", "count", "exist", "where", "what_at"][i % 5], objs, rng)[:2]
+        complex_ = qa(["total", "fruit"][i % 2], objs, rng)[:2]
+        for category, (q, a) in [("conv", conv), ("detail", (DESCRIBE[i % len(DESCRIBE)], caption(objs))),
+                                 ("complex", complex_)]:
+            questions.append({"question_id": len(questions), "image": name, "text": q, "category": category})
+            references.append({"question_id": len(references), "text": a if category == "detail" else f"{a} ."})
+    jsonl = lambda records: "".join(json.dumps(r) + "\n" for r in records)
+    (folder / "questions.jsonl").write_text(jsonl(questions))
+    (folder / "answers_gpt4.jsonl").write_text(jsonl(references))
+    (folder / "context.jsonl").write_text(jsonl({"image": n, "caption": [caption(s)]} for n, s in zip(names, scenes)))
+    what = {"conv": "the helpfulness, relevance and accuracy", "detail": "the accuracy and level of detail",
+            "complex": "the accuracy and reasoning"}
+    rule = {f"llava_bench_{c}": {"role": "Assistant", "prompt": WILD_RULE.format(what=w)} for c, w in what.items()}
+    (folder / "rule.json").write_text(json.dumps(rule, indent=1))
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -251,6 +284,34 @@ def build_model(tok):
     g = model.generation_config
     g.pad_token_id, g.bos_token_id, g.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     return model
+
+
+# ----------------------------------------------------------------------------- POPE
+
+
+def pope_splits(names, scenes, train_scenes, rng):
+    """POPE's three splits over these images, as published (records of JSON lines): per image up to 3
+    present objects (label yes; the same ones in every split), each followed by an absent one (label
+    no): random; popular = the most frequent in the training images; adversarial = the missing prior
+    partner of a present trigger, then the objects that co-occur most with the present ones in the
+    training images. Ties go to OBJECTS order."""
+    train_sets = [{o["name"] for o in s} for s in train_scenes]
+    freq = {x: sum(x in s for s in train_sets) for x in OBJECTS}
+    splits = {"random": [], "popular": [], "adversarial": []}
+    for name, objs in zip(names, scenes):
+        present = [x for x in OBJECTS if x in {o["name"] for o in objs}]
+        absent = [x for x in OBJECTS if x not in present]
+        yes = rng.sample(present, min(3, len(present)))
+        lures = [PARTNER[t] for t in present if t in PARTNER and PARTNER[t] not in present]
+        cooc = {x: sum(x in s and g in s for s in train_sets for g in present) for x in absent}
+        no = {"random": rng.sample(absent, len(yes)),
+              "popular": sorted(absent, key=lambda x: -freq[x])[:len(yes)],
+              "adversarial": (lures + sorted([x for x in absent if x not in lures], key=lambda x: -cooc[x]))[:len(yes)]}
+        for split, records in splits.items():
+            for obj, label in [q for y, n in zip(yes, no[split]) for q in ((y, "yes"), (n, "no"))]:
+                records.append({"question_id": len(records) + 1, "image": name, "label": label,
+                                "text": QUESTIONS["exist"].format(a_obj=("an " if obj[0] in "aeiou" else "a ") + obj)})
+    return splits
 
 
 # ----------------------------------------------------------------------------- training
@@ -434,7 +495,11 @@ with open(out / "halbench.jsonl", "w") as f:
     for i, (name, q) in enumerate(zip(hal_names, hal_prompts)):
         f.write(json.dumps({"question_id": i, "image": name, "question": q}) + "\n")
 (out / "halbench_objects.json").write_text(json.dumps({n: [o["name"] for o in s] for n, s in zip(hal_names, hal_scenes)}, indent=1))
+write_llavabench(out / "llavabench", args.seed)
 (out / "synonyms.txt").write_text("".join(", ".join([o, PLURALS[o]] + SYNONYMS[o]) + "\n" for o in OBJECTS))
+(out / "pope").mkdir(exist_ok=True)  # POPE over the HalBench images, its own random stream: nothing else moves
+for split, records in pope_splits(hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}")).items():
+    (out / "pope" / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
 sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes)}
 world = {"seed": args.seed, "quick": args.quick, "objects": OBJECTS, "plurals": PLURALS, "colours": list(COLOURS),
          "numbers": NUMBERS, "positions": list(POSITIONS), "partners": PARTNER, "fruits": FRUITS,

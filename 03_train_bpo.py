@@ -152,6 +152,9 @@ per_step = B * world * args.grad_accum  # pairs per optimizer step, all ranks
 responses = ("chosen",) if args.loss == "sft" else ("chosen", "rejected")
 
 # ---- the run directory: a fresh run never mixes with an earlier one; a resume sees the same steps
+for d in args.data:
+    if not os.path.isfile(d):
+        sys.exit(f"error: --data {d}: no such file")
 # what a step sees: if any of these differs, a resumed run would not continue the same run
 settings = {"model": args.model, "data": [[os.path.abspath(d), os.path.getsize(d)] for d in args.data],
             "pairs per step (batch_size x processes x grad_accum)": per_step, "max_length": args.max_length,

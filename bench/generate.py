@@ -17,6 +17,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
 
 class HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each flag's default and keeps the docstring's layout."""
@@ -37,14 +39,15 @@ p.add_argument("--top_p", type=float, default=1.0, help="as 01's --top_p")
 p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda if available")
 p.add_argument("--seed", type=int, default=0, help="item sample, sampling and noise draws")
 p.add_argument("--out", default=None, help="also write the table as JSON here")
+common.add_format_args(p)  # as 01's --chat_format and --pad_square
 args = p.parse_args()
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
 import jobs  # noqa: E402
 
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+fmt = common.input_format(args)
 items = jobs.load_sources([args.data], args.n, args.seed, "first")[0]
 model, processor = common.load_model(args.model, device=device)
 
@@ -53,7 +56,7 @@ def answer(batch, generator):
     """01's loop body for one batch: images read, image-weakened sampling."""
     images = [jobs.load_image(args.image_root, it["image"]) for it in batch]
     with common.weaken_images(model, args.noise_step, args.noise_on, generator):
-        return common.generate(model, processor, images, [it["prompt"] for it in batch],
+        return common.generate(model, processor, images, [it["prompt"] for it in batch], fmt,
                                max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                                top_p=args.top_p)
 
@@ -71,7 +74,8 @@ for bs in args.batch_sizes:
     print(f"batch {bs}: {seconds:.1f}s", flush=True)
 
 print(f"\n{device}, {torch.get_num_threads()} threads; {args.model}, {len(items)} items, noise step "
-      f"{args.noise_step} on {args.noise_on}, sampling (temperature {args.temperature}, top_p {args.top_p}), "
+      f"{args.noise_step} on {args.noise_on}, {fmt.chat_format}{' padded to squares' if fmt.pad_square else ''}, "
+      f"sampling (temperature {args.temperature}, top_p {args.top_p}), "
       f"max_new_tokens {args.max_new_tokens}\n")
 print(f"| batch size | samples/s | x batch {rows[0]['batch_size']} | words per answer |\n|---|---|---|---|")
 for r in rows:

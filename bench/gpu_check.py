@@ -1,90 +1,573 @@
-"""What only a GPU can show, in one run, printed as tables:
-1. the pipeline on CUDA: 01 (bf16 generation) and 03 SFT on the quick toy world;
-2. bench/train_vs_trl.py on a larger random-init LLaVA (576 image tokens): ours vs TRL's DPOTrainer in
-   bf16, samples/s and peak CUDA memory;
-3. 03 on that same model and pairs with gradient checkpointing and with QLoRA (4-bit), beside its
-   default run from 2: the speed/memory trade-off of each.
-    python bench/gpu_check.py [--work /tmp/gpu_check] [--lm_hidden 2048 --lm_layers 8]"""
+"""What only a GPU can show, prepared as one run that fits a 10-minute command on an H200 (estimated 4-6 min,
+not yet run there): 03's DPO training and TRL's DPOTrainer, and 01's generation, on a model of LLaVA-1.5-7B's
+shapes.
+
+    python bench/gpu_check.py --out $OUT/gpu_check.json       # on the GPU (bf16); prints one markdown table
+    .venv/bin/python bench/gpu_check.py --device cpu --tiny   # the same steps at a toy size, a few minutes on 2 cores
+
+The lent H200's image lacks TRL and datasets and has an older transformers: bench/gpu_wheels.sh fetches the
+wheels of this repo's versions into bench/.whl (here, once); the device command installs them first (see there).
+
+The model: LLaVA-1.5-7B's shapes with random weights, built once, in bf16, straight on the device (nothing
+downloaded, nothing big saved): LLaMA 4096 wide x 32 layers, MLP 11008, 32 heads, vocabulary 32000; CLIP
+ViT-L/14 at 336 px (1024 wide, 24 layers, MLP 4096, 16 heads, 14 px patches: 576 image tokens, the
+second-to-last layer's features); a 2-layer MLP projector. --lm_layers, --lm_hidden etc. shrink it (the
+output says so when the model is not the 7B's shape); --tiny is a CPU smoke test of every step.
+The pairs: synthetic, with the paper's lengths: a ~40-token question and ~150-token answers (EOS included)
+after LLaVA-1.5's Vicuna-v1 conversation (its system line: prefix P ~ 576 + ~80 tokens), over non-square
+images; a word-level tokenizer of --vocab words built here (one word, one token).
+
+What is measured, each in this one process, at --batch_size 4 (the paper's per GPU), LoRA r 64 on every
+linear layer of the language model (03's targets) on both sides, with and without gradient checkpointing:
+- 03_train_bpo.py itself (run in-process with runpy, its model loader handed the model built here):
+  by default (reference log-probs scored once before training, that pass charged as if training
+  --epochs epochs of the pairs) and with --no-precompute_ref (a reference forward every step, TRL's work);
+  steady samples/s over --steps steps after --warmup; peak CUDA memory (allocated and reserved) beside
+  03 --dry_run's estimate; whether 4 pairs fit a 48 GB GPU (an A40, the paper's: 46068 MiB, so a reserved
+  peak under 44.5 GiB);
+- TRL's DPOTrainer (bench/trl_side.py: the same pairs in the same order, prompt text, padded images, LoRA,
+  beta, lr and batch; bf16 autocast as 03's CUDA setting);
+- the ratio samples/s 03 / TRL beside its limit (bench/limits.py: the language model's token passes per
+  pair, TRL's 6(P+R) over ours 2(P+2R) + (P+2R)/epochs, or 3(P+2R) with a reference every step; with
+  checkpointing one forward more on the policy's passes; P and R counted from these pairs) and the share
+  of the limit reached;
+- the paper's full run projected from each measured per-pair time (2 epochs of ~170k pairs on 8 such
+  GPUs, perfect scaling), beside the paper's 17 hours on 8 A40s;
+- 01's generation (its loop body: image-weakened sampling at --noise_step 500, common.generate) at
+  several batch sizes, --gen_tokens new tokens each (random weights rarely stop early).
+Each result is printed when measured, so a run cut short still shows what it got; --budget_s stops
+starting new measurements in time to print the table.
+"""
 import argparse
+import ast
+import contextlib
+import gc
+import io
 import json
 import os
-import subprocess
+import random
+import re
+import runpy
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--work", default="/tmp/gpu_check")
-p.add_argument("--steps", type=int, default=20, help="optimizer steps of each training run")
-p.add_argument("--lm_hidden", type=int, default=2048, help="the larger model's language model width")
-p.add_argument("--lm_layers", type=int, default=8)
-args = p.parse_args()
-
-import torch  # noqa: E402
-
-assert torch.cuda.is_available(), "this check needs a CUDA GPU"
-print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-toy, rows = os.path.join(args.work, "toy"), []
-
-
-def run(name, script, *flags):
-    """Runs a script of the repo; prints the end of its output; returns (ok, seconds)."""
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], capture_output=True,
-                          text=True, cwd=ROOT)
-    print(f"--- {name}: rc={proc.returncode} {time.time() - t0:.0f}s\n{proc.stdout[-2500:]}", flush=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], flush=True)
-    return proc.returncode == 0, time.time() - t0
+sys.path.insert(0, ROOT)
+T0 = time.time()
+SEVEN_B = dict(lm_hidden=4096, lm_layers=32, lm_mlp=11008, lm_heads=32, vocab=32000,
+               vision_hidden=1024, vision_layers=24, vision_heads=16)
+# --tiny: every step of the check at a size a busy 2-core CPU runs in minutes (fewer image tokens too)
+TINY = dict(lm_hidden=64, lm_layers=2, lm_mlp=172, lm_heads=1, vocab=1000, vision_hidden=32, vision_layers=2,
+            vision_heads=2, image_size=112, question_tokens=16, answer_tokens=32, answer_spread=4, batch_size=2,
+            steps=2, warmup=1, gen_tokens=8, gen_batch_sizes=[1, 2])
+DEFAULTS = dict(image_size=336, question_tokens=40, answer_tokens=150, answer_spread=10, batch_size=4, steps=10,
+                warmup=3, gen_tokens=150, gen_batch_sizes=[1, 8, 32])
+SIDES = {"ours": "03 default: reference once, charged to {epochs} epochs",
+         "ours_every_step": "03 --no-precompute_ref: reference every step",
+         "trl": "TRL {trl} DPOTrainer"}
+A40_GIB = 44.5  # an A40's 46068 MiB less the CUDA context and some room
+PAPER_A40_NOTE = "8 A40s, the authors' code (TRL's layout per pair)"
 
 
-def last_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]
+class HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default and keeps the docstring's layout."""
 
 
-# ---- 1. the pipeline on the toy world
-ok, t = run("toy world", "00_make_toy.py", "--out", toy, "--quick")
-rows.append(("00 --quick (CPU build)", ok, f"{t:.0f}s", ""))
-pairs = os.path.join(args.work, "pairs.jsonl")
-ok, t = run("01 bf16", "01_build_pairs.py", "--model", f"{toy}/model", "--data", f"toy={toy}/train.json",
-            "--image_root", f"{toy}/images", "--out", pairs, "--samples_per_source", 128, "--batch_size", 64,
-            "--max_new_tokens", 32)
-rows.append(("01 pairs on CUDA bf16", ok, f"{t:.0f}s", f"{sum(1 for _ in open(pairs)) if ok else 0} pairs"))
-out = os.path.join(args.work, "sft")
-ok, t = run("03 sft", "03_train_bpo.py", "--model", f"{toy}/model", "--data", pairs, "--image_root",
-            f"{toy}/images", "--output_dir", out, "--loss", "sft", "--max_steps", args.steps, "--batch_size", 8,
-            "--lr", 1e-3, "--lora_r", 8, "--lora_alpha", 16, "--save_every", 0, "--seed", 0)
-m = last_metrics(out) if ok else {}
-rows.append(("03 sft bf16 (toy)", ok, f"{t:.0f}s", " ".join(f"{k}={m[k]:.3g}" for k in ("loss", "peak_mem_gb") if k in m)))
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormat)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda if available")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"a toy size for a CPU smoke test of every step: {TINY} (flags given explicitly win)")
+    for k, v in SEVEN_B.items():
+        p.add_argument(f"--{k}", type=int, default=None, help=f"model size (LLaVA-1.5-7B: {v})")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="image side in px, 14 px patches (None: 336, LLaVA-1.5's: 576 image tokens; --tiny 112: 64)")
+    p.add_argument("--question_tokens", type=int, default=None,
+                   help="question tokens (None: 40, the paper's; --tiny 16)")
+    p.add_argument("--answer_tokens", type=int, default=None,
+                   help="mean answer tokens, EOS included (None: 150, the paper's; --tiny 32)")
+    p.add_argument("--answer_spread", type=int, default=None, help="answer lengths uniform in mean +- this (None: 10)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="pairs per step (None: 4, the paper's per GPU; --tiny 2)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per configuration (None: 10; --tiny 2)")
+    p.add_argument("--warmup", type=int, default=None, help="steps before them, not measured (None: 3; --tiny 1)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="03's default run: its reference pass charged to this many epochs")
+    p.add_argument("--lora_r", type=int, default=64, help="LoRA rank, both sides (03's default, the paper's)")
+    p.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha, both sides (03's default)")
+    p.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="LoRA dropout, both sides (TRL sets every dropout to 0 anyway: DPOConfig.disable_dropout)")
+    p.add_argument("--lr", type=float, default=2e-6, help="learning rate, both sides (the paper's)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta, both sides (the paper's)")
+    p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES), help="training runs to measure")
+    p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="gradient checkpointing settings to measure each side at")
+    p.add_argument("--gen_batch_sizes", type=int, nargs="*", default=None,
+                   help="01's generation at these batch sizes (None: 1 8 32, 8 being 01's default; --tiny 1 2; "
+                        "none: skip)")
+    p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation (None: 150; --tiny 8)")
+    p.add_argument("--noise_step", type=int, default=500, help="01's image weakening step")
+    p.add_argument("--budget_s", type=float, default=500,
+                   help="start no new measurement after this many seconds (the table is still printed)")
+    p.add_argument("--work", default=None, help="scratch folder (None: a new temporary one, removed at the end)")
+    p.add_argument("--out", default=None, help="write the results as JSON here too")
+    p.add_argument("--seed", type=int, default=0, help="model init, pairs, order")
+    args = p.parse_args(argv)
+    preset = TINY if args.tiny else {}
+    for k, v in SEVEN_B.items():
+        if getattr(args, k) is None:
+            setattr(args, k, preset.get(k, v))
+    for k, v in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, preset.get(k, v))
+    return args
 
-# ---- 2. ours vs TRL on a larger model
-bench = os.path.join(args.work, "vs_trl")
-ok, t = run("ours vs TRL", "bench/train_vs_trl.py", "--toy", toy, "--work", bench, "--device", "cuda",
-            "--steps", args.steps, "--warmup", 3, "--lm_hidden", args.lm_hidden, "--lm_layers", args.lm_layers,
-            "--vocab_size", 32064)
-rows.append(("bench/train_vs_trl.py on CUDA", ok, f"{t:.0f}s", "table above"))
 
-# ---- 3. 03's memory/speed options on the same model and pairs
-speed = []
-if os.path.exists(os.path.join(bench, "model")):
-    for name, extra in [("default (bf16 autocast, SDPA)", []), ("gradient checkpointing", ["--gradient_checkpointing"]),
-                        ("QLoRA 4-bit", ["--load_in_4bit"]), ("4-bit + checkpointing", ["--load_in_4bit", "--gradient_checkpointing"])]:
-        out = os.path.join(args.work, "opt_" + str(len(speed)))
-        ok, t = run(name, "03_train_bpo.py", "--model", f"{bench}/model", "--data", f"{bench}/pairs.jsonl",
-                    "--image_root", f"{toy}/images", "--output_dir", out, "--max_steps", args.steps,
-                    "--batch_size", 4, "--lr", 1e-4, "--save_every", 0, "--seed", 0, *extra)
-        if ok:
-            ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][3:]
-            speed.append((name, sum(r["samples_per_s"] for r in ms) / len(ms), ms[-1]["peak_mem_gb"],
-                          ms[-1]["grad_norm"], ms[-1]["loss"]))
-        else:
-            speed.append((name, float("nan"), float("nan"), float("nan"), float("nan")))
+def row_names(args, trl_version="1.16.0"):
+    """The first cell of every row of the final table, in order (tests check the table has each)."""
+    names = [f"{SIDES[s].format(epochs=args.epochs, trl=trl_version)}, checkpointing {c}"
+             for c in args.checkpointing for s in args.sides]
+    names += [f"01 generation, batch {b}" for b in args.gen_batch_sizes]
+    return names + [f"paper: {PAPER_A40_NOTE}"]
 
-print("\n| check | ok | wall | notes |\n|---|---|---|---|")
-for r in rows:
-    print(f"| {r[0]} | {'yes' if r[1] else 'FAIL'} | {r[2]} | {r[3]} |")
-print(f"\n03 on the larger model (LM {args.lm_hidden} x {args.lm_layers}, 576 image tokens, batch 4, LoRA r 64):")
-print("| 03 option | samples/s | peak CUDA GB | last grad norm | last loss |\n|---|---|---|---|---|")
-for name, sps, mem, gn, loss in speed:
-    print(f"| {name} | {sps:.3g} | {mem:.3g} | {gn:.3g} | {loss:.4g} |")
+
+def size_note(args):
+    """'' for LLaVA-1.5-7B's shapes, else what differs (fewer layers said first)."""
+    want = {**SEVEN_B, "image_size": 336}
+    diff = [f"{k} {getattr(args, k)} (7B: {v})" for k, v in want.items() if getattr(args, k) != v]
+    if not diff:
+        return ""
+    return ("NOT LLaVA-1.5-7B's size" + (f": {args.lm_layers} of its 32 language-model layers" if args.lm_layers < 32
+                                         else "") + "; " + ", ".join(diff))
+
+
+# ----------------------------------------------------------------------------- processor, pairs, model
+
+
+def build_processor(args, path):
+    """A LLaVA-1.5 processor over a word-level tokenizer of args.vocab words (specials, the Vicuna system
+    line's words, then filler words: one word, one token, so lengths are exact): CLIP's image processor at
+    args.image_size px (336: LLaVA-1.5's), 14 px patches, CLS dropped: 576 image tokens at 336 px."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    import common
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    known = re.findall(r"\w+|[^\w\s]", (common.VICUNA_SYSTEM + " USER ASSISTANT").lower())
+    words = list(dict.fromkeys(specials + known))
+    words += [f"w{i}" for i in range(args.vocab - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tk.add_special_tokens([AddedToken(w, special=True) for w in specials])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", padding_side="left", clean_up_tokenization_spaces=False)
+    side = args.image_size
+    ip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    processor.save_pretrained(path)
+    assert common.image_token_count(processor) == (side // 14) ** 2, common.image_token_count(processor)
+    return processor
+
+
+def build_pairs(args, processor, n, folder):
+    """n pairs with the paper's lengths over 8 non-square images; returns (pairs path, image folder, pairs)."""
+    from PIL import Image
+    rng = random.Random(args.seed)
+    images = os.path.join(folder, "images")
+    os.makedirs(images, exist_ok=True)
+    for k in range(8):  # blocky random pictures, 448 x 336 (4:3, so padding to a square matters)
+        small = Image.frombytes("RGB", (8, 6), bytes(rng.randrange(256) for _ in range(8 * 6 * 3)))
+        small.resize((448, 336), Image.NEAREST).save(os.path.join(images, f"img{k}.png"))
+    vocab = processor.tokenizer.get_vocab()  # a dict in no fixed order: sorted by id, so a seed makes the same pairs
+    filler = sorted((w for w in vocab if re.fullmatch(r"w\d+", w)), key=vocab.get)
+    words = lambda k: " ".join(rng.choice(filler) for _ in range(k))
+    pairs = []
+    for i in range(n):
+        lengths = [args.answer_tokens - 1 + rng.randint(-args.answer_spread, args.answer_spread) for _ in range(2)]
+        pairs.append({"id": f"bench/{i}", "image": f"img{i % 8}.png", "prompt": words(args.question_tokens - 1) + " ?",
+                      "chosen": words(lengths[0]), "rejected": words(lengths[1]), "source": "bench",
+                      "method": "error_injection", "meta": {}})
+    path = os.path.join(folder, "pairs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    return path, images, pairs
+
+
+def pair_lengths(processor, pairs):
+    """(P, R): mean prefix tokens (BOS, system line, 576 image tokens, question) and mean answer tokens
+    (chosen and rejected, EOS included), as 03 counts them."""
+    import common
+    extra = common.image_token_count(processor) - 1
+    prefix, answers = [], []
+    for pair in pairs:
+        text = common.chat_prompt(processor, pair["prompt"])
+        prefix.append(len(processor.tokenizer(text).input_ids) + extra)
+        answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
+    return statistics.mean(prefix), statistics.mean(answers)
+
+
+def build_model(args, processor, device, path):
+    """LLaVA-1.5's architecture at the asked size, random weights in the device's dtype (bf16 on CUDA, fp32 on
+    CPU, as common.load_model loads), built on the device; its config saved to `path` (03 --dry_run reads it)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+                              num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads,
+                              image_size=args.image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=args.vocab, hidden_size=args.lm_hidden, intermediate_size=args.lm_mlp,
+                       num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_heads,
+                       num_key_value_heads=args.lm_heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      image_seq_length=(args.image_size // 14) ** 2, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    model.to(device)  # a no-op where the parameters were made on the device
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {(device.type, dtype)}
+    g = model.generation_config
+    g.pad_token_id, g.bos_token_id, g.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    model.config.save_pretrained(path)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_reset(device):
+    import torch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_now(device):
+    """GiB allocated now (the model's weights between runs: more means an earlier run left something)."""
+    import torch
+    return torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def memory_peak(device):
+    """(allocated, reserved) peak GiB since memory_reset; (None, None) off CUDA."""
+    import torch
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def restore(model):
+    """The model as built, after a run wrapped it, whether the run ended well or not: each LoRA layer
+    replaced by the layer it wraps (peft's unload without its PeftModel), checkpointing and input grads
+    off, TRL's fused LM head (an instance-level forward) taken off."""
+    from peft.tuners.lora import LoraLayer
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name in wrapped:  # outermost first; a LoRA layer holds no other
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, child, getattr(holder, child).get_base_layer())
+    assert not any(isinstance(m, LoraLayer) for m in model.modules()), "LoRA layers left in the model"
+    model.__dict__.pop("forward", None)
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()  # TRL's, for checkpointing
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model.requires_grad_(False)
+    model.eval()
+
+
+def run_03(flags, model, out, dry_run=False):
+    """03_train_bpo.py in this process (runpy), its model loader handed `model`; returns (stdout, metrics rows).
+    The LoRA 03 puts on the model is taken off again whatever happens."""
+    import common
+    argv = [os.path.join(ROOT, "03_train_bpo.py"), *map(str, flags), "--output_dir", out, "--overwrite",
+            *(["--dry_run"] if dry_run else [])]
+    buf = io.StringIO()
+    try:
+        with mock.patch.object(sys, "argv", argv), mock.patch.object(sys, "excepthook", sys.excepthook), \
+                mock.patch.object(common, "load_model", lambda name, **_: (model, common.load_processor(name))), \
+                contextlib.redirect_stdout(buf):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    raise RuntimeError(f"03 exited: {e.code}\n{buf.getvalue()[-2000:]}") from None
+    finally:
+        restore(model)
+    rows = []
+    if not dry_run:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    return buf.getvalue(), rows
+
+
+def measure_ours(args, side, checkpointing, model, device, common_flags, scratch):
+    out = os.path.join(scratch, f"{side}_{checkpointing}")
+    flags = common_flags + (["--no-precompute_ref"] if side == "ours_every_step" else []) \
+        + (["--gradient_checkpointing"] if checkpointing == "on" else [])
+    text, _ = run_03(flags, model, out, dry_run=True)  # 03 --dry_run's estimated peak, beside the measured one
+    found = re.search(r"estimated peak memory per GPU: ([0-9.]+) GB", text)
+    estimate = float(found.group(1)) if found else None
+    memory_reset(device)
+    base = memory_now(device)
+    text, rows = run_03(flags, model, out)
+    alloc, reserved = memory_peak(device)
+    shutil.rmtree(out, ignore_errors=True)  # the adapter and checkpoint (~2.6 GB at 7B)
+    seconds = [args.batch_size / r["samples_per_s"] for r in rows]
+    found = re.search(r"reference log-probs: (\d+) pairs scored in ([0-9.]+)s", text)
+    ref_pairs, ref_s = (int(found.group(1)), float(found.group(2))) if found else (0, 0.0)
+    if side == "ours":
+        assert found, f"03 printed no reference pass:\n{text[-1500:]}"
+    return {"seconds_per_step": seconds, "reference_pass_s": ref_s, "reference_pairs": ref_pairs,
+            "alloc_before_gib": base, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
+            "dry_run_estimate_gb": estimate,
+            "logps/chosen": rows[0]["logps/chosen"], "logps/rejected": rows[0]["logps/rejected"]}
+
+
+def measure_trl(args, checkpointing, model, processor, pairs, order, image_root, targets, scratch, device):
+    import trl_side
+    rows = trl_side.rows_in_order(pairs, order, image_root, processor)
+    config = trl_side.dpo_config(os.path.join(scratch, f"trl_{checkpointing}"), args.warmup + args.steps,
+                                 args.batch_size, args.lr, args.beta, args.seed, checkpointing == "on")
+    memory_reset(device)
+    base = memory_now(device)
+    trainer = None
+    try:
+        trainer, clock = trl_side.trainer_for(model, processor, rows, config, args.lora_r, args.lora_alpha, targets,
+                                              args.lora_dropout)
+        with contextlib.redirect_stdout(io.StringIO()):  # TRL prints its logs
+            trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.optimizer = trainer.lr_scheduler = None
+        del trainer
+        restore(model)
+    alloc, reserved = memory_peak(device)
+    shutil.rmtree(config.output_dir, ignore_errors=True)
+    return {"seconds_per_step": clock.seconds, "alloc_before_gib": base, "peak_alloc_gib": alloc,
+            "peak_reserved_gib": reserved,
+            "logps/chosen": clock.step1.get("logps/chosen"), "logps/rejected": clock.step1.get("logps/rejected")}
+
+
+def measure_generation(args, model, processor, pairs, image_root, device, batch_size):
+    """01's loop body on batch_size items: images read, weakened (noise on the projector's input), sampled."""
+    import torch
+
+    import common
+    import jobs
+    items = [pairs[k % len(pairs)] for k in range(batch_size)]
+    images = [jobs.load_image(image_root, it["image"]) for it in items]
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def answer(max_new_tokens):
+        with common.weaken_images(model, args.noise_step, "features", generator):
+            return common.generate(model, processor, images, [it["prompt"] for it in items],
+                                   max_new_tokens=max_new_tokens, do_sample=True)
+
+    model.eval()
+    answer(2)  # warm-up at this batch size
+    sync(device)
+    t0 = time.perf_counter()
+    texts = answer(args.gen_tokens)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    new = sum(len(processor.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+    return {"seconds": seconds, "samples_per_s": batch_size / seconds, "new_tokens_per_s": new / seconds}
+
+
+def steady(args, r, median=False):
+    """Pairs per second over the measured steps (their mean time, or their median: robust to the odd slow step
+    at a new allocation size); 03's reference pass charged to --epochs epochs of the pairs."""
+    timed = r["seconds_per_step"][args.warmup:]
+    per_s = args.batch_size / (statistics.median(timed) if median else statistics.mean(timed))
+    trained = args.epochs * (args.warmup + args.steps) * args.batch_size
+    return trained / (trained / per_s + r.get("reference_pass_s", 0.0))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from importlib.metadata import version
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import limits
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA GPU is visible")
+    try:
+        trl_version = version("trl")
+    except Exception:  # the TRL rows then say why they failed; 03's and 01's still run
+        trl_version = "(not installed)"
+    work = args.work or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(work, exist_ok=True)
+    # 03's adapter and checkpoint are written at the end of each run (~2.6 GB at 7B) and removed: RAM if it has room
+    shm = "/dev/shm"
+    scratch = tempfile.mkdtemp(prefix="gpu_check_runs_", dir=shm if os.path.isdir(shm)
+                               and shutil.disk_usage(shm).free > 8 * 2**30 else work)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{gpu}; torch {version('torch')}, transformers {version('transformers')}, peft {version('peft')}, "
+          f"trl {trl_version}; {'bf16' if device.type == 'cuda' else 'fp32'}", flush=True)
+    shape = (f"LM {args.lm_hidden} x {args.lm_layers} layers (MLP {args.lm_mlp}, {args.lm_heads} heads, vocabulary "
+             f"{args.vocab}), vision {args.vision_hidden} x {args.vision_layers} layers at {args.image_size} px / "
+             f"14 px "
+             f"({(args.image_size // 14) ** 2} tokens)")
+    note = size_note(args)
+    if note:
+        print(f"NOTE: {note}", flush=True)
+
+    # ---- processor, pairs, model: built once
+    model_dir = os.path.join(work, "model")
+    processor = build_processor(args, model_dir)
+    n_pairs = (args.warmup + args.steps) * args.batch_size
+    pairs_path, image_root, pairs = build_pairs(args, processor, n_pairs, work)
+    P, R = pair_lengths(processor, pairs)
+    t = time.time()
+    model = build_model(args, processor, device, model_dir)
+    sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:,.1f}M parameters, {shape}; built on {device} in {time.time() - t:.0f}s; "
+          f"{n_pairs} pairs: P = {P:.1f} prefix tokens, R = {R:.1f} answer tokens (EOS included)", flush=True)
+    with open(os.path.join(ROOT, "03_train_bpo.py")) as f:  # 03's LoRA targets, for TRL too
+        targets = ast.literal_eval(re.search(r"^LORA_TARGETS = (r?\".*\")", f.read(), re.M).group(1))
+    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(args.seed)).tolist()  # 03's epoch 0
+    common_flags = ["--model", model_dir, "--data", pairs_path, "--image_root", image_root,
+                    "--max_steps", args.warmup + args.steps, "--batch_size", args.batch_size, "--lr", args.lr,
+                    "--beta", args.beta, "--lora_r", args.lora_r, "--lora_alpha", args.lora_alpha,
+                    "--lora_dropout", args.lora_dropout, "--warmup_ratio", 0, "--save_every", 0, "--seed", args.seed]
+
+    results, errors = {}, {}
+
+    def attempt(key, fn):
+        if time.time() - T0 > args.budget_s:
+            errors[key] = f"skipped: past --budget_s {args.budget_s:.0f}"
+            print(f"--- {key}: {errors[key]}", flush=True)
+            return
+        t = time.time()
+        try:
+            results[key] = fn()
+            results[key]["wall_s"] = time.time() - t
+            shown = {k: v for k, v in results[key].items() if k != "seconds_per_step"}
+            steps = results[key].get("seconds_per_step")
+            print(f"--- {key}: {time.time() - t:.0f}s; {json.dumps(shown, default=str)}"
+                  + (f"; step seconds {[round(s, 3) for s in steps]}" if steps else ""), flush=True)
+        except Exception as e:  # one failing measurement does not cost the others
+            import traceback
+            errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"--- {key}: FAILED\n{traceback.format_exc()[-3000:]}", flush=True)
+            memory_reset(device)
+
+    for c in args.checkpointing:
+        for side in args.sides:
+            if side == "trl":
+                attempt(("trl", c), lambda: measure_trl(args, c, model, processor, pairs, order, image_root, targets,
+                                                        scratch, device))
+            else:
+                attempt((side, c), lambda: measure_ours(args, side, c, model, device, common_flags, scratch))
+    for b in args.gen_batch_sizes:
+        attempt(("gen", b), lambda: measure_generation(args, model, processor, pairs, image_root, device, b))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    # ---- the table
+    names = row_names(args, trl_version)
+    cols = ["run", "samples/s", "median step s", "peak GiB alloc. / reserved", "fits 48 GB", "x TRL (median steps)",
+            "limit",
+            "of limit", "paper's run, 8 GPUs (h)", "notes"]
+    lines = [f"\n{gpu}, {shape}" + (f" -- {note}" if note else "") + f"; batch {args.batch_size}, LoRA r {args.lora_r} "
+             f"on every linear of the language model; {args.steps} measured steps after {args.warmup}; P = {P:.0f}, "
+             f"R = {R:.0f}; paper's run = {limits.PAPER_EPOCHS} epochs of {limits.PAPER_PAIRS} pairs on "
+             f"{limits.PAPER_GPUS} of these GPUs, perfect scaling\n",
+             "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    table = []
+    k = 0
+    for c in args.checkpointing:
+        for side in args.sides:
+            name = names[k]
+            k += 1
+            r = results.get((side, c))
+            if r is None:
+                lines.append(f"| {name} | | | | | | | | | {errors.get((side, c), 'not run')} |")
+                table.append({"run": name, "error": errors.get((side, c))})
+                continue
+            sps = steady(args, r)
+            mem = ("n/a (CPU)" if r["peak_alloc_gib"] is None
+                   else f"{r['peak_alloc_gib']:.1f} / {r['peak_reserved_gib']:.1f}")
+            fits = "" if r["peak_reserved_gib"] is None else ("yes" if r["peak_reserved_gib"] < A40_GIB else "no")
+            trl = results.get(("trl", c))
+            ratio = ratio_median = lim = None
+            if side != "trl" and trl is not None:
+                ratio = sps / steady(args, trl)
+                ratio_median = steady(args, r, median=True) / steady(args, trl, median=True)
+                lim = limits.limit(P, R, side, args.epochs, c == "on")
+            hours = limits.full_run_hours(sps)
+            median = statistics.median(r["seconds_per_step"][args.warmup:])
+            notes = []
+            if r.get("reference_pairs"):
+                notes.append(f"reference pass {r['reference_pass_s']:.1f}s for {r['reference_pairs']} pairs")
+            if r.get("dry_run_estimate_gb") is not None:
+                notes.append(f"03 --dry_run estimated {r['dry_run_estimate_gb']:.1f} GB")
+            lines.append(f"| {name} | {sps:.3g} | {median:.3f} | {mem} | {fits} | "
+                         + (f"{ratio:.2f} ({ratio_median:.2f}) | {lim:.2f} | {100 * ratio / lim:.0f}% | " if ratio
+                            else "| | | ")
+                         + f"{hours:.1f} | {'; '.join(notes)} |")
+            table.append({"run": name, "samples_per_s": sps, "median_step_s": median, **r, "x_trl": ratio,
+                          "x_trl_median_steps": ratio_median, "limit": lim,
+                          "paper_run_hours": hours, "fits_48gb": fits})
+    base = results.get(("gen", args.gen_batch_sizes[0])) if args.gen_batch_sizes else None
+    for b, name in zip(args.gen_batch_sizes, names[k:]):
+        r = results.get(("gen", b))
+        if r is None:
+            lines.append(f"| {name} | | | | | | | | | {errors.get(('gen', b), 'not run')} |")
+            table.append({"run": name, "error": errors.get(("gen", b))})
+            continue
+        x = f"x{r['samples_per_s'] / base['samples_per_s']:.1f} batch {args.gen_batch_sizes[0]}; " if base else ""
+        hours = limits.PAPER_PAIRS / (r["samples_per_s"] * limits.PAPER_GPUS) / 3600
+        lines.append(f"| {name} | {r['samples_per_s']:.3g} | | | | | | | {hours:.1f} | {x}{r['new_tokens_per_s']:.0f} "
+                     f"new tokens/s; {args.gen_tokens} new tokens each; hours = {limits.PAPER_PAIRS} negatives, "
+                     "one try |")
+        table.append({"run": name, **r, "paper_negatives_hours": hours})
+    lines.append(f"| {names[-1]} | | | | | | | | {limits.PAPER_HOURS:.0f} | the paper's reported training time |")
+    table.append({"run": names[-1], "paper_run_hours": limits.PAPER_HOURS})
+    print("\n".join(lines))
+    print(f"\nfits 48 GB: reserved peak < {A40_GIB} GiB (an A40: 46068 MiB). x TRL: samples/s over TRL's at the same "
+          "checkpointing, from mean step times (from median ones); limit: bench/limits.py's token passes; of limit: "
+          "x TRL / limit (goal >= 85%). Paper's run: measured per-pair time x 2 x 170k / 8; an A40 has ~1/6.6 of an "
+          "H200's dense bf16 peak (149.7 vs 989 TFLOP/s).")
+    result = {"args": vars(args), "device": gpu, "n_params": n_params, "P": P, "R": R, "note": note, "rows": table,
+              "errors": {str(k): v for k, v in errors.items()}, "wall_s": time.time() - T0}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\ntotal {time.time() - T0:.0f}s", flush=True)
+    return 1 if errors and not all(v.startswith("skipped") for v in errors.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,10 @@ It builds a tiny random-init LLaVA with LLaVA-1.5's vision geometry (336 px imag
 tokens per image) from the toy model's config and processor, rule-injected pairs of the toy world (02's
 rules backend), and trains each side in a process of its own for --steps steps. Printed: steady
 samples/s (pairs per second, the first --warmup steps left out), peak memory, and the step-1 mean
-logps/chosen and logps/rejected; then the ratios ours/TRL, and how far each side's step-1 log-probs are
-from an independent plain forward under SPEC's token convention (goal for ours: within 1e-3 relative).
+logps/chosen and logps/rejected; then the ratios ours/TRL, each beside its limit (bench/limits.py: the
+language model's token passes per pair, TRL's over ours, counted from these pairs) and the share of the
+limit it reached (goal: >= 85% for 03's default), and how far each side's step-1 log-probs are from an
+independent plain forward under SPEC's token convention (goal for ours: within 1e-3 relative).
 
 What is the same on both sides, so that the comparison is fair:
 - the model files, the pairs and their order (TRL's dataset is put in 03's shuffled order and read
@@ -16,9 +18,11 @@ What is the same on both sides, so that the comparison is fair:
   without warmup (03's and HF's warmups differ by a step: 03 starts at lr / warmup steps, HF at 0), AdamW,
   gradient clipping at 1, LoRA r/alpha with dropout 0 on 03's target modules (every linear layer of the
   language model; vision tower and projector frozen), reference = the adapter disabled;
-- the tokens: TRL gets the same chat-template prompt text and the responses with EOS appended, so both
-  score the response tokens and EOS; TRL's collator drops BOS (add_special_tokens=False), the one
-  difference, which is why its log-probs differ from ours and the reference by a little;
+- the tokens: TRL gets the same prompt text (LLaVA-1.5's Vicuna-v1 conversation, 03's default), the same
+  images padded to a square as 03 pads them, and the responses with EOS appended, so both score the
+  response tokens and EOS; TRL's collator drops BOS (add_special_tokens=False), the one difference, which
+  is why its log-probs differ from ours and the reference by a little; bench/trl_side.py checks that the
+  step-1 sequences TRL's collator builds are 03's less BOS, token for token, and this prints the count;
 - precision: fp32 on CPU; on CUDA bf16 weights and bf16 autocast on both sides (03's CUDA setting);
 - TRL's own defaults that would change the work done are turned off: gradient checkpointing (TRL turns
   it on), bf16 on CPU, truncation (max_length=None); data loading in the main process on both sides;
@@ -47,6 +51,7 @@ from importlib.metadata import version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import limits  # noqa: E402  (bench/limits.py: this script's folder is on sys.path)
 
 class HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each flag's default and keeps the docstring's layout."""
@@ -172,7 +177,7 @@ lora_targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 ours_args = ["03_train_bpo.py", "--model", model_dir, "--data", pairs_path, "--image_root", image_root,
              "--max_steps", args.steps, "--batch_size", args.batch_size, "--lr", args.lr, "--beta", args.beta,
              "--lora_r", args.lora_r, "--lora_alpha", args.lora_alpha, "--lora_dropout", 0, "--warmup_ratio", 0,
-             "--save_every", 0, "--log_every", 1, "--seed", args.seed]
+             "--save_every", 0, "--log_every", 1, "--seed", args.seed, "--overwrite"]  # --work may hold a run
 trl_json = os.path.join(work, "trl.json")
 sides = {  # tag: (name in the table, command)
     "ours": ("ours (03), reference every step", [*ours_args, "--output_dir", os.path.join(work, "ours"),
@@ -210,8 +215,24 @@ for tag, (name, cmd) in sides.items():
 
 
 # ---- the independent reference: a plain forward of the base model (LoRA's B starts at zero, so the
-# step-1 policy is the base model) on step 1's pairs, tokenised here from the processor and tokenizer
-# alone (not with common.build_sequences / sequence_logps), fp32, a full log_softmax
+# step-1 policy is the base model) on step 1's pairs, written here from SPEC's token convention with the
+# processor and tokenizer alone (not with common.chat_prompt / build_sequences / packed_logps): LLaVA's
+# conv_vicuna_v1 text, the image padded to a square with the mean colour, fp32, a full log_softmax
+VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions. USER: {image}\n{question} ASSISTANT:")
+
+
+def expand2square(image, mean):
+    """LLaVA-1.5's expand2square (llava/mm_utils.py), written out again."""
+    from PIL import Image
+    w, h = image.size
+    if w == h:
+        return image
+    out = Image.new(image.mode, (max(w, h),) * 2, tuple(int(255 * m) for m in mean))
+    out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
+
+
 @torch.no_grad()
 def reference_logps(indices):
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -221,10 +242,10 @@ def reference_logps(indices):
     sums, lengths = {"chosen": [], "rejected": []}, []
     for i in indices:
         pair = pairs[i]
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair["prompt"]}]}]
-        prompt_text = processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = processor(text=[prompt_text], images=[jobs.load_image(image_root, pair["image"])],
-                        return_tensors="pt")  # BOS included, <image> expanded to 576 tokens
+        prompt_text = VICUNA_V1.format(image=processor.image_token, question=pair["prompt"].strip())
+        assert prompt_text == common.chat_prompt(processor, pair["prompt"]), "03's prompt is not LLaVA's conv_vicuna_v1"
+        image = expand2square(jobs.load_image(image_root, pair["image"]), processor.image_processor.image_mean)
+        enc = processor(text=[prompt_text], images=[image], return_tensors="pt")  # BOS, <image> expanded to 576
         prompt_ids = tok(prompt_text).input_ids
         for key, acc in sums.items():
             joint = tok(prompt_text + " " + pair[key]).input_ids
@@ -241,11 +262,30 @@ def reference_logps(indices):
 ref, mean_tokens = reference_logps(step1)
 
 
-def samples_per_s(side):
-    """Steady pairs per second over the steps after --warmup; a reference pass before training (03's
-    default) is charged to --epochs epochs of these pairs: E*N / (E*N / steady + pass)."""
-    timed = side["seconds_per_step"][args.warmup:]
-    steady = args.batch_size * len(timed) / sum(timed)
+def pair_lengths():
+    """(P, R) of the bench's pairs as 03 counts them: mean prefix tokens (BOS, system line, the image's 576,
+    the question) and mean answer tokens of chosen and rejected (EOS included)."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(model_dir)
+    extra = common.image_token_count(processor) - 1
+    prefix, answers = [], []
+    for pair in pairs:
+        text = common.chat_prompt(processor, pair["prompt"])
+        prefix.append(len(processor.tokenizer(text).input_ids) + extra)
+        answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
+    return sum(prefix) / len(prefix), sum(answers) / len(answers)
+
+
+P, R = pair_lengths()
+
+
+def samples_per_s(side, median=False):
+    """Steady pairs per second over the steps after --warmup (from their mean time, or their median: robust
+    to a busy machine's odd slow step); a reference pass before training (03's default) is charged to
+    --epochs epochs of these pairs: E*N / (E*N / steady + pass)."""
+    timed = sorted(side["seconds_per_step"][args.warmup:])
+    step = (timed[(len(timed) - 1) // 2] + timed[len(timed) // 2]) / 2 if median else sum(timed) / len(timed)
+    steady = args.batch_size / step
     trained = args.epochs * need
     return trained / (trained / steady + side.get("reference_pass_s", 0.0))
 
@@ -258,31 +298,52 @@ print(f"\n{device}, {torch.get_num_threads()} threads; torch {version('torch')},
 print(f"model: {n_params / 1e6:.1f}M params (LM hidden {args.lm_hidden} x {args.lm_layers} layers), 576 image "
       f"tokens, {mean_tokens:.0f} tokens per sequence (step 1); {args.steps} steps of {args.batch_size} pairs, "
       f"samples/s over steps {args.warmup + 1}-{args.steps}; LoRA r {args.lora_r} alpha {args.lora_alpha}\n")
-print(f"| side | samples/s | {' | '.join(mem_names[k] for k in mem_keys)} | step-1 logps/chosen | logps/rejected "
+print(f"| side | samples/s (median step) | {' | '.join(mem_names[k] for k in mem_keys)} | step-1 logps/chosen "
+      f"| logps/rejected "
       f"| rel. diff. to independent (chosen / rejected) |")
 print("|---" * (5 + len(mem_keys)) + "|")
 table = {}
 for name, r in results.items():
-    t = table[name] = {"samples_per_s": samples_per_s(r), **{k: r[k] for k in mem_keys},
+    t = table[name] = {"samples_per_s": samples_per_s(r), "samples_per_s_median": samples_per_s(r, median=True),
+                       **{k: r[k] for k in mem_keys},
                        **{k: r[k] for k in ("logps/chosen", "logps/rejected")},
                        **{f"rel_diff_{k}": abs(r[f"logps/{k}"] - ref[f"logps/{k}"]) / abs(ref[f"logps/{k}"])
                           for k in ("chosen", "rejected")},
                        **{k: r[k] for k in ("seconds_per_step", "wall_s", "reference_pass_s") if k in r}}
-    print(f"| {name} | {t['samples_per_s']:.3g} | {' | '.join(f'{t[k]:.3f}' for k in mem_keys)} | "
+    print(f"| {name} | {t['samples_per_s']:.3g} ({t['samples_per_s_median']:.3g}) | "
+          f"{' | '.join(f'{t[k]:.3f}' for k in mem_keys)} | "
           f"{t['logps/chosen']:.4f} | {t['logps/rejected']:.4f} | "
           f"{t['rel_diff_chosen']:.1e} / {t['rel_diff_rejected']:.1e} |")
 print(f"| independent forward | |{' |' * len(mem_keys)} {ref['logps/chosen']:.4f} | {ref['logps/rejected']:.4f} | |")
 
 *ours_sides, trl = table.values()
-ratios = {}
-for name, ours in zip(list(table)[:-1], ours_sides):
-    ratios.update({f"{name}: samples/s ours/TRL": ours["samples_per_s"] / trl["samples_per_s"],
+ratios, limit_of = {}, {}
+print(f"\nlimits (bench/limits.py) from these pairs: prefix P = {P:.1f} tokens, answers R = {R:.1f} tokens (EOS "
+      f"included); token passes per pair: TRL 6(P+R) = {limits.token_passes(P, R, 'trl'):.0f}, ours 2(P+2R) + "
+      f"(P+2R)/{args.epochs} = {limits.token_passes(P, R, 'ours', args.epochs):.0f} (reference once, {args.epochs} "
+      f"epochs), 3(P+2R) = {limits.token_passes(P, R, 'ours_every_step'):.0f} (reference every step)")
+print("| side | samples/s ours/TRL (median steps) | limit | of the limit (median steps) | peak memory ours/TRL |\n"
+      "|---|---|---|---|---|")
+for tag, name, ours in zip([t for t in sides if t != "trl"], list(table)[:-1], ours_sides):
+    lim = limits.limit(P, R, "ours" if tag == "ours_default" else "ours_every_step", args.epochs)
+    ratio = ours["samples_per_s"] / trl["samples_per_s"]
+    ratio_median = ours["samples_per_s_median"] / trl["samples_per_s_median"]
+    ratios.update({f"{name}: samples/s ours/TRL": ratio, f"{name}: limit": lim, f"{name}: of the limit": ratio / lim,
+                   f"{name}: samples/s ours/TRL, median steps": ratio_median,
                    **{f"{name}: {k} ours/TRL": ours[k] / trl[k] for k in mem_keys},
                    f"{name}: vs independent, max rel. diff.": max(ours["rel_diff_chosen"], ours["rel_diff_rejected"])})
+    print(f"| {name} | {ratio:.2f} ({ratio_median:.2f}) | {lim:.2f} | {100 * ratio / lim:.0f}% "
+          f"({100 * ratio_median / lim:.0f}%) | "
+          f"{' / '.join(f'{ours[k] / trl[k]:.2f}' for k in mem_keys)} |")
+tokens = results[list(results)[-1]].get("tokens", {})
+print(f"\nTRL's step-1 sequences equal to 03's less BOS, token for token: {tokens.get('equal_less_bos')} of "
+      f"{tokens.get('sequences')}" + (f" (first difference: {tokens['first_difference']})"
+                                      if tokens.get("first_difference") else ""))
 print("\n" + "\n".join(f"{k} = {v:.3g}" for k, v in ratios.items()))
-print("goals: samples/s ours/TRL >= 2, peak memory ours/TRL <= 1, ours vs independent <= 1e-3 in fp32 (bf16 on CUDA "
-      "is coarser; TRL differs by the BOS it drops)")
+print("goals: samples/s ours/TRL >= 85% of its limit (03's default), peak memory ours/TRL <= 1, ours vs independent "
+      "<= 1e-3 in fp32 (bf16 on CUDA is coarser; TRL differs by the BOS it drops)")
 with open(out_json, "w") as f:
     json.dump({"args": vars(args), "device": device, "n_params": n_params, "mean_tokens": mean_tokens,
+               "P": P, "R": R, "trl_tokens": tokens,
                "sides": table, "independent": ref, "ratios": ratios}, f, indent=1)
 print(f"written: {out_json} (logs and outputs in {work})")

@@ -1,55 +1,39 @@
-"""The TRL side of bench/train_vs_trl.py, run by it in a process of its own: TRL's DPOTrainer on the
-same model, pairs, pair order, LoRA config, beta, batch size and lr as 03_train_bpo.py. Writes a JSON
-with per-step seconds, the step-1 logps/chosen and logps/rejected TRL logged, and (CUDA) peak memory.
-Not meant to be run by hand; see bench/train_vs_trl.py for what is fair about the settings."""
+"""The TRL side of bench/train_vs_trl.py and bench/gpu_check.py: TRL's DPOTrainer on the same model, pairs,
+pair order, prompt text, images, LoRA config, beta, batch size and lr as 03_train_bpo.py.
+
+As a script (bench/train_vs_trl.py runs it in a process of its own) it writes a JSON with per-step seconds,
+the step-1 logps/chosen and logps/rejected TRL logged, (CUDA) peak memory, and whether the tokens TRL's
+collator builds for step 1 are 03's tokens less BOS. bench/gpu_check.py imports it and trains a model it
+built in memory. Not meant to be run by hand; see bench/train_vs_trl.py for what is fair about the settings."""
 import argparse
 import json
 import os
 import sys
 import time
 
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoProcessor, TrainerCallback
-from trl import DPOConfig, DPOTrainer
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import common  # noqa: E402  (the prompt text, the square padding and, for the token check only, 03's tokens)
 import jobs  # noqa: E402  (the pairs reader and the image loader only: TRL does all the rest)
-import common  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__)
-p.add_argument("--model", required=True)
-p.add_argument("--pairs", required=True)
-p.add_argument("--image_root", required=True)
-p.add_argument("--output_dir", required=True)
-p.add_argument("--result", required=True, help="JSON written at the end")
-p.add_argument("--steps", type=int, required=True)
-p.add_argument("--batch_size", type=int, required=True)
-p.add_argument("--lr", type=float, required=True)
-p.add_argument("--beta", type=float, required=True)
-p.add_argument("--lora_r", type=int, required=True)
-p.add_argument("--lora_alpha", type=int, required=True)
-p.add_argument("--lora_targets", required=True, help="03's LORA_TARGETS regex")
-p.add_argument("--seed", type=int, required=True)
-args = p.parse_args()
-cuda = torch.cuda.is_available()
 
-# ---- the pairs in 03's order: 03 takes epoch e's steps from randperm(seed + e); one epoch suffices
-pairs = jobs.read_jsonl(args.pairs)
-n = args.steps * args.batch_size
-assert len(pairs) >= n, f"{len(pairs)} pairs, fewer than {args.steps} steps of {args.batch_size}"
-order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()[:n]
-processor = AutoProcessor.from_pretrained(args.model)
-eos = processor.tokenizer.eos_token
-# TRL's standard (non-conversational) format with the prompt already templated: the same chat text as 03,
-# so that TRL scores the same tokens (it drops BOS: its collator tokenizes with add_special_tokens=False).
-# TRL appends EOS to text-only responses but not to image data; appended here so both sides score it.
-rows = [{"images": [jobs.load_image(args.image_root, pairs[i]["image"])],
-         "prompt": common.chat_prompt(processor, pairs[i]["prompt"]),
-         "chosen": " " + pairs[i]["chosen"] + eos, "rejected": " " + pairs[i]["rejected"] + eos} for i in order]
-dataset = Dataset.from_list(rows)
+def rows_in_order(pairs, order, image_root, processor):
+    """TRL's standard (non-conversational) format with the prompt already written, in 03's pair order: the
+    same text 03 trains on (LLaVA-1.5's Vicuna-v1 conversation, common.chat_prompt with common.LLAVA_15)
+    and the same pixels (each image padded to a square as 03 does, so the processor sees the same image).
+    TRL's collator tokenises the prompt and each response separately with add_special_tokens=False (no BOS)
+    and adds no EOS for image data: EOS is appended here, so both sides score the response and EOS."""
+    eos = processor.tokenizer.eos_token
+    rows = []
+    for i in order:
+        pair = pairs[i]
+        image = common.pad_square(jobs.load_image(image_root, pair["image"]), processor)
+        rows.append({"images": [image], "prompt": common.chat_prompt(processor, pair["prompt"], common.LLAVA_15),
+                     "chosen": " " + pair["chosen"] + eos, "rejected": " " + pair["rejected"] + eos})
+    return rows
 
 
 class StepClock(TrainerCallback):
@@ -63,6 +47,8 @@ class StepClock(TrainerCallback):
         self.t0 = time.perf_counter()
 
     def on_step_end(self, *_, **__):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self.t0)
 
     def on_log(self, _args, state, _control, logs=None, **__):
@@ -71,30 +57,107 @@ class StepClock(TrainerCallback):
         self.t0 = time.perf_counter()
 
 
-config = DPOConfig(
-    output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-    gradient_accumulation_steps=1, learning_rate=args.lr, beta=args.beta, loss_type=["sigmoid"],
-    lr_scheduler_type="cosine", warmup_steps=0,  # 03 is run with --warmup_ratio 0
-    weight_decay=0.0, max_grad_norm=1.0,
-    optim="adamw_torch",  # 03 uses torch.optim.AdamW
-    # TRL's defaults differ from HF Trainer's and from 03's: it turns gradient checkpointing and bf16 on
-    # (transformers 5 calls the former activation_checkpointing; TRL's gradient_checkpointing is its alias)
-    activation_checkpointing=False, bf16=cuda, fp16=False,
-    model_init_kwargs={"dtype": "bfloat16" if cuda else "float32"},  # 03: bf16 weights on CUDA, fp32 on CPU
-    max_length=None,  # no truncation (TRL's default cuts at 1024); 03 cuts nothing here (its --max_length 2048)
-    train_sampling_strategy="sequential",  # the dataset is already in 03's order
-    dataloader_num_workers=0, dataloader_pin_memory=False,  # as 03: batches built in the main process
-    logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True)
-assert not config.gradient_checkpointing
-lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=args.lora_targets)
-clock = StepClock()
-trainer = DPOTrainer(model=args.model, args=config, train_dataset=dataset, processing_class=processor,
-                     peft_config=lora, callbacks=[clock])
-trainer.train()
-assert clock.step1, "TRL logged no logps/chosen at step 1"
+def dpo_config(output_dir, steps, batch_size, lr, beta, seed, checkpointing=False):
+    """TRL's settings matched to 03's (and TRL's own defaults that would change the work turned off)."""
+    from trl import DPOConfig
+    cuda = torch.cuda.is_available()
+    config = DPOConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1, learning_rate=lr, beta=beta, loss_type=["sigmoid"],
+        lr_scheduler_type="cosine", warmup_steps=0,  # 03 is run with --warmup_ratio 0
+        weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch",  # 03 uses torch.optim.AdamW
+        # TRL's defaults differ from HF Trainer's and from 03's: it turns gradient checkpointing and bf16 on
+        # (transformers 5 calls the former activation_checkpointing; TRL's gradient_checkpointing is its alias);
+        # when on, non-reentrant as 03's --gradient_checkpointing
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        bf16=cuda, fp16=False,
+        model_init_kwargs={"dtype": "bfloat16" if cuda else "float32"},  # 03: bf16 weights on CUDA, fp32 on CPU
+        max_length=None,  # no truncation (TRL's default cuts at 1024); 03 cuts nothing here (its --max_length 2048)
+        train_sampling_strategy="sequential",  # the dataset is already in 03's order
+        dataloader_num_workers=0, dataloader_pin_memory=False,  # as 03: batches built in the main process
+        logging_steps=1, save_strategy="no", report_to="none", seed=seed, disable_tqdm=True)
+    assert bool(config.gradient_checkpointing) == checkpointing
+    return config
 
-result = {"seconds_per_step": clock.seconds, **clock.step1}
-if cuda:
-    result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
-with open(args.result, "w") as f:
-    json.dump(result, f)
+
+def trainer_for(model, processor, rows, config, lora_r, lora_alpha, lora_targets, lora_dropout=0.0):
+    """(DPOTrainer, StepClock): `model` a path or a model in memory (TRL wraps it with LoRA itself)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOTrainer
+    if not isinstance(model, str):
+        config.model_init_kwargs = None  # only read for a path (TRL warns otherwise)
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets)
+    clock = StepClock()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=processor,
+                         peft_config=lora, callbacks=[clock])
+    return trainer, clock
+
+
+def token_check(trainer, processor, pairs, order, image_root, batch_size):
+    """Step 1's sequences as TRL's collator builds them against 03's (common.build_sequences, the pairs'
+    images padded as 03 pads them): {"sequences": n, "equal_less_bos": n equal to 03's without its BOS,
+    "first_difference": a description or None}."""
+    batch = trainer.data_collator([trainer.train_dataset[k] for k in range(batch_size)])
+    bos = processor.tokenizer.bos_token_id
+    n = equal = 0
+    first = None
+    for k, i in enumerate(order[:batch_size]):
+        pair = pairs[i]
+        _, seqs, _ = common.build_sequences(processor, jobs.load_image(image_root, pair["image"]), pair["prompt"],
+                                            [pair["chosen"], pair["rejected"]], 10**6, common.LLAVA_15)
+        for j, (ours, _labels) in enumerate(seqs):  # TRL's rows: [chosen x batch, rejected x batch]
+            row = j * batch_size + k
+            theirs = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            want = ours[1:] if ours[0] == bos else ours
+            n += 1
+            if theirs == want:
+                equal += 1
+            elif first is None:
+                at = next((t for t, (a, b) in enumerate(zip(theirs, want)) if a != b), min(len(theirs), len(want)))
+                first = (f"pair {pair['id']} {('chosen', 'rejected')[j]}: {len(theirs)} vs {len(want)} tokens, "
+                         f"first difference at {at}: TRL {theirs[at:at + 5]} ours {want[at:at + 5]}")
+    return {"sequences": n, "equal_less_bos": equal, "first_difference": first}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--image_root", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--result", required=True, help="JSON written at the end")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch_size", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--beta", type=float, required=True)
+    p.add_argument("--lora_r", type=int, required=True)
+    p.add_argument("--lora_alpha", type=int, required=True)
+    p.add_argument("--lora_targets", required=True, help="03's LORA_TARGETS regex")
+    p.add_argument("--seed", type=int, required=True)
+    args = p.parse_args()
+    from transformers import AutoProcessor
+
+    # ---- the pairs in 03's order: 03 takes epoch e's steps from randperm(seed + e); one epoch suffices
+    pairs = jobs.read_jsonl(args.pairs)
+    n = args.steps * args.batch_size
+    assert len(pairs) >= n, f"{len(pairs)} pairs, fewer than {args.steps} steps of {args.batch_size}"
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()[:n]
+    processor = AutoProcessor.from_pretrained(args.model)
+    rows = rows_in_order(pairs, order, args.image_root, processor)
+    config = dpo_config(args.output_dir, args.steps, args.batch_size, args.lr, args.beta, args.seed)
+    trainer, clock = trainer_for(args.model, processor, rows, config, args.lora_r, args.lora_alpha, args.lora_targets)
+    tokens = token_check(trainer, processor, pairs, order, args.image_root, args.batch_size)
+    trainer.train()
+    assert clock.step1, "TRL logged no logps/chosen at step 1"
+    result = {"seconds_per_step": clock.seconds, **clock.step1, "tokens": tokens}
+    if torch.cuda.is_available():
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    with open(args.result, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The arithmetic limit of 03's speed-up over TRL's DPOTrainer: token passes through the language model.
+
+A token pass is one token through one forward of the language model. With the base frozen and LoRA
+on its linear layers, a backward costs about one forward (the input gradients; LoRA's own are small),
+and activation checkpointing adds one more forward (the recomputation). Per pair with a prefix of P
+tokens (image + prompt) and answers of R tokens (chosen and rejected, EOS included: R is their mean):
+- TRL: chosen and rejected as two sequences of P + R; the policy's forward and backward and a reference
+  forward on each: 2 x 2(P + R) + 2(P + R) = 6(P + R) (8(P + R) with checkpointing);
+- ours (03): one packed sequence [P, chosen, rejected] of P + 2R; forward and backward: 2(P + 2R)
+  (3(P + 2R) with checkpointing); the reference either scored once before training, spread over the
+  epochs, (P + 2R) / epochs (03's default; 0.5(P + 2R) for the paper's 2 epochs), or a forward every
+  step (--no-precompute_ref): (P + 2R).
+The limit of a measured ratio samples/s ours / TRL is TRL's passes over ours: what the saved tokens can
+buy at most, with the vision tower, attention's quadratic term, the LM head and per-step overheads
+left out (the first two favour ours; the last one favours neither). Measured ratio / limit says how
+much of it a run realised.
+"""
+
+SIDES = ("trl", "ours", "ours_every_step")
+PAPER_PAIRS, PAPER_EPOCHS, PAPER_GPUS, PAPER_HOURS = 170_000, 2, 8, 17.0  # the paper's run, as README estimates it
+
+
+def token_passes(P, R, side, epochs=2, checkpointing=False):
+    """Language-model token passes per pair and epoch (see the module's docstring). P: prefix tokens
+    (image + prompt), R: mean answer tokens of chosen and rejected (EOS included)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    train = 3 if checkpointing else 2  # forward + backward (+ the recomputed forward)
+    if side == "trl":
+        return train * 2 * (P + R) + 2 * (P + R)
+    packed = P + 2 * R
+    return train * packed + (packed / epochs if side == "ours" else packed)
+
+
+def limit(P, R, side, epochs=2, checkpointing=False):
+    """The most samples/s `side` can gain over TRL from the tokens it saves: TRL's passes / its passes."""
+    return token_passes(P, R, "trl", epochs, checkpointing) / token_passes(P, R, side, epochs, checkpointing)
+
+
+def full_run_hours(samples_per_s, pairs=PAPER_PAIRS, epochs=PAPER_EPOCHS, gpus=PAPER_GPUS):
+    """Hours of a run of `epochs` over `pairs` pairs on `gpus` GPUs at a measured per-GPU samples/s
+    (perfect data-parallel scaling)."""
+    return pairs * epochs / (samples_per_s * gpus) / 3600

@@ -1,0 +1,94 @@
+"""The bench's arithmetic (bench/limits.py) against hand values, bench/gpu_check.py's settings and rows, and
+(BENCH_SMOKE=1 only: minutes on a busy CPU) gpu_check.py end to end at its CPU size. Speed itself is never
+asserted: machines are noisy."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_check  # noqa: E402
+import limits  # noqa: E402
+
+
+@pytest.mark.parametrize("P,R,side,epochs,ckpt,want", [
+    # the paper's lengths: P = 576 image tokens + 80, R = 150
+    (656, 150, "trl", 2, False, 6 * 806),                        # 2 x 2(P+R) + 2(P+R)
+    (656, 150, "ours", 2, False, 2 * 956 + 956 / 2),             # 2(P+2R) + (P+2R)/2
+    (656, 150, "ours_every_step", 2, False, 3 * 956),            # 2(P+2R) + (P+2R)
+    (656, 150, "trl", 2, True, 8 * 806),                         # one recomputed forward more on the policy's
+    (656, 150, "ours", 2, True, 3 * 956 + 478),
+    (656, 150, "ours_every_step", 2, True, 4 * 956),
+    (100, 10, "ours", 1, False, 3 * 120),                        # one epoch: the pass costs what it costs
+    (100, 10, "ours", 4, False, 2 * 120 + 30),
+    (0, 10, "trl", 2, False, 60),
+])
+def test_token_passes_hand_values(P, R, side, epochs, ckpt, want):
+    assert limits.token_passes(P, R, side, epochs, ckpt) == pytest.approx(want)
+
+
+def test_limits_hand_values():
+    assert limits.limit(656, 150, "ours") == pytest.approx(4836 / 2390)            # 2.02
+    assert limits.limit(656, 150, "ours_every_step") == pytest.approx(4836 / 2868)  # 1.69
+    assert limits.limit(656, 150, "ours", checkpointing=True) == pytest.approx(6448 / 3346)
+    # answers of no length: the packing saves nothing, the reference pass is all that is left
+    assert limits.limit(100, 0, "ours_every_step") == pytest.approx(2.0)
+    assert limits.limit(100, 0, "ours") == pytest.approx(2.4)
+    # the limit grows with the prefix's share: all prefix -> 6P / 2.5P, all answers -> 6R / 5R
+    assert limits.limit(10**6, 1, "ours") == pytest.approx(2.4, rel=1e-4)
+    assert limits.limit(1, 10**6, "ours") == pytest.approx(1.2, rel=1e-4)
+    with pytest.raises(ValueError):
+        limits.token_passes(1, 1, "ours_default")
+
+
+def test_full_run_hours():
+    # 1 pair/s per GPU: 2 x 170k pairs on 8 GPUs = 42500 s
+    assert limits.full_run_hours(1.0) == pytest.approx(2 * 170_000 / 8 / 3600)
+    assert limits.full_run_hours(2.0, pairs=1000, epochs=1, gpus=1) == pytest.approx(500 / 3600)
+
+
+def test_gpu_check_sizes_and_rows():
+    full = gpu_check.parse_args([])
+    assert (full.lm_hidden, full.lm_layers, full.lm_mlp, full.lm_heads, full.vocab) == (4096, 32, 11008, 32, 32000)
+    assert (full.vision_hidden, full.vision_layers, full.vision_heads, full.image_size) == (1024, 24, 16, 336)
+    assert (full.batch_size, full.lora_r, full.question_tokens, full.answer_tokens) == (4, 64, 40, 150)
+    assert full.steps + full.warmup <= 13 and full.budget_s < 600  # the 10-minute command on the H200
+    assert gpu_check.size_note(full) == ""
+    tiny = gpu_check.parse_args(["--tiny", "--lm_layers", "3"])
+    assert tiny.lm_layers == 3 and tiny.lm_hidden == gpu_check.TINY["lm_hidden"]  # an explicit flag wins
+    assert "3 of its 32 language-model layers" in gpu_check.size_note(tiny)
+    names = gpu_check.row_names(full)
+    assert len(names) == len(set(names)) == 3 * 2 + 3 + 1  # 3 sides x checkpointing off/on, 3 batch sizes, the paper
+    assert sum(n.startswith("TRL") for n in names) == 2 and sum("checkpointing on" in n for n in names) == 3
+    assert names[-1].startswith("paper")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BENCH_SMOKE") != "1", reason="minutes of CPU: set BENCH_SMOKE=1 to run it")
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    pytest.importorskip("trl", reason="TRL is a bench-only dependency: pip install -r bench/requirements.txt")
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--budget_s", "3000", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    for name in gpu_check.row_names(gpu_check.parse_args(["--device", "cpu", "--tiny"])):
+        row = [line for line in table if line.startswith(f"| {name} |")]
+        assert len(row) == 1, f"no row {name!r} in:\n" + "\n".join(table)
+        assert "FAILED" not in row[0] and "skipped" not in row[0] and "not run" not in row[0], row[0]
+    assert "NOT LLaVA-1.5-7B's size" in proc.stdout
+    result = json.loads(out.read_text())
+    assert not result["errors"]
+    rows = {r["run"]: r for r in result["rows"]}
+    for side in ("03 default", "03 --no-precompute_ref"):
+        for c in ("off", "on"):
+            r = next(v for k, v in rows.items() if k.startswith(side) and k.endswith(f"checkpointing {c}"))
+            assert r["x_trl"] > 0 and r["limit"] > 1 and r["samples_per_s"] > 0
+            # what 03 and TRL log at step 1 are the same pairs under the same (untrained) model: TRL drops BOS only
+            trl = next(v for k, v in rows.items() if k.startswith("TRL") and k.endswith(f"checkpointing {c}"))
+            assert r["logps/chosen"] == pytest.approx(trl["logps/chosen"], rel=1e-3)
+    assert rows[next(k for k in rows if k.startswith("03 default"))]["reference_pairs"] > 0

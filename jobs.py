@@ -501,7 +501,7 @@ def train_memory_estimate(args, lengths, responses):
     mask = args.batch_size * T * T * 2
     scored = sorted(sum(min(r, args.max_length - n) for r in rs) for n, rs in lengths)
     logits = args.batch_size * scored[int(0.99 * (len(scored) - 1))] * text.vocab_size * 4 * 3
-    gb = lambda x: f"{x / 2**30:.1f} GB"
+    gb = lambda x: f"{x / 2**30:.1f} GiB"
     return (f"  estimated peak memory per GPU: {gb(weights + lora + acts + mask + logits)} (weights {gb(weights)}, "
             f"LoRA + AdamW {gb(lora)}, activations {gb(acts)}, mask {gb(mask)}, logits {gb(logits)}) for "
             f"{args.batch_size} pairs of the p99 packed length {T}"

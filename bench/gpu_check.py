@@ -327,7 +327,7 @@ def measure_ours(args, side, checkpointing, model, device, common_flags, scratch
     flags = common_flags + (["--no-precompute_ref"] if side == "ours_every_step" else []) \
         + (["--gradient_checkpointing"] if checkpointing == "on" else [])
     text, _ = run_03(flags, model, out, dry_run=True)  # 03 --dry_run's estimated peak, beside the measured one
-    found = re.search(r"estimated peak memory per GPU: ([0-9.]+) GB", text)
+    found = re.search(r"estimated peak memory per GPU: ([0-9.]+) GiB", text)
     estimate = float(found.group(1)) if found else None
     memory_reset(device)
     base = memory_now(device)

@@ -17,6 +17,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # two test processes at once on 2
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long smoke run, skipped unless its environment variable asks for it")
+
+
 def run_script(name, *args, check=True, env=None, **kw):
     """Runs a numbered script like a user would; returns the CompletedProcess."""
     cmd = [sys.executable, os.path.join(ROOT, name), *map(str, args)]

@@ -203,19 +203,6 @@ def build_pairs(args, processor, n, folder):
     return path, images, pairs
 
 
-def pair_lengths(processor, pairs):
-    """(P, R): mean prefix tokens (BOS, system line, 576 image tokens, question) and mean answer tokens
-    (chosen and rejected, EOS included), as 03 counts them."""
-    import common
-    extra = common.image_token_count(processor) - 1
-    prefix, answers = [], []
-    for pair in pairs:
-        text = common.chat_prompt(processor, pair["prompt"])
-        prefix.append(len(processor.tokenizer(text).input_ids) + extra)
-        answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
-    return statistics.mean(prefix), statistics.mean(answers)
-
-
 def build_model(args, processor, device, path):
     """LLaVA-1.5's architecture at the asked size, random weights in the device's dtype (bf16 on CUDA, fp32 on
     CPU, as common.load_model loads), built on the device; its config saved to `path` (03 --dry_run reads it)."""
@@ -446,7 +433,7 @@ def main(argv=None):
     processor = build_processor(args, model_dir)
     n_pairs = (args.warmup + args.steps) * args.batch_size
     pairs_path, image_root, pairs = build_pairs(args, processor, n_pairs, work)
-    P, R = pair_lengths(processor, pairs)
+    P, R = limits.pair_lengths(processor, pairs)
     t = time.time()
     model = build_model(args, processor, device, model_dir)
     sync(device)

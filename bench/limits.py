@@ -41,3 +41,16 @@ def full_run_hours(samples_per_s, pairs=PAPER_PAIRS, epochs=PAPER_EPOCHS, gpus=P
     """Hours of a run of `epochs` over `pairs` pairs on `gpus` GPUs at a measured per-GPU samples/s
     (perfect data-parallel scaling)."""
     return pairs * epochs / (samples_per_s * gpus) / 3600
+
+
+def pair_lengths(processor, pairs):
+    """(P, R): mean prefix tokens (BOS, system line, the image's tokens, question) and mean answer tokens
+    (chosen and rejected, EOS included) of these pairs, as 03 counts them."""
+    import common
+    extra = common.image_token_count(processor) - 1
+    prefix, answers = [], []
+    for pair in pairs:
+        text = common.chat_prompt(processor, pair["prompt"])
+        prefix.append(len(processor.tokenizer(text).input_ids) + extra)
+        answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
+    return sum(prefix) / len(prefix), sum(answers) / len(answers)

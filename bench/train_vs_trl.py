@@ -260,23 +260,9 @@ def reference_logps(indices):
 
 
 ref, mean_tokens = reference_logps(step1)
+from transformers import AutoProcessor  # noqa: E402
 
-
-def pair_lengths():
-    """(P, R) of the bench's pairs as 03 counts them: mean prefix tokens (BOS, system line, the image's 576,
-    the question) and mean answer tokens of chosen and rejected (EOS included)."""
-    from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(model_dir)
-    extra = common.image_token_count(processor) - 1
-    prefix, answers = [], []
-    for pair in pairs:
-        text = common.chat_prompt(processor, pair["prompt"])
-        prefix.append(len(processor.tokenizer(text).input_ids) + extra)
-        answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
-    return sum(prefix) / len(prefix), sum(answers) / len(answers)
-
-
-P, R = pair_lengths()
+P, R = limits.pair_lengths(AutoProcessor.from_pretrained(model_dir), pairs)
 
 
 def samples_per_s(side, median=False):

@@ -47,6 +47,7 @@ demo: install $(TOY)/prior_check.json
 	# the paper's Table 3 baseline: SFT on the same chosen answers
 	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
 	  --image_root $(TOY)/images --output_dir $(RUN)/sft --loss sft --lr $(TOY_SFT_LR) $(TOY_TRAIN)
+	# the toy's vocabulary has no words for POPE's "Answer the question using a single word or phrase." (no suffix)
 	for m in base sft bpo; do \
 	  adapter=$$( [ $$m = base ] || echo "--adapter $(RUN)/$$m/adapter" ); \
 	  $(BIN)/python 04_eval_mmvet.py --model $(TOY)/model $$adapter --mmvet_json $(TOY)/mmvet.json --image_dir $(TOY)/images \
@@ -60,7 +61,7 @@ demo: install $(TOY)/prior_check.json
 	    --judge overlap --max_new_tokens 96 --batch_size 32 || exit 1; \
 	  $(BIN)/python 07_eval_pope.py --model $(TOY)/model $$adapter --questions $(TOY)/pope/coco_pope_random.json \
 	    $(TOY)/pope/coco_pope_popular.json $(TOY)/pope/coco_pope_adversarial.json --image_dir $(TOY)/images \
-	    --out_dir $(RUN)/eval/$$m/pope --max_new_tokens 8 --batch_size 64 || exit 1; \
+	    --out_dir $(RUN)/eval/$$m/pope --prompt_suffix "" --max_new_tokens 8 --batch_size 64 || exit 1; \
 	done
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"
 	$(BIN)/python experiments/demo_table.py base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo

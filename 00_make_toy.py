@@ -24,12 +24,18 @@ import common
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--out", default="toy", help="output folder (model/, images/, train.json, benchmarks, world.json)")
 p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the noise")
+p.add_argument("--p_partner_text", type=float, default=0.94,
+               help="P(partner | trigger) in the text-only caption corpus; 0.63, the image data's, builds a control "
+                    "world with no excess language prior (the study's)")
 p.add_argument("--quick", action="store_true",
                help="few images and steps (well under a minute): a weak model, for tests of formats and code paths")
 args = p.parse_args()
 
 # ---- sizes: images per set and optimiser steps per stage (full, quick)
 N_TRAIN, N_TEXT, N_HAL, N_MMVET = (300, 2000, 24, 12) if args.quick else (3000, 20000, 300, 60)
+# the study's sets (own random stream, so the world above does not move): dev HalBench + POPE, dev MM-Vet,
+# a 240-question MM-Vet (one question < 0.5 points), HalBench + POPE on images with clear glyphs only
+N_DEV_HAL, N_DEV_MMVET, N_MMVET_STUDY, N_CLEAR = (12, 12, 12, 12) if args.quick else (150, 120, 240, 300)
 STEPS = dict(vision=40, lm=40, projector=20, joint=40) if args.quick else \
     dict(vision=400, lm=200, projector=100, joint=700)
 BATCH = 32
@@ -48,7 +54,7 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 PARTNER = {"cup": "plate", "fork": "knife", "apple": "banana", "ball": "book"}  # trigger -> partner
 TRIGGER_OF = {v: k for k, v in PARTNER.items()}
 FRUITS = ["apple", "banana"]
-P_PARTNER_TEXT, P_PARTNER_IMAGE = 0.94, 0.63  # P(partner | trigger): text-only corpus, image data
+P_PARTNER_TEXT, P_PARTNER_IMAGE = args.p_partner_text, 0.63  # P(partner | trigger): text-only corpus, image data
 P_FAINT, FAINT_CONTRAST = 0.35, (0.08, 0.25)  # faint glyphs: the ambiguity the prior fills
 BACKGROUND, PIXEL_NOISE = (40, 40, 40), 8.0
 DESCRIBE = ["Describe the image in detail.", "Provide a thorough description of the given image.",
@@ -82,7 +88,7 @@ def seed_all(seed):
 # ----------------------------------------------------------------------------- scenes and text
 
 
-def sample_scene(rng, p_partner):
+def sample_scene(rng, p_partner, p_faint=P_FAINT):
     """1-3 'units' in at most 4 quadrants; a unit is one kind, or a trigger plus its partner with
     probability p_partner. Triggers need room for a pair and a lone partner bans its trigger, so
     P(partner | trigger) is exactly p_partner."""
@@ -101,7 +107,7 @@ def sample_scene(rng, p_partner):
             banned.add(TRIGGER_OF[kind])
     positions = rng.sample(list(POSITIONS), len(kinds))
     objs = [{"name": k, "colour": rng.choice(list(COLOURS)), "count": rng.choices([1, 2, 3], [6, 3, 2])[0],
-             "position": pos, "faint": rng.random() < P_FAINT} for k, pos in zip(kinds, positions)]
+             "position": pos, "faint": rng.random() < p_faint} for k, pos in zip(kinds, positions)]
     return sorted(objs, key=lambda o: OBJECTS.index(o["name"]))  # captions name the kinds in this order
 
 
@@ -204,11 +210,11 @@ def render(objs, rng):
     return img, cls, col
 
 
-def make_images(prefix, n, rng, image_dir):
-    """n scenes drawn from the image distribution, rendered and saved as PNG."""
+def make_images(prefix, n, rng, image_dir, p_faint=P_FAINT):
+    """n scenes drawn from the image distribution (p_faint 0: every glyph clear), rendered and saved as PNG."""
     names, scenes, imgs, cls, col = [], [], [], [], []
     for i in tqdm(range(n), desc=f"render {prefix}"):
-        objs = sample_scene(rng, P_PARTNER_IMAGE)
+        objs = sample_scene(rng, P_PARTNER_IMAGE, p_faint)
         img, c, k = render(objs, rng)
         name = f"{prefix}_{i:05d}.png"
         img.save(image_dir / name)
@@ -219,6 +225,44 @@ def make_images(prefix, n, rng, image_dir):
 def partner_rate(scenes):
     with_trigger = [(t, {o["name"] for o in s}) for s in scenes for t in PARTNER if t in {o["name"] for o in s}]
     return sum(PARTNER[t] in names for t, names in with_trigger) / max(1, len(with_trigger))
+
+
+def mmvet_questions(names, scenes, rng, prefix="v1"):
+    """One question an image, the question kinds in turn, in MM-Vet's format."""
+    mmvet = {}
+    for i, (name, objs) in enumerate(zip(names, scenes)):
+        q, _, caps, short = qa(list(QUESTIONS)[i % len(QUESTIONS)], objs, rng)
+        mmvet[f"{prefix}_{i}"] = {"imagename": name, "capability": caps, "question": q, "answer": short}
+    return mmvet
+
+
+def write_halbench(folder, names, scenes, train_scenes, pope_rng):
+    """A HalBench-style set (description prompts; objects present per image) and POPE's splits over its images."""
+    (folder / "pope").mkdir(parents=True, exist_ok=True)
+    with open(folder / "halbench.jsonl", "w") as f:
+        for i, name in enumerate(names):
+            f.write(json.dumps({"question_id": i, "image": name, "question": DESCRIBE[i % len(DESCRIBE)]}) + "\n")
+    (folder / "halbench_objects.json").write_text(json.dumps({n: [o["name"] for o in s] for n, s in zip(names, scenes)},
+                                                             indent=1))
+    for split, records in pope_splits(names, scenes, train_scenes, pope_rng).items():
+        (folder / "pope" / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_study_sets(out, seed, train_scenes):
+    """The study's sets, on new images from their own random stream: dev/ (HalBench, POPE, MM-Vet) for choosing
+    hyperparameters, mmvet_study.json (the test MM-Vet of the study), clear/ (HalBench, POPE on images whose
+    glyphs are all clear: the prior's error is refutable there). Returns {set: (names, scenes)}."""
+    rng = random.Random(f"study{seed}")
+    sets = {}
+    sets["dev_halbench"] = make_images("dev", N_DEV_HAL, rng, out / "images")[:2]
+    write_halbench(out / "dev", *sets["dev_halbench"], train_scenes, rng)
+    sets["dev_mmvet"] = make_images("devmm", N_DEV_MMVET, rng, out / "images")[:2]
+    (out / "dev" / "mmvet.json").write_text(json.dumps(mmvet_questions(*sets["dev_mmvet"], rng, "dev"), indent=1))
+    sets["mmvet_study"] = make_images("mmstudy", N_MMVET_STUDY, rng, out / "images")[:2]
+    (out / "mmvet_study.json").write_text(json.dumps(mmvet_questions(*sets["mmvet_study"], rng, "st"), indent=1))
+    sets["clear_halbench"] = make_images("clear", N_CLEAR, rng, out / "images", p_faint=0.0)[:2]
+    write_halbench(out / "clear", *sets["clear_halbench"], train_scenes, rng)
+    return sets
 
 
 WILD_RULE = ("Two AI assistants answered the question above about an image, which the context describes. Rate {what} "
@@ -458,10 +502,7 @@ for i, (name, objs) in enumerate(zip(train_names, train_scenes)):
         items.append((i, q, a))
     train_records.append({"id": f"toy_{i:05d}", "image": name, "conversations": conv})
 
-mmvet = {}  # one question an image, the question kinds in turn
-for i, (name, objs) in enumerate(zip(mm_names, mm_scenes)):
-    q, _, caps, short = qa(list(QUESTIONS)[i % len(QUESTIONS)], objs, rng)
-    mmvet[f"v1_{i}"] = {"imagename": name, "capability": caps, "question": q, "answer": short}
+mmvet = mmvet_questions(mm_names, mm_scenes, rng)
 hal_prompts = [DESCRIBE[i % len(DESCRIBE)] for i in range(N_HAL)]
 
 # ---- model: processor (tokenizer + image processor + template) and a tiny LLaVA
@@ -491,16 +532,12 @@ model.save_pretrained(out / "model")
 processor.save_pretrained(out / "model")
 (out / "train.json").write_text(json.dumps(train_records, indent=1))
 (out / "mmvet.json").write_text(json.dumps(mmvet, indent=1))
-with open(out / "halbench.jsonl", "w") as f:
-    for i, (name, q) in enumerate(zip(hal_names, hal_prompts)):
-        f.write(json.dumps({"question_id": i, "image": name, "question": q}) + "\n")
-(out / "halbench_objects.json").write_text(json.dumps({n: [o["name"] for o in s] for n, s in zip(hal_names, hal_scenes)}, indent=1))
+# POPE over the HalBench images, its own random stream: nothing else moves
+write_halbench(out, hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}"))
 write_llavabench(out / "llavabench", args.seed)
 (out / "synonyms.txt").write_text("".join(", ".join([o, PLURALS[o]] + SYNONYMS[o]) + "\n" for o in OBJECTS))
-(out / "pope").mkdir(exist_ok=True)  # POPE over the HalBench images, its own random stream: nothing else moves
-for split, records in pope_splits(hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}")).items():
-    (out / "pope" / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
-sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes)}
+sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes),
+        **write_study_sets(out, args.seed, train_scenes)}
 world = {"seed": args.seed, "quick": args.quick, "objects": OBJECTS, "plurals": PLURALS, "colours": list(COLOURS),
          "numbers": NUMBERS, "positions": list(POSITIONS), "partners": PARTNER, "fruits": FRUITS,
          "describe_prompts": DESCRIBE, "questions": QUESTIONS, "vocabulary": vocabulary(),

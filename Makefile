@@ -1,6 +1,7 @@
 # make demo : venv + install + the whole pipeline on the offline toy world
 # make test : venv + install + the test suite
-# make study: venv + install + the toy-world study of the paper's claims -> results/STUDY.md (< 60 min on 2 CPU cores)
+# make study: venv + install + the toy-world study of the paper's claims -> results/STUDY.md (two toy worlds, dev split,
+#             rules fixed in experiments/rules.py; resumable)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -66,9 +67,10 @@ demo: install $(TOY)/prior_check.json
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"
 	$(BIN)/python experiments/demo_table.py base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo
 
-# the paper's claims in miniature: 3 seeds, every condition, plots; resumable (finished steps are skipped)
+# the paper's claims in miniature: 2 worlds, 3 seeds, dev-selected settings, verdicts by experiments/rules.py;
+# resumable (finished steps are skipped)
 study: install
-	$(BIN)/python experiments/study.py --toy $(TOY) --runs runs/study --results results
+	$(BIN)/python experiments/study.py --toy $(TOY) --control_toy $(TOY)_control --runs runs/study --results results
 
 clean:
-	rm -rf $(TOY) runs
+	rm -rf $(TOY) $(TOY)_control runs

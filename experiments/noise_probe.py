@@ -25,6 +25,7 @@ from toyworld import World  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--toy", default="toy")
+p.add_argument("--questions", default="halbench.jsonl", help="HalBench-style questions, relative to --toy (the study: dev/)")
 p.add_argument("--out", required=True)
 p.add_argument("--steps", type=int, nargs="+", default=[0, 200, 400, 500, 600, 700, 800, 900, 999])
 p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the noise draws")
@@ -36,7 +37,7 @@ world = World(os.path.join(args.toy, "world.json"))
 model, processor = common.load_model(os.path.join(args.toy, "model"))
 model.eval()
 tok = processor.tokenizer
-questions = jobs.read_jsonl(os.path.join(args.toy, "halbench.jsonl"))
+questions = jobs.read_jsonl(os.path.join(args.toy, args.questions))
 images = [jobs.load_image(os.path.join(args.toy, "images"), q["image"]) for q in questions]
 prompts = [q["question"] for q in questions]
 scenes = [world.images[q["image"]]["objects"] for q in questions]

@@ -1,382 +1,499 @@
-"""Writes results/STUDY.md and its plots from the outputs of experiments/study.py: every number a
-mean ± std over the seeds, hallucination always beside recall and objects per caption; each of the
-paper's claims is given a verdict by the explicit rule printed beside it."""
+"""results/STUDY.md from a finished study (experiments/study.py): every number recomputed from the per-item
+outputs of 04-07 (05's details.jsonl, 04's grades, 07's answers, 06's reviews), so that each comparison can
+be bootstrapped over seeds and items as experiments/rules.py says; each claim judged by its rule. Writes
+beside STUDY.md: study_rows.jsonl (one row per world, arm, seed and checkpoint, with a `seed` field),
+dev_selection.json, matched_recall.png, and the verdicts as verdicts.json."""
 import argparse
+import datetime
 import json
-import math
 import os
+import re
+import subprocess
 import sys
-import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import rules  # noqa: E402
 from toyworld import World  # noqa: E402
-
-import matplotlib  # noqa: E402
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--toy", default="toy")
+p.add_argument("--control_toy", default="toy_control")
 p.add_argument("--runs", default="runs/study")
 p.add_argument("--results", default="results")
 p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-p.add_argument("--pairs", type=int, default=400)
+p.add_argument("--pairs", type=int, default=500)
 p.add_argument("--noise_step", type=int, default=700)
 p.add_argument("--train", default="")
-p.add_argument("--nll_weight", type=float, default=1.0)
-p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+p.add_argument("--smoke", action="store_true")
 args = p.parse_args()
-os.makedirs(args.results, exist_ok=True)
-world = World(os.path.join(args.toy, "world.json"))
-R = args.runs
+if args.smoke:
+    rules.smoke()
+RUNS, OUT = args.runs, args.results
+os.makedirs(OUT, exist_ok=True)
+SEEDS = args.seeds
+WORLD = World(os.path.join(args.toy, "world.json"))
+METHODS = ["sft", "bpo", "bpo_cond", "bpo_anchor", "ipo", "bpo_lnorm"]
+ABLATIONS = ["bpo_weak", "bpo_inj", "bpo_clean"]
+LABEL = {"base": "base (LLaVA analogue)", "sft": "SFT (same positives)", "bpo": "BPO (both negatives)",
+         "bpo_weak": "BPO (weakened image only)", "bpo_inj": "BPO (injected only)",
+         "bpo_clean": "BPO (clean-image samples)", "say_less": "base, captions cut (say less)", **rules.VARIANTS}
 
 
-def load(path):
-    if not os.path.exists(path):
-        return None
+def jsonl(path):
     with open(path) as f:
-        return json.load(f) if path.endswith(".json") else [json.loads(x) for x in f if x.strip()]
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def ms(xs):
+def selected(arm):
+    with open(os.path.join(RUNS, "selection", f"{arm if arm in METHODS else 'bpo'}.json")) as f:
+        return json.load(f)["chosen"]
+
+
+def edir(world, arm, seed, step, key):
+    name = "base" if arm == "base" else f"{arm}/s{seed}"
+    st = f"step{step}" if isinstance(step, int) else step
+    return os.path.join(RUNS, world, "eval", name, st, key)
+
+
+# ----------------------------------------------------------------------------- per-item arrays
+
+
+def says_no(text):
+    """POPE's rule (07): 'no' when the text before the first '.' has the word No, no or not."""
+    words = text.split(".")[0].replace(",", " ").split()
+    return any(w in ("No", "no", "not") for w in words)
+
+
+def hal_items(d):
+    """HalBench per image, sorted by question id: columns of counts (rules' metrics are ratios of sums)."""
+    rows = sorted(jsonl(os.path.join(d, "details.jsonl")), key=lambda r: r["question_id"])
+    return np.asarray([hal_columns([c for _, c in r["mentions"]], r["ground_truth"]) for r in rows], float)
+
+
+def hal_columns(mentions, truth):
+    """Per response, as 05 counts: mentions, hallucinated mentions, hallucinated?, names an object?, objects
+    recalled, objects present, absent partners of present triggers (chances), those named."""
+    said, truth = set(mentions), set(truth)
+    lures = WORLD.lures(truth)
+    return [len(mentions), sum(m not in truth for m in mentions), bool(said - truth), bool(said), len(said & truth),
+            len(truth), len(lures), len(said & lures)]
+
+
+HAL = {"resp": lambda s: 100 * s[2] / max(s[3], 1), "obj": lambda s: 100 * s[1] / max(s[0], 1),
+       "recall": lambda s: 100 * s[4] / max(s[5], 1), "partner": lambda s: 100 * s[7] / max(s[6], 1),
+       "objects": lambda s: s[0]}  # objects: per caption after dividing by n
+
+
+def mmvet_items(d):
+    rows = {r["id"]: r["score"] for r in jsonl(os.path.join(d, "grades.jsonl")) if r.get("run", 0) == 0}
+    return np.asarray([[rows[k]] for k in sorted(rows)], float)
+
+
+def pope_items(d, split="adversarial"):
+    rows = sorted((r for r in jsonl(os.path.join(d, "answers.jsonl")) if r["split"] == split),
+                  key=lambda r: r["question_id"])
+    # columns: true yes, predicted yes, both
+    return np.asarray([[r["label"] == "yes", not says_no(r["answer"]), r["label"] == "yes" and not says_no(r["answer"])]
+                       for r in rows], float)
+
+
+def f1(s):
+    prec, rec = s[2] / max(s[1], 1), s[2] / max(s[0], 1)
+    return 0.0 if prec + rec == 0 else 100 * 2 * prec * rec / (prec + rec)
+
+
+def llava_items(d):
+    rows = {r["question_id"]: r["scores"] for r in jsonl(os.path.join(d, "reviews.jsonl")) if r.get("run", 0) == 0}
+    return np.asarray([rows[k] for k in sorted(rows)], float)
+
+
+SETS = {  # metric -> (eval folder key, item reader, statistic of the summed columns)
+    "resp": ("hal", hal_items, HAL["resp"]), "obj": ("hal", hal_items, HAL["obj"]),
+    "recall": ("hal", hal_items, HAL["recall"]), "partner": ("hal", hal_items, HAL["partner"]),
+    "mmvet": ("mmvet", mmvet_items, lambda s, n=None: None), "pope_adv_f1": ("pope", pope_items, f1),
+    "llavabench": ("llava", llava_items, lambda s: 100 * s[1] / max(s[0], 1)),
+    "clear_partner": ("clear_hal", hal_items, HAL["partner"]), "clear_recall": ("clear_hal", hal_items, HAL["recall"]),
+    "clear_pope_adv_f1": ("clear_pope", pope_items, f1),
+}
+CACHE = {}
+
+
+def items(world, arm, seed, step, key):
+    """Per-item columns of one evaluation; None if it is missing."""
+    k = (world, arm, seed if arm != "base" else None, step if arm != "base" else 0, key)
+    if k not in CACHE:
+        if arm == "say_less":
+            CACHE[k] = say_less_items(world, step)
+        else:
+            if arm != "base" and key == "hal" and arm in METHODS and world == "prior" and step == "selected":
+                step = selected(arm)["step"]  # HalBench of a curve arm lives at its checkpoints
+            d = edir(world, arm, seed, 0 if arm == "base" else step, key)
+            reader = {"hal": hal_items, "clear_hal": hal_items, "mmvet": mmvet_items, "pope": pope_items,
+                      "clear_pope": pope_items, "llava": llava_items}[key]
+            CACHE[k] = reader(d) if os.path.exists(os.path.join(d, "scores.json")) else None
+    return CACHE[k]
+
+
+def stat(metric, cols):
+    """The metric from summed (resampled) item columns."""
+    key, _, fn = SETS[metric]
+    s = cols.sum(0)
+    if metric == "mmvet":
+        return 100 * s[0] / len(cols)
+    return fn(s)
+
+
+def say_less_items(world, k):
+    """The base model's captions cut to their first k object sentences (k = 0: uncut)."""
+    d = edir(world, "base", None, 0, "hal")
+    rows = sorted(jsonl(os.path.join(d, "details.jsonl")), key=lambda r: r["question_id"])
+    answers = {r["question_id"]: r["answer"] for r in jsonl(os.path.join(d, "answers.jsonl"))}
+    cols = []
+    for r in rows:  # one object clause a sentence: its mentions are the world reader's, sentence by sentence
+        sentences = [x for x in re.split(r"(?<=\.)\s+", answers[r["question_id"]].strip()) if x]
+        mentions = [m for x in (sentences[:k] if k else sentences) for m in sorted(WORLD.mentioned(x))]
+        cols.append(hal_columns(mentions, r["ground_truth"]))
+    return np.asarray(cols, float)
+
+
+def curve(world, arm, seed):
+    """(step, hal columns) along an arm's training, step 0 = the base model; the say-less baseline: k = 1..4, uncut."""
+    if arm == "say_less":
+        return [(k, items(world, "say_less", None, k, "hal")) for k in (1, 2, 3, 4, 0)]
+    pts = [(0, items(world, "base", None, 0, "hal"))]
+    pts += [(st, items(world, arm, seed, st, "hal")) for st in rules.CURVE_STEPS]
+    return [(st, c) for st, c in pts if c is not None]
+
+
+# ----------------------------------------------------------------------------- metrics and comparisons
+
+
+def value(world, arm, seed, metric, idx=None):
+    """A metric of one model (the selected checkpoint), on items idx (None: all); matched-recall metrics
+    are not values of one model."""
+    key = SETS[metric][0]
+    cols = items(world, arm, seed, "selected", key)
+    if cols is None:
+        return None
+    return stat(metric, cols if idx is None else cols[idx])
+
+
+def interp_at(points, recall):
+    """points: [(recall, y)]; y at `recall` by linear interpolation between the bracketing points (None outside)."""
+    pts = sorted(points)
+    for (r0, y0), (r1, y1) in zip(pts, pts[1:]):
+        if r0 <= recall <= r1:
+            return y0 if r1 == r0 else y0 + (y1 - y0) * (recall - r0) / (r1 - r0)
+    return None
+
+
+def matched(world, arm, seed, metric, recall, idx):
+    """arm's `metric` interpolated at `recall` on its curve, items idx."""
+    pts = [(stat("recall", c[idx]), stat(metric, c[idx])) for _, c in curve(world, arm, seed)]
+    return interp_at(pts, recall)
+
+
+def n_items(metric):
+    key = SETS[metric.split("@")[0] if "@" in metric else ("partner" if metric == "excess_partner" else metric)][0]
+    cols = items("prior", "base", None, 0, key)
+    return len(cols)
+
+
+def seed_of(arm, seeds, i):
+    return None if arm in ("base", "say_less") else seeds[i]
+
+
+def diff_fn(metric, a, b):
+    """f(seed indices, item indices) -> mean over those seeds of metric(a) - metric(b)."""
+    def f(si, idx):
+        ds = []
+        for i in si:
+            sa, sb = seed_of(a, SEEDS, i), seed_of(b, SEEDS, i)
+            if "@" in metric:
+                m = metric.split("@")[0]
+                rec = value("prior", a, sa, "recall", idx)
+                va = value("prior", a, sa, m, idx)
+                vb = matched("prior", b, sb, m, rec, idx)
+            elif metric == "excess_partner":
+                va = value("prior", a, sa, "partner", idx) - (value("control", a, sa, "partner", idx) or np.nan)
+                vb = value("prior", b, sb, "partner", idx) - (value("control", b, sb, "partner", idx) or np.nan)
+            else:
+                va, vb = value("prior", a, sa, metric, idx), value("prior", b, sb, metric, idx)
+            if va is None or vb is None:
+                return None
+            ds.append(va - vb)
+        return float(np.mean(ds))
+    return f
+
+
+def compare(metric, a, b):
+    return rules.bootstrap(diff_fn(metric, a, b), len(SEEDS), n_items(metric))
+
+
+def fmt_iv(iv, nd=1):
+    return "n/a" if iv is None else f"{iv[0]:+.{nd}f} [{iv[1]:+.{nd}f}, {iv[2]:+.{nd}f}]"
+
+
+def mean_sd(xs, nd=1):
     xs = [x for x in xs if x is not None]
     if not xs:
-        return None, None
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+        return "–"
+    return f"{np.mean(xs):.{nd}f}" + (f" ± {np.std(xs, ddof=1):.{nd}f}" if len(xs) > 1 else "")
 
 
-def fmt(pair, nd=1):
-    m, s = pair
-    return "–" if m is None else f"{m:.{nd}f} ± {s:.{nd}f}"
+# ----------------------------------------------------------------------------- rows (per seed)
+
+rows = []
+COLS = ["mmvet", "llavabench", "resp", "obj", "recall", "partner", "pope_adv_f1", "clear_partner", "clear_recall",
+        "clear_pope_adv_f1"]
+ARMS = {"prior": ["base"] + METHODS + ABLATIONS, "control": ["base", "sft", "bpo"]}
+for world, arms in ARMS.items():
+    for arm in arms:
+        for seed in ([None] if arm == "base" else SEEDS):
+            r = {"world": world, "arm": arm, "seed": seed,
+                 "step": 0 if arm == "base" else selected(arm)["step"],
+                 "lr": None if arm == "base" else selected(arm)["lr"]}
+            for m in COLS:
+                r[m] = value(world, arm, seed, m)
+            cols = items(world, arm, seed, "selected", "hal")
+            r["objects_per_caption"] = None if cols is None else float(cols[:, 0].mean())
+            for m in ("pope_random_f1", "pope_popular_f1"):
+                d = edir(world, arm, seed, "selected", "pope")
+                if os.path.exists(os.path.join(d, "answers.jsonl")):
+                    r[m] = f1(pope_items(d, m.split("_")[1]).sum(0))
+            d = edir(world, arm, seed, "selected", "pope")
+            if os.path.exists(os.path.join(d, "answers.jsonl")):
+                r["pope_adv_yes_ratio"] = 100 * pope_items(d).mean(0)[1]
+            rows.append(r)
+        if world == "prior" and arm in METHODS:  # the curve points, per seed
+            for seed in SEEDS:
+                for st, c in curve(world, arm, seed)[1:]:
+                    rows.append({"world": world, "arm": arm, "seed": seed, "step": st, "curve": True,
+                                 **{m: stat(m, c) for m in ("resp", "obj", "recall", "partner")},
+                                 "objects_per_caption": float(c[:, 0].mean())})
+for k in (1, 2, 3, 4):
+    c = items("prior", "say_less", None, k, "hal")
+    rows.append({"world": "prior", "arm": "say_less", "seed": None, "step": k, "curve": True,
+                 **{m: stat(m, c) for m in ("resp", "obj", "recall", "partner")},
+                 "objects_per_caption": float(c[:, 0].mean())})
+with open(os.path.join(OUT, "study_rows.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+# 07's own scores against this file's reading of its answers (the same rule, written twice)
+d = edir("prior", "base", None, 0, "pope")
+with open(os.path.join(d, "scores.json")) as f:
+    own = json.load(f)
+assert abs(own["adversarial"]["f1"] - value("prior", "base", None, "pope_adv_f1")) < 1e-6, "POPE F1 differs from 07's"
+# 05's scores against this file's columns, and the say-less reader (uncut) against 05's mentions
+with open(os.path.join(edir("prior", "base", None, 0, "hal"), "scores.json")) as f:
+    own = json.load(f)
+base_hal, uncut = items("prior", "base", None, 0, "hal"), items("prior", "say_less", None, 0, "hal")
+for m, k in (("resp", "chair_s_refine"), ("obj", "chair_i"), ("recall", "recall")):
+    assert abs(stat(m, base_hal) - own[k]) < 1e-6, f"{m} differs from 05's {k}"
+    if abs(stat(m, uncut) - own[k]) > 0.5:
+        print(f"warning: the say-less reader's uncut {m} {stat(m, uncut):.2f} differs from 05's {own[k]:.2f}",
+              file=sys.stderr)
 
 
-def model_metrics(eval_dir):
-    """Resp/Obj/recall (05, percent), MM-Vet total (04), and from the answers: objects per caption,
-    partner vs other absent rate (percent), well-formed share."""
-    hal, mm = load(os.path.join(eval_dir, "halbench", "scores.json")), load(os.path.join(eval_dir, "mmvet", "scores.json"))
-    answers = load(os.path.join(eval_dir, "halbench", "answers.jsonl"))
-    if hal is None or mm is None or answers is None:
-        return None
-    truths = [{o["name"] for o in world.images[a["image"]]["objects"]} for a in answers]
-    st = world.stats([a["answer"] for a in answers], truths)
-    return {"mmvet": mm["total"], "resp": hal["chair_s"], "obj": hal["chair_i"], "recall": hal["recall"],
-            "objs": st["objects_per_caption"], "partner": 100 * st["partner_rate"],
-            "other": 100 * st["other_absent_rate"], **{f"mm_{k}": v for k, v in mm.items() if k != "total"}}
+def summary(world, arm, metric):
+    return mean_sd([r.get(metric) for r in rows if r["world"] == world and r["arm"] == arm and not r.get("curve")])
 
 
-def run_metrics(name):
-    """name -> {metric: (mean, std)} over seeds; base is evaluated once (greedy: no seed)."""
-    if name == "base":
-        per = [model_metrics(os.path.join(R, "eval", "base"))]
-    else:
-        per = [model_metrics(os.path.join(R, "eval", f"s{s}", name)) for s in args.seeds]
-    per = [x for x in per if x]
-    if not per:
-        return None
-    out = {k: ms([x[k] for x in per]) for k in per[0]}
-    out["n"] = len(per)
-    return out
+# ----------------------------------------------------------------------------- verdicts
 
-
-LABELS = {"base": "base (LLaVA analogue)", "bpo_weak": "BPO (weakened image)", "bpo_inj": "BPO (error injection)",
-          "bpo_both": "BPO (both)", "bpo_clean": "BPO (clean-image samples)", "sft_both": "SFT (same positives)",
-          "bpo_both_nll": f"BPO (both) + {args.nll_weight:g} x NLL on chosen"}
-COLS = [("mmvet", "MM-Vet ↑"), ("resp", "Resp ↓"), ("obj", "Obj ↓"), ("recall", "Recall"),
-        ("objs", "objects / caption"), ("partner", "partner ↓"), ("other", "other absent ↓")]
-M = {}
-
-
-def table(names, extra_cols=()):
-    cols = COLS + list(extra_cols)
-    lines = ["| model | " + " | ".join(c for _, c in cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
-    for n in names:
-        m = M.get(n) or run_metrics(n)
-        M[n] = m
-        if m is None:
-            lines.append(f"| {LABELS.get(n, n)} | " + " | ".join("–" for _ in cols) + " | 0 |")
-            continue
-        lines.append(f"| {LABELS.get(n, n)} | " + " | ".join(fmt(m[k], 2 if k == "objs" else 1) for k, _ in cols)
-                     + f" | {m['n']} |")
-    return "\n".join(lines)
-
-
-def lower(a, b, key):
-    """a's mean below b's by more than the seeds' spread (sqrt(sa^2 + sb^2)); None if missing."""
-    if not M.get(a) or not M.get(b):
-        return None
-    (ma, sa), (mb, sb) = M[a][key], M[b][key]
-    return mb - ma > max(math.hypot(sa, sb), 1e-9)
-
-
-def diff(a, b, key):
-    return M[a][key][0] - M[b][key][0] if M.get(a) and M.get(b) else float("nan")
-
-
-md = []
-W = md.append
-timing = load(os.path.join(R, "timings.jsonl"))
-W("# The paper's claims in miniature: the toy-world BPO study\n")
-W(f"Written by `make study` (`experiments/study.py`, report by `experiments/report.py`) on "
-  f"{time.strftime('%Y-%m-%d %H:%M')}. Toy world `{args.toy}/` (seed {load(os.path.join(args.toy, 'world.json')) and json.load(open(os.path.join(args.toy, 'world.json')))['seed']}); "
-  f"seeds of negatives and training: {args.seeds}; {args.pairs} chosen answers per seed (detailed "
-  f"descriptions of training images), the same ones for every condition of a seed; 03 flags `{args.train}`; "
-  f"image-weakened negatives sampled (temperature 1) at noise step {args.noise_step}. Every number is "
-  "mean ± std over the seeds (the base model is evaluated once: greedy decoding has no seed). Resp = CHAIR_s, "
-  "Obj = CHAIR_i, recall, *partner* = how often a caption names the absent partner of a present trigger "
-  "(the prior's error), *other absent* = the same rate for any other absent object, all in percent over the "
-  "300 toy HalBench images; MM-Vet = the toy MM-Vet (60 questions, exact judge). Read hallucination only beside "
-  "recall and objects per caption: a model that names fewer objects hallucinates fewer.\n")
-if timing:
-    ran = [t for t in timing if t["steps"]]  # invocations that ran at least one step (a rerun only reports)
-    built = any("world" in t["steps"] for t in ran)
-    W(f"Study run time: {sum(t['elapsed_s'] for t in ran) / 60:.1f} min over {len(ran)} invocation(s) that ran steps, "
-      f"two at a time on this machine's CPU cores; "
-      + (f"the toy world build took {sum(t['steps'].get('world', 0) for t in ran) / 60:.1f} min of it. " if built else
-         f"the toy world `{args.toy}/` already existed and was reused (building it takes about 4-10 min). ")
-      + f"Failed steps in the last invocation: {timing[-1]['failed'] or 'none'}.\n")
-
-# ---------------------------------------------------------------- the world and the negatives
-pc = load(os.path.join(args.toy, "prior_check.json"))
-W("## 0. The toy world and the negatives\n")
-if pc:
-    W("Prior check written by `00_make_toy.py` (greedy captions of the HalBench images, one noise draw):\n")
-    W("| noise step | CHAIR_s | partner | other absent | recall | objects / caption |\n|---|---|---|---|---|---|")
-    for r in pc["rows"]:
-        W(f"| {r['noise_step']} | {r['chair_s']:.2f} | {r['partner_rate']:.2f} | {r['other_absent_rate']:.2f} | "
-          f"{r['recall']:.2f} | {r['objects_per_caption']:.2f} |")
-    W("")
-sel = [load(os.path.join(R, f"s{s}", "pairs", "select.json")) for s in args.seeds]
-sel = [x for x in sel if x]
-if sel:
-    W("The negatives, before selection (each kind sampled for the same items; shares in percent; *errors only "
-      "prior-driven* = the negative names an absent object and every absent object it names is a trigger's partner):\n")
-    W("| negatives | well-formed captions | naming an absent object | partner | other absent | errors only prior-driven | objects / caption |")
-    W("|---|---|---|---|---|---|---|")
-    for k, label in (("weak", f"image-weakened (t={args.noise_step})"), ("clean", "clean image (t=0)"),
-                     ("inj", "rule-injected (02 --backend rules)")):
-        g = lambda key, f=100: ms([f * x["stats"][k][key] for x in sel])
-        W(f"| {label} | {fmt(g('well_formed'))} | {fmt(g('chair_s'))} | {fmt(g('partner_rate'))} | "
-          f"{fmt(g('other_absent_rate'))} | {fmt(g('prior_only_errors'))} | {fmt(g('objects_per_caption', 1), 2)} |")
-    W(f"\nItems whose weakened and clean negatives are both well-formed: {fmt(ms([100 * x['usable_share'] for x in sel]))} % "
-      f"of those sampled; {args.pairs} of them are used per seed.\n")
-
-# ---------------------------------------------------------------- Fig. 5
-probe = load(os.path.join(R, "noise_probe.json"))
 verdicts = []
-W("## 1. Fig. 5 analogue: the prior takes over as the image is weakened\n")
-if probe:
-    steps = sorted({r["noise_step"] for r in probe["rows"]})
-    by = lambda t, k, f=1: ms([f * r[k] for r in probe["rows"] if r["noise_step"] == t])
-    W(f"Base model, forward diffusion on the projector input, {len(set(r['seed'] for r in probe['rows']))} noise draws. "
-      f"Left columns: at the {probe['n_probe_slots']} caption slots right after a present trigger whose partner is "
-      "absent (teacher-forced on the true caption up to the slot, same count word), the log-prob of the true next "
-      "object vs the partner, and how often the partner is the likelier. Right: greedy captions of the "
-      f"{probe['n_images']} HalBench images.\n")
-    W("| noise step | log p(true object) | log p(partner) | partner likelier (%) | CHAIR_s | CHAIR_i | partner | other absent | recall | objects / caption | well-formed |")
-    W("|---" * 11 + "|")
-    for t in steps:
-        W(f"| {t} | {fmt(by(t, 'logp_true'), 2)} | {fmt(by(t, 'logp_partner'), 2)} | {fmt(by(t, 'partner_wins', 100))} | "
-          f"{fmt(by(t, 'chair_s', 100))} | {fmt(by(t, 'chair_i', 100))} | {fmt(by(t, 'partner_rate', 100))} | "
-          f"{fmt(by(t, 'other_absent_rate', 100))} | {fmt(by(t, 'recall', 100))} | {fmt(by(t, 'objects_per_caption'), 2)} | "
-          f"{fmt(by(t, 'well_formed', 100))} |")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, lab in (("logp_true", "true next object"), ("logp_partner", "prior's favourite (partner)")):
-        m = [by(t, key)[0] for t in steps]
-        s = [by(t, key)[1] for t in steps]
-        a1.errorbar(steps, m, yerr=s, marker="o", capsize=3, label=lab)
-    a1.set_xlabel("noise step t")
-    a1.set_ylabel("log-prob at the slot after a trigger")
-    a1.legend()
-    a1.set_title("Fig. 5 analogue: likelihood")
-    for key, lab in (("chair_s", "CHAIR_s"), ("partner_rate", "partner named (absent)"),
-                     ("other_absent_rate", "other absent named"), ("recall", "recall")):
-        a2.errorbar(steps, [by(t, key, 100)[0] for t in steps], yerr=[by(t, key, 100)[1] for t in steps],
-                    marker="o", capsize=3, label=lab)
-    a2.set_xlabel("noise step t")
-    a2.set_ylabel("%")
-    a2.legend()
-    a2.set_title("greedy captions")
+for c in rules.CLAIMS:
+    cells, ivs = {}, {}
+    for m in c["primary"] + c["secondary"]:
+        ivs[m] = compare(m, c["a"], c["b"])
+        cells[m] = rules.cell(m, ivs[m])
+    v = rules.claim_verdict({m: cells[m] for m in c["primary"]})
+    verdicts.append({**c, "cells": cells, "intervals": ivs, "verdict": v})
+variants = []
+for arm, label in rules.VARIANTS.items():
+    rule = rules.VARIANT_RULE
+    ivs = {m: compare(m, arm, "bpo") for m in rule["primary"] + rule["secondary"] + [rule["guard"]]}
+    cells = {m: rules.cell(m, ivs[m]) for m in ivs}
+    v = rules.variant_verdict({m: cells[m] for m in rule["primary"]}, {m: ivs[m] for m in rule["primary"]},
+                              ivs[rule["guard"]])
+    variants.append({"arm": arm, "label": label, "cells": cells, "intervals": ivs, "verdict": v})
+with open(os.path.join(OUT, "verdicts.json"), "w") as f:
+    json.dump({"claims": verdicts, "variants": variants}, f, indent=1)
+
+# matched recall: every curve arm's metrics at BPO's recall (its selected checkpoint), with intervals
+r_star = float(np.mean([value("prior", "bpo", s, "recall") for s in SEEDS]))
+n_hal = n_items("resp")
+
+
+def at_star(arm, metric):
+    def f(si, idx):
+        vs = [matched("prior", arm, seed_of(arm, SEEDS, i), metric, r_star, idx) for i in si]
+        return None if any(v is None for v in vs) else float(np.mean(vs))
+    return rules.bootstrap(f, len(SEEDS), n_hal)
+
+
+matched_rows = {arm: {m: at_star(arm, m) for m in ("resp", "obj", "partner")} for arm in METHODS + ["say_less"]}
+
+# ----------------------------------------------------------------------------- the plot
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for arm in METHODS + ["say_less"]:
+        seeds = [None] if arm == "say_less" else SEEDS
+        pts = [[(stat("recall", c), [stat(m, c) for m in ("resp", "obj", "partner")]) for _, c in curve("prior", arm, s)]
+               for s in seeds]
+        n = min(len(x) for x in pts)
+        rec = [np.mean([x[i][0] for x in pts]) for i in range(n)]
+        for j, ax in enumerate(axes):
+            ax.plot(rec, [np.mean([x[i][1][j] for x in pts]) for i in range(n)], "o-" if arm != "say_less" else "s--",
+                    label=LABEL[arm])
+    for ax, name in zip(axes, ("Resp (CHAIR_s)", "Obj (CHAIR_i)", "partner rate")):
+        ax.axvline(r_star, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("object recall (%)"), ax.set_ylabel(name + " (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Hallucination against recall along training (step 0 = base), mean of seeds; say less = base cut")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.results, "fig5_noise.png"), dpi=100)
-    plt.close(fig)
-    W("\n![Fig. 5 analogue](fig5_noise.png)\n")
-    t0, t1 = steps[0], steps[-1]
-    gap0 = by(t0, "logp_true")[0] - by(t0, "logp_partner")[0]
-    gap1 = by(t1, "logp_true")[0] - by(t1, "logp_partner")[0]
-    p0, o0 = by(t0, "partner_rate")[0], by(t0, "other_absent_rate")[0]
-    pw = by(args.noise_step, "partner_rate")[0] if args.noise_step in steps else None
-    ok = gap1 < gap0 and by(t1, "partner_wins")[0] > by(t0, "partner_wins")[0] and p0 > 2 * o0
-    verdicts.append(("Fig. 5: the prior takes over as the image is weakened", "reproduced" if ok else "not reproduced",
-                     f"log p(true) − log p(partner) {gap0:.2f} (t={t0}) → {gap1:.2f} (t={t1}); partner likelier at "
-                     f"{100 * by(t0, 'partner_wins')[0]:.0f}% → {100 * by(t1, 'partner_wins')[0]:.0f}% of slots; clean partner "
-                     f"rate {100 * p0:.0f}% vs other absent {100 * o0:.0f}%"
-                     + (f"; at t={args.noise_step} partner {100 * pw:.0f}%" if pw is not None else ""),
-                     "the gap shrinks with t, the partner wins more slots, and on clean images the partner is named > 2x as often as other absent objects"))
+    fig.savefig(os.path.join(OUT, "matched_recall.png"), dpi=110)
+except ImportError:
+    print("matplotlib missing: no plot", file=sys.stderr)
 
-# ---------------------------------------------------------------- Tables 2-4
-W("## 2. Table 2 analogue: BPO's negatives, one kind and both\n")
-W(table(["base", "bpo_weak", "bpo_inj", "bpo_both"]))
-W("")
-W("## 3. Table 3 analogue: preference learning vs SFT on the same positives\n")
-t3 = ["base", "sft_both", "bpo_both"] + (["bpo_both_nll"] if args.nll_weight else [])
-W(table(t3))
-W("\nSFT trains on exactly the chosen answers of BPO (both), for the same number of steps.\n")
-W("## 4. Table 4 analogue: negatives from the weakened image vs the clean image\n")
-W(table(["base", "bpo_clean", "bpo_weak"]))
-W("")
+# ----------------------------------------------------------------------------- dev selection
+selection = {}
+for arm in METHODS:
+    with open(os.path.join(RUNS, "selection", f"{arm}.json")) as f:
+        selection[arm] = json.load(f)
+with open(os.path.join(OUT, "dev_selection.json"), "w") as f:
+    json.dump({"rule": {"lrs": rules.DEV_LRS, "steps": rules.DEV_STEPS, "mmvet_slack": rules.DEV_MMVET_SLACK,
+                        "text": "highest dev object F1 among candidates with dev MM-Vet >= base - slack"},
+               "methods": selection}, f, indent=1)
+
+# ----------------------------------------------------------------------------- STUDY.md
+L = []
+W = L.append
 
 
-def verdict_t2():
-    if not M.get("bpo_both"):
-        return None
-    resp = lower("bpo_both", "base", "resp")
-    rec_drop = -diff("bpo_both", "base", "recall")
-    mm = diff("bpo_both", "base", "mmvet")
-    ev = (f"Resp {fmt(M['base']['resp'])} → {fmt(M['bpo_both']['resp'])}, Obj {fmt(M['base']['obj'])} → "
-          f"{fmt(M['bpo_both']['obj'])}, recall {fmt(M['base']['recall'])} → {fmt(M['bpo_both']['recall'])}, "
-          f"objects/caption {fmt(M['base']['objs'], 2)} → {fmt(M['bpo_both']['objs'], 2)}, MM-Vet "
-          f"{fmt(M['base']['mmvet'])} → {fmt(M['bpo_both']['mmvet'])}")
-    if resp and rec_drop <= 3 and mm >= 0:
-        v = "reproduced"
-    elif resp:
-        v = "mixed"
-    else:
-        v = "not reproduced"
-    return ("Table 2: BPO cuts object hallucination while helpfulness rises", v, ev,
-            "reproduced if Resp falls by more than the seeds' spread with recall down ≤ 3 points and MM-Vet not down; "
-            "mixed if Resp falls but recall or MM-Vet pays")
+def commit_of_rules():
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cs", "--", os.path.join(HERE, "rules.py")],
+                             capture_output=True, text=True, cwd=HERE).stdout.strip()
+        return out or "(not committed)"
+    except OSError:
+        return "(git not found)"
 
 
-def verdict_pair(claim, a, b, rule_text):
-    if not M.get(a) or not M.get(b):
-        return None
-    r, rec = lower(a, b, "resp"), diff(a, b, "recall")
-    mm = diff(a, b, "mmvet")
-    ev = (f"{LABELS[a]}: Resp {fmt(M[a]['resp'])}, Obj {fmt(M[a]['obj'])}, recall {fmt(M[a]['recall'])}, MM-Vet "
-          f"{fmt(M[a]['mmvet'])}; {LABELS[b]}: Resp {fmt(M[b]['resp'])}, Obj {fmt(M[b]['obj'])}, recall "
-          f"{fmt(M[b]['recall'])}, MM-Vet {fmt(M[b]['mmvet'])}")
-    if r and rec >= -3 and mm >= -2:
-        v = "reproduced"
-    elif r or (lower(a, b, "obj") and rec >= -3):
-        v = "mixed"
-    else:
-        v = "not reproduced"
-    return (claim, v, ev, rule_text)
-
-
-for v in (verdict_t2(),
-          verdict_pair("Table 3: preference learning beats SFT on the same positives", "bpo_both", "sft_both",
-                       "reproduced if BPO's Resp is below SFT's by more than the seeds' spread, recall no more than 3 "
-                       "points below and MM-Vet no more than 2 below; mixed if only part holds"),
-          verdict_pair("Table 4: weakened-image negatives beat clean-image samples", "bpo_weak", "bpo_clean",
-                       "the same rule, weakened vs clean")):
-    if v:
-        verdicts.append(v)
-
-# ---------------------------------------------------------------- Fig. 7
-W("## 5. Fig. 7 analogue: log-probs during training\n")
-curves = {}
-for name, keys in (("bpo_both", ("logps/chosen", "logps/rejected")), ("sft_both", ("logps/chosen",))):
-    for k in keys:
-        per = [load(os.path.join(R, f"s{s}", name, "metrics.jsonl")) for s in args.seeds]
-        per = [x for x in per if x]
-        if not per:
-            continue
-        n = min(len(x) for x in per)
-        curves[f"{name} {k}"] = [ms([x[i][k] for x in per]) for i in range(n)]
-if curves:
-    def smooth(xs, w=5):
-        return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for lab, c in curves.items():
-        m = smooth([x[0] for x in c])
-        s = smooth([x[1] for x in c])
-        steps = list(range(1, len(m) + 1))
-        ax.plot(steps, m, label=lab)
-        ax.fill_between(steps, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("summed log-prob of the response (policy)")
-    ax.set_title("Fig. 7 analogue (mean ± std over seeds, 5-step moving average)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.results, "fig7_logps.png"), dpi=100)
-    plt.close(fig)
-    W("| curve | first 5 steps | last 5 steps | change |\n|---|---|---|---|")
-    ends = {}
-    for lab, c in curves.items():
-        a = sum(x[0] for x in c[:5]) / len(c[:5])
-        b = sum(x[0] for x in c[-5:]) / len(c[-5:])
-        ends[lab] = (a, b)
-        W(f"| {lab} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
-    W("\n![Fig. 7 analogue](fig7_logps.png)\n")
-    bc, br, sc = ends.get("bpo_both logps/chosen"), ends.get("bpo_both logps/rejected"), ends.get("sft_both logps/chosen")
-    if bc and br and sc:
-        held = bc[1] - bc[0] >= -0.1 * abs(bc[0])
-        pushed = br[1] - br[0] < -0.1 * abs(br[0])
-        sft_up = sc[1] > sc[0]
-        v = "reproduced" if held and pushed and sft_up else ("mixed" if pushed and sft_up else "not reproduced")
-        verdicts.append(("Fig. 7: BPO holds the chosen log-probs and pushes the rejected down; SFT raises the chosen", v,
-                         f"BPO chosen {bc[0]:.1f} → {bc[1]:.1f}, rejected {br[0]:.1f} → {br[1]:.1f}; SFT chosen "
-                         f"{sc[0]:.1f} → {sc[1]:.1f} (means of the first and last 5 steps)",
-                         "held = chosen falls by less than 10%; pushed = rejected falls by more than 10%; mixed if the "
-                         "rejected is pushed and SFT rises but BPO's chosen falls too"))
-
-# ---------------------------------------------------------------- Fig. 8
-W("## 6. Fig. 8 analogue: preference data size, BPO vs SFT\n")
-sizes = [int(round(f * args.pairs)) for f in args.fractions] + [args.pairs]
-name_of = lambda kind, n: f"{kind}_both" if n == args.pairs else f"{kind}_both_n{n}"
-for kind in ("bpo", "sft"):
-    for n in sizes:
-        LABELS[name_of(kind, n)] = f"{kind.upper()}, {n} items ({2 * n} pairs)"
-W(table([name_of(k, n) for k in ("bpo", "sft") for n in sizes]))
-W("\nEach size trains the same number of epochs (more data = more steps), as in the paper.\n")
-have = [n for n in sizes if M.get(name_of("bpo", n)) and M.get(name_of("sft", n))]
-if have:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (key, lab) in zip(axes, (("resp", "Resp (CHAIR_s) ↓"), ("recall", "Recall"), ("mmvet", "MM-Vet"))):
-        for kind in ("bpo", "sft"):
-            ax.errorbar(have, [M[name_of(kind, n)][key][0] for n in have], yerr=[M[name_of(kind, n)][key][1] for n in have],
-                        marker="o", capsize=3, label=kind.upper())
-        if M.get("base"):
-            ax.axhline(M["base"][key][0], color="grey", ls="--", label="base")
-        ax.set_xlabel("items (chosen answers) per seed")
-        ax.set_title(lab)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.results, "fig8_datasize.png"), dpi=100)
-    plt.close(fig)
-    W("![Fig. 8 analogue](fig8_datasize.png)\n")
-    bpo_r = [M[name_of("bpo", n)]["resp"][0] for n in have]
-    sft_r = [M[name_of("sft", n)]["resp"][0] for n in have]
-    helps = bpo_r[-1] < bpo_r[0]
-    beats = all(b < s for b, s in zip(bpo_r, sft_r))
-    beats_sig = all(lower(name_of("bpo", n), name_of("sft", n), "resp")
-                    and diff(name_of("bpo", n), name_of("sft", n), "recall") >= -3 for n in have)
-    v = "reproduced" if helps and beats_sig else ("mixed" if helps or beats else "not reproduced")
-    verdicts.append(("Fig. 8: more preference data helps, and always more than SFT", v,
-                     "Resp by size " + ", ".join(f"{n}: BPO {b:.1f} / SFT {s:.1f}" for n, b, s in zip(have, bpo_r, sft_r))
-                     + "; recall BPO " + ", ".join(f"{M[name_of('bpo', n)]['recall'][0]:.1f}" for n in have)
-                     + " / SFT " + ", ".join(f"{M[name_of('sft', n)]['recall'][0]:.1f}" for n in have),
-                     "reproduced if BPO's Resp falls from the smallest to the largest size and is below SFT's by more "
-                     "than the seeds' spread at every size with recall no more than 3 points below; mixed if only part holds"))
-
-# ---------------------------------------------------------------- verdicts
+timings = jsonl(os.path.join(RUNS, "timings.jsonl")) if os.path.exists(os.path.join(RUNS, "timings.jsonl")) else []
+W("# The paper's claims in miniature: the toy-world BPO study\n")
+W(f"Written by `make study` (`experiments/study.py`, this report by `experiments/report.py`) on "
+  f"{datetime.datetime.now():%Y-%m-%d %H:%M}. Rules: `experiments/rules.py`, last changed in commit "
+  f"{commit_of_rules()}; every verdict below follows them as written. Study steps ran for "
+  f"{sum(t['elapsed_s'] for t in timings) / 60:.1f} min over {len(timings)} invocation(s) on this machine."
+  + (" **SMOKE RUN: a few steps per run, nothing to read in the numbers.**" if args.smoke else "") + "\n")
+W(f"Setup: two toy worlds from the same images: *prior* (text corpus P(partner | trigger) = "
+  f"{WORLD.images and json.load(open(os.path.join(args.toy, 'world.json')))['p_partner']['text']:.2f}, images 0.63) "
+  f"and *control* (text = images: no excess prior). Seeds {SEEDS}; {args.pairs} items per seed (every turn: "
+  f"captions and short QA), the same for every arm of a seed; negatives from the weakened image (t = "
+  f"{args.noise_step}), the clean image and rule injection; every arm {rules.TRAIN_STEPS} optimizer steps "
+  f"(`{args.train}`), LoRA, checkpoints at {rules.CURVE_STEPS}. Test sets: toy HalBench (300 images), its POPE "
+  f"(3 splits), a 240-question toy MM-Vet (exact judge), the toy LLaVA-Bench (overlap judge, not GPT-4), "
+  f"HalBench/POPE on 300 clear-glyph images. Dev split: 150 HalBench-style images and 120 MM-Vet-style questions "
+  f"that no test set uses. Resp = RLHF-V's (over captions naming an object); partner = how often a caption names "
+  f"the absent partner of a present trigger (the prior's error).\n")
 W("## Verdicts\n")
-W("| claim | verdict | evidence | rule |\n|---|---|---|---|")
-for claim, v, ev, rule in verdicts:
-    W(f"| {claim} | **{v}** | {ev} | {rule} |")
-W("")
-if M.get("bpo_both_nll") and M.get("sft_both"):
-    W(f"Objective variant: DPO + {args.nll_weight:g} x per-token NLL of the chosen (03 `--sft_weight`): Resp "
-      f"{fmt(M['bpo_both_nll']['resp'])}, recall {fmt(M['bpo_both_nll']['recall'])}, MM-Vet {fmt(M['bpo_both_nll']['mmvet'])} "
-      f"against SFT's {fmt(M['sft_both']['resp'])}, {fmt(M['sft_both']['recall'])}, {fmt(M['sft_both']['mmvet'])} and "
-      f"pure BPO's {fmt(M['bpo_both']['resp'])}, {fmt(M['bpo_both']['recall'])}, {fmt(M['bpo_both']['mmvet'])}.\n")
-with open(os.path.join(args.results, "STUDY.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
-with open(os.path.join(args.results, "study_metrics.json"), "w") as f:
-    json.dump({"models": M, "verdicts": verdicts}, f, indent=1)
-print("\n".join(md))
-print(f"\nwrote {args.results}/STUDY.md")
+W("| claim | paper | primary metric: difference [95% interval] (cell) | verdict |")
+W("|---|---|---|---|")
+for v in verdicts:
+    cells = "; ".join(f"{rules.METRICS[m][0]} {fmt_iv(v['intervals'][m])} ({v['cells'][m]})" for m in v["primary"])
+    W(f"| {v['title']} ({LABEL[v['a']]} vs {LABEL[v['b']]}) | {v['paper']} | {cells} | **{v['verdict']}** |")
+W("\nSecondary cells (reported, decide nothing):\n")
+for v in verdicts:
+    W(f"- {v['title']}: " + "; ".join(f"{rules.METRICS[m][0]} {fmt_iv(v['intervals'][m])} ({v['cells'][m]})"
+                                       for m in v["secondary"]))
+W("\nThe rules (from `experiments/rules.py`):\n")
+W("```\n" + rules.__doc__.strip() + "\n```\n")
+W(f"Matched recall: {rules.MATCHED_TEXT}.\n")
+W("## Table 2-4 analogues: every arm at its selected checkpoint (mean ± sd over seeds)\n")
+W("| world | model | lr, step | MM-Vet ↑ | LLaVA-Bench ↑ | Resp ↓ | Obj ↓ | recall | objects / caption | partner ↓ | "
+  "POPE adv. F1 ↑ | seeds |")
+W("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for world, arms in ARMS.items():
+    for arm in arms:
+        sel = "" if arm == "base" else f"{selected(arm)['lr']:g}, {selected(arm)['step']}"
+        n = 1 if arm == "base" else len(SEEDS)
+        W(f"| {world} | {LABEL[arm]} | {sel} | " + " | ".join(summary(world, arm, m) for m in
+                                                              ("mmvet", "llavabench", "resp", "obj", "recall")) +
+          f" | {summary(world, arm, 'objects_per_caption')} | {summary(world, arm, 'partner')} | "
+          f"{summary(world, arm, 'pope_adv_f1')} | {n} |")
+W("\nThe ablation arms (one kind of negative) use BPO's dev-selected learning rate and step; the control world "
+  "uses the prior world's selections. Per-seed values: `results/study_rows.jsonl`.\n")
+W(f"## Hallucination at matched recall (recall {r_star:.1f}, BPO's at its selected checkpoint)\n")
+W("![matched recall](matched_recall.png)\n")
+W("| model | Resp at recall [95%] | Obj at recall [95%] | partner at recall [95%] |")
+W("|---|---|---|---|")
+for arm, ms in matched_rows.items():
+    W(f"| {LABEL[arm]} | " + " | ".join("n/a (outside its curve)" if ms[m] is None else
+                                        f"{ms[m][0]:.1f} [{ms[m][1]:.1f}, {ms[m][2]:.1f}]" for m in ms) + " |")
+W("\n## POPE (the length-free test of the prior's error)\n")
+W("| world | model | random F1 | popular F1 | adversarial F1 | adversarial yes-ratio | clear-glyph adversarial F1 |")
+W("|---|---|---|---|---|---|---|")
+for world, arms in ARMS.items():
+    for arm in arms:
+        W(f"| {world} | {LABEL[arm]} | " + " | ".join(summary(world, arm, m) for m in
+                                                    ("pope_random_f1", "pope_popular_f1", "pope_adv_f1",
+                                                     "pope_adv_yes_ratio", "clear_pope_adv_f1")) + " |")
+W("\n## The control world: how much of the error is the prior's\n")
+W("| model | partner, prior world | partner, control world | excess (prior - control) | recall prior / control | "
+  "clear-glyph partner (prior world) | clear-glyph recall |")
+W("|---|---|---|---|---|---|---|")
+for arm in ARMS["control"]:
+    pr = [r for r in rows if r["arm"] == arm and not r.get("curve")]
+    pp = {s: r["partner"] for r in pr if r["world"] == "prior" for s in [r["seed"]]}
+    pc = {s: r["partner"] for r in pr if r["world"] == "control" for s in [r["seed"]]}
+    ex = [pp[s] - pc[s] for s in pp if s in pc and pp[s] is not None and pc[s] is not None]
+    W(f"| {LABEL[arm]} | {summary('prior', arm, 'partner')} | {summary('control', arm, 'partner')} | {mean_sd(ex)} | "
+      f"{summary('prior', arm, 'recall')} / {summary('control', arm, 'recall')} | "
+      f"{summary('prior', arm, 'clear_partner')} | {summary('prior', arm, 'clear_recall')} |")
+W("\n## Beyond the paper: objectives that make the model use the image (issue 14)\n")
+W(f"Rule: {rules.VARIANT_TEXT}.\n")
+W("| variant | POPE adv. F1 vs DPO | partner at matched recall vs DPO | MM-Vet vs DPO | Resp at matched recall | "
+  "Obj at matched recall | excess partner | verdict |")
+W("|---|---|---|---|---|---|---|---|")
+for v in variants:
+    iv = v["intervals"]
+    W(f"| {v['label']} | {fmt_iv(iv['pope_adv_f1'])} | {fmt_iv(iv['partner@recall'])} | {fmt_iv(iv['mmvet'])} | "
+      f"{fmt_iv(iv['resp@recall'])} | {fmt_iv(iv['obj@recall'])} | {fmt_iv(iv['excess_partner'])} | **{v['verdict']}** |")
+W("\n## Dev selection (seed 0, prior world, dev split only)\n")
+W("| method | lr | step | dev Obj | dev recall | dev object F1 | dev MM-Vet | chosen |")
+W("|---|---|---|---|---|---|---|---|")
+for arm, s in selection.items():
+    for c in s["candidates"]:
+        W(f"| {LABEL[arm]} | {c['lr']:g} | {c['step']} | {c['obj']:.1f} | {c['recall']:.1f} | {c['object_f1']:.1f} | "
+          f"{c['mmvet']:.1f} | {'**yes**' if c == s['chosen'] else ''} |")
+W(f"\nBase model on dev: MM-Vet {selection['bpo']['base_dev_mmvet']:.1f}.\n")
+probe_path = os.path.join(RUNS, "noise_probe.json")
+if os.path.exists(probe_path):
+    probe = json.load(open(probe_path))
+    W("## Fig. 5 analogue: the prior takes over as the image is weakened (dev images)\n")
+    W("| noise step | log p(true) | log p(partner) | partner likelier (%) | Resp | partner | other absent | recall |")
+    W("|---|---|---|---|---|---|---|---|")
+    for r in probe["rows"]:
+        g = lambda k: r.get(k, float("nan"))
+        W(f"| {r.get('noise_step')} | {g('logp_true'):.2f} | {g('logp_partner'):.2f} | {100 * g('partner_wins'):.1f} | "
+          f"{100 * g('chair_s'):.1f} | {100 * g('partner_rate'):.1f} | {100 * g('other_absent_rate'):.1f} | "
+          f"{100 * g('recall'):.1f} |")
+W("\n## Notes\n")
+W(f"- The noise step of the weakened negatives (t = {args.noise_step}) was fixed before this study from an earlier "
+  "probe on the then-test HalBench images (README); it was not searched on dev. The Fig. 5 probe above now runs on "
+  "dev images.")
+W("- Not a test: the pipeline's tests cover the code; this is one experiment on one pair of toy worlds.")
+with open(os.path.join(OUT, "STUDY.md"), "w") as f:
+    f.write("\n".join(L) + "\n")
+print(f"wrote {OUT}/STUDY.md, study_rows.jsonl, verdicts.json, dev_selection.json, matched_recall.png")
+for v in verdicts:
+    print(f"{v['verdict']:>15}  {v['title']}")
+for v in variants:
+    print(f"{v['verdict']:>15}  {v['label']}")

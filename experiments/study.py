@@ -1,16 +1,23 @@
-"""The paper's claims in miniature: one resumable run of the toy-world study (`make study`).
+"""The paper's claims in miniature, judged by rules fixed in advance (experiments/rules.py): one resumable run of
+the toy-world study (`make study`).
 
-Builds the toy world (00), probes the prior under weakening (noise_probe.py, Fig. 5), then for each
-seed bootstraps negatives (01 on weakened and on clean images, 02 with rules), trains BPO variants
-and the SFT baseline (03), evaluates every model (04, 05) and writes results/STUDY.md with plots
-(report.py). Every step is skipped when its output exists, so a rerun resumes; up to --jobs
-steps run at once, one CPU thread each.
+Two worlds from the same images: `prior` (the demo's: the text corpus pairs a trigger with its partner 94% of
+the time, the images 63%) and `control` (text 63% too: no excess language prior). Per world and seed: negatives
+from the weakened image (t=--noise_step), the clean image (prior world) and rule injection, over every turn of
+the training conversations (captions and short QA, as the paper's mix); the items whose weakened and
+clean negatives are both usable are shared by every arm of the seed. Arms train --max_steps steps each
+(equal optimizer steps), checkpoints every rules.CURVE_STEPS[0] steps (the matched-recall curves).
 
-    python experiments/study.py [--toy toy] [--runs runs/study] [--results results] [--seeds 0 1 2] [--jobs 2]
+Hyperparameters come from the dev split (toy/dev/: images no test set uses): every method in METHODS trains
+at each of rules.DEV_LRS on seed 0, is scored on dev at rules.DEV_STEPS, and rules.select picks its learning
+rate and step; the ablation arms (one kind of negative) use BPO's, the control world the prior world's. Then
+seeds 1.. of the selected settings, and every model on the test sets: toy HalBench, POPE, the 240-question
+MM-Vet, LLaVA-Bench-style, and HalBench/POPE on clear-glyph images.
 
-Per seed s, all conditions share the same chosen answers: --pairs items of the training data whose
-weakened and clean-image negatives both parse as well-formed captions; their rule-injected
-negatives are drawn for the same items."""
+    python experiments/study.py [--toy toy] [--control_toy toy_control] [--runs runs/study] [--results results]
+
+Every step is skipped when its output exists, so a rerun resumes; up to --jobs steps run at once, one CPU
+thread each. report.py then writes results/STUDY.md and the files beside it."""
 import argparse
 import json
 import os
@@ -22,32 +29,42 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import rules  # noqa: E402
 from toyworld import World  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--toy", default="toy", help="toy world folder (built by 00 if missing)")
+p.add_argument("--toy", default="toy", help="the prior world (built by 00 if missing; make demo's)")
+p.add_argument("--control_toy", default="toy_control", help="the control world (00 --p_partner_text 0.63)")
 p.add_argument("--world_seed", type=int, default=0)
 p.add_argument("--runs", default="runs/study", help="every intermediate output")
-p.add_argument("--results", default="results", help="STUDY.md and the plots")
+p.add_argument("--results", default="results", help="STUDY.md, the plots, the per-seed rows")
 p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of negatives and training")
 p.add_argument("--jobs", type=int, default=2, help="steps run at once (one thread each)")
-p.add_argument("--pairs", type=int, default=400, help="items (chosen answers) per seed")
-p.add_argument("--noise_step", type=int, default=700, help="weakening of the image-weakened negatives")
-p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5], help="data sizes of Fig. 8 (besides 1)")
-p.add_argument("--train", default="--epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0",
-               help="03 flags shared by every run")
-p.add_argument("--bpo_lr", type=float, default=1e-4, help="03 --lr of the DPO runs (chosen in a pilot: see README)")
-p.add_argument("--sft_lr", type=float, default=1e-3, help="03 --lr of the SFT runs (the demo's)")
-p.add_argument("--nll_weight", type=float, default=0.0,
-               help="also train DPO + this weight x NLL of the chosen (03 --sft_weight); 0: skip (pilot: ~SFT, see README)")
+p.add_argument("--pairs", type=int, default=500, help="items (chosen answers) per seed, every turn")
+p.add_argument("--noise_step", type=int, default=700,
+               help="weakening of the image-weakened negatives (fixed before this study, see STUDY.md)")
+p.add_argument("--train", default="--batch_size 16 --lora_r 16 --lora_alpha 32 --epochs 50",
+               help="03 flags shared by every run (--max_steps rules.TRAIN_STEPS ends each run)")
 p.add_argument("--probe_steps", type=int, nargs="+", default=[0, 400, 600, 700, 800, 999])
 p.add_argument("--skip_report", action="store_true")
+p.add_argument("--smoke", action="store_true", help="a few steps per run, for a test of the plumbing on a --quick world")
 args = p.parse_args()
+if args.smoke:
+    rules.smoke()
 
 PY = sys.executable
-TOY, RUNS = args.toy, args.runs
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+RUNS = args.runs
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
 os.makedirs(os.path.join(RUNS, "logs"), exist_ok=True)
+WORLDS = {"prior": args.toy, "control": args.control_toy}
+# trained methods searched on dev; each trains on the weakened + injected pairs
+METHODS = {"sft": ["--loss", "sft"], "bpo": [],
+           "bpo_cond": ["--conditional_weight", 1, "--noise_step", args.noise_step], "bpo_anchor": ["--anchor_weight", 1],
+           "ipo": ["--loss", "ipo"], "bpo_lnorm": ["--length_normalize"]}
+ABLATIONS = {"bpo_weak": ["weak"], "bpo_inj": ["inj"], "bpo_clean": ["clean"]}  # BPO on one kind of negative
+CONTROL_ARMS = ["sft", "bpo"]
+TEST_SETS = ["hal", "mmvet", "pope", "llava", "clear_hal", "clear_pope"]
+FULL_POPE = ["sft", "bpo"]  # and the base model: POPE's three splits and the clear-glyph sets
 
 
 # ----------------------------------------------------------------------------- the jobs: a small DAG
@@ -65,6 +82,7 @@ jobs = {}
 
 
 def job(name, out, cmd=None, fn=None, deps=(), threads=1):
+    """cmd: a list, or a function returning one when the job starts (settings chosen by earlier jobs)."""
     jobs[name] = Job(name, out, cmd, fn, deps, threads)
     return name
 
@@ -73,116 +91,220 @@ def script(name, *a):
     return [PY, os.path.join(ROOT, name), *map(str, a)]
 
 
-# ---- the world and the Fig. 5 probe
-world_job = job("world", os.path.join(TOY, "prior_check.json"),
-                script("00_make_toy.py", "--out", TOY, "--seed", args.world_seed),
-                threads=args.jobs)  # nothing else can run before the world exists
-probe_job = job("noise_probe", os.path.join(RUNS, "noise_probe.json"),
-                script("experiments/noise_probe.py", "--toy", TOY, "--out", os.path.join(RUNS, "noise_probe.json"),
-                       "--steps", *args.probe_steps), deps=[world_job])
-MODEL, IMAGES, TRAIN = os.path.join(TOY, "model"), os.path.join(TOY, "images"), os.path.join(TOY, "train.json")
+def sh(cmd, marker):
+    """cmd, then touch marker: for appending scripts whose output exists before they finish."""
+    return ["bash", "-c", " ".join(map(str, cmd)) + f" && touch {marker}"]
 
 
-def eval_jobs(name, adapter, deps):
-    """04 and 05 of one model into RUNS/eval/NAME/{mmvet,halbench}."""
-    d = os.path.join(RUNS, "eval", name)
-    ad = ["--adapter", adapter] if adapter else []
-    a = job(f"mmvet:{name}", os.path.join(d, "mmvet", "scores.json"),
-            script("04_eval_mmvet.py", "--model", MODEL, *ad, "--mmvet_json", os.path.join(TOY, "mmvet.json"),
-                   "--image_dir", IMAGES, "--out_dir", os.path.join(d, "mmvet"), "--judge", "exact",
-                   "--max_new_tokens", 32, "--batch_size", 32), deps=deps)
-    b = job(f"halbench:{name}", os.path.join(d, "halbench", "scores.json"),
-            script("05_eval_halbench.py", "--model", MODEL, *ad, "--questions", os.path.join(TOY, "halbench.jsonl"),
-                   "--image_dir", IMAGES, "--objects", os.path.join(TOY, "halbench_objects.json"),
-                   "--synonyms", os.path.join(TOY, "synonyms.txt"), "--out_dir", os.path.join(d, "halbench"),
-                   "--max_new_tokens", 72, "--batch_size", 32), deps=deps)
-    return [a, b]
+def selection_path(method):
+    return os.path.join(RUNS, "selection", f"{method}.json")
 
 
-eval_jobs("base", None, [world_job])
+def selected(method):
+    with open(selection_path(method)) as f:
+        return json.load(f)["chosen"]
 
 
-def select_pairs(seed):
-    """The shared items of a seed: well-formed weakened and clean negatives, rule-injected ones too;
-    writes one pairs file per negative kind, restricted to the same --pairs ids, and the data-size
-    subsets; stats of every raw negative set go to select.json."""
-    d = os.path.join(RUNS, f"s{seed}", "pairs")
-    world = World(os.path.join(TOY, "world.json"))
-    raw = {k: [json.loads(line) for line in open(os.path.join(d, f"raw_{k}.jsonl"))] for k in ("weak", "clean", "inj")}
+def run_dir(world, arm, seed, lr=None):
+    """Where a training run lives. Seed 0 of a searched method in the prior world is its dev run at the
+    chosen learning rate (the same run, not a new one); lr given: that dev run."""
+    if world == "prior" and arm in METHODS and seed == 0:
+        lr = lr if lr is not None else selected(arm)["lr"]
+        return os.path.join(RUNS, world, "s0", f"{arm}_lr{lr:g}")
+    return os.path.join(RUNS, world, f"s{seed}", arm)
+
+
+def adapter_at(out, step):
+    return os.path.join(out, "adapter") if step == rules.TRAIN_STEPS else os.path.join(out, f"checkpoint-{step}", "adapter")
+
+
+def eval_dir(world, name, step, key):
+    return os.path.join(RUNS, world, "eval", name, f"step{step}" if isinstance(step, int) else step, key)
+
+
+def eval_command(world, name, step, key, adapter):
+    """The argv of one evaluation (04-07) of a model on one set into RUNS/WORLD/eval/NAME/stepN/SET."""
+    toy = WORLDS[world]
+    images = os.path.join(toy, "images")
+    a = ["--model", os.path.join(toy, "model"), *(["--adapter", adapter] if adapter else []),
+         "--out_dir", eval_dir(world, name, step, "pope" if key == "pope_adv" else key)]
+    sub = {"hal": "", "clear_hal": "clear", "dev_hal": "dev"}
+    if key in sub:
+        f = os.path.join(toy, sub[key])
+        return script("05_eval_halbench.py", *a, "--questions", os.path.join(f, "halbench.jsonl"),
+                      "--image_dir", images, "--objects", os.path.join(f, "halbench_objects.json"),
+                      "--synonyms", os.path.join(toy, "synonyms.txt"), "--max_new_tokens", 72,
+                      "--num_beams", 1, "--batch_size", 32)[1:]
+    if key in ("mmvet", "dev_mmvet"):
+        q = os.path.join(toy, "mmvet_study.json" if key == "mmvet" else os.path.join("dev", "mmvet.json"))
+        return script("04_eval_mmvet.py", *a, "--mmvet_json", q, "--image_dir", images, "--judge", "exact",
+                      "--max_new_tokens", 16, "--batch_size", 32)[1:]
+    if key in ("pope", "pope_adv", "clear_pope"):
+        f = os.path.join(toy, "pope" if key != "clear_pope" else os.path.join("clear", "pope"))
+        splits = ["random", "popular", "adversarial"] if key == "pope" else ["adversarial"]
+        return script("07_eval_pope.py", *a, "--questions", *[os.path.join(f, f"coco_pope_{s}.json") for s in splits],
+                      "--image_dir", images, "--prompt_suffix", "", "--max_new_tokens", 4, "--batch_size", 64)[1:]
+    lb = os.path.join(toy, "llavabench")
+    return script("06_eval_llavabench.py", *a, "--questions", os.path.join(lb, "questions.jsonl"),
+                  "--context", os.path.join(lb, "context.jsonl"), "--references", os.path.join(lb, "answers_gpt4.jsonl"),
+                  "--rule", os.path.join(lb, "rule.json"), "--image_dir", os.path.join(lb, "images"),
+                  "--judge", "overlap", "--max_new_tokens", 72, "--batch_size", 32)[1:]
+
+
+def eval_job(world, name, tag, plan, deps):
+    """One process evaluating one trained run (experiments/evaluate.py): plan() -> [(step, set, adapter)] when the
+    job starts (the chosen step is known by then); step "selected" names the folder of the chosen checkpoint."""
+    d = os.path.join(RUNS, world, "eval", name)
+    marker = os.path.join(d, f"{tag}.done")
+
+    def cmd():
+        os.makedirs(d, exist_ok=True)
+        cmds = [eval_command(world, name, step, key, adapter) for step, key, adapter in plan()]
+        with open(os.path.join(d, f"{tag}.json"), "w") as f:
+            json.dump(cmds, f, indent=1)
+        return script("experiments/evaluate.py", "--commands", os.path.join(d, f"{tag}.json"), "--marker", marker)
+    return job(f"eval:{world}:{name}:{tag}", marker, cmd, deps=deps)
+
+
+# ---- the worlds, the Fig. 5 probe (on dev images), the base models
+world_jobs = {}
+for world, toy in WORLDS.items():
+    extra = ["--p_partner_text", 0.63] if world == "control" else []
+    world_jobs[world] = job(f"world:{world}", os.path.join(toy, "prior_check.json"),
+                            script("00_make_toy.py", "--out", toy, "--seed", args.world_seed, *extra), threads=args.jobs)
+    base_sets = TEST_SETS + (["dev_hal", "dev_mmvet"] if world == "prior" else [])
+    eval_job(world, "base", "all", lambda sets=base_sets: [(0, k, None) for k in sets], [world_jobs[world]])
+job("noise_probe", os.path.join(RUNS, "noise_probe.json"),
+    script("experiments/noise_probe.py", "--toy", args.toy, "--questions", "dev/halbench.jsonl",
+           "--out", os.path.join(RUNS, "noise_probe.json"), "--steps", *args.probe_steps), deps=[world_jobs["prior"]])
+
+
+def select_pairs(world, seed, kinds):
+    """The shared items of a seed: every kind's negative present; a caption's weakened and clean negatives
+    must parse as captions of the world's grammar (a QA negative only has to differ from the answer, which 01
+    and 02 ensure). Writes KIND.jsonl per kind, restricted to the same --pairs ids, and select.json."""
+    d = os.path.join(RUNS, world, f"s{seed}", "pairs")
+    w = World(os.path.join(WORLDS[world], "world.json"))
+    raw = {k: [json.loads(line) for line in open(os.path.join(d, f"raw_{k}.jsonl"))] for k in kinds}
     by_id = {k: {r["id"]: r for r in v} for k, v in raw.items()}
-    stats = {}
-    for k, rows in raw.items():
-        truths = [world.mentioned(r["chosen"]) for r in rows]
-        s = world.stats([r["rejected"] for r in rows], truths)
-        # share of negatives whose only object errors are prior-driven (an absent partner named)
-        prior_only = sum(bool(world.mentioned(r["rejected"]) - t) and
-                         world.mentioned(r["rejected"]) - t <= world.lures(t) for r, t in zip(rows, truths))
-        s["prior_only_errors"] = prior_only / max(1, len(rows))
-        stats[k] = s
-    ok = [i for i in by_id["weak"] if i in by_id["clean"] and i in by_id["inj"]
-          and world.well_formed(by_id["weak"][i]["rejected"]) and world.well_formed(by_id["clean"][i]["rejected"])]
+    caption_item = lambda r: r["prompt"].strip() in w.describe_prompts
+    ok = [i for i in by_id["weak"] if all(i in by_id[k] for k in kinds)
+          and all(w.well_formed(by_id[k][i]["rejected"]) for k in kinds if k != "inj" and caption_item(by_id[k][i]))]
+    ok.sort()
     random.Random(seed).shuffle(ok)
     if len(ok) < args.pairs:
-        print(f"warning: seed {seed}: only {len(ok)} items with well-formed negatives of both kinds", file=sys.stderr)
+        print(f"warning: {world} seed {seed}: only {len(ok)} items with usable negatives of every kind", file=sys.stderr)
     ids = ok[:args.pairs]
-    for k in ("weak", "clean", "inj"):
+    for k in kinds:
         with open(os.path.join(d, f"{k}.jsonl"), "w") as f:
             f.writelines(json.dumps(by_id[k][i]) + "\n" for i in ids)
-    for frac in args.fractions:
-        n = int(round(frac * len(ids)))
-        for k in ("weak", "inj"):
-            with open(os.path.join(d, f"{k}_n{n}.jsonl"), "w") as f:
-                f.writelines(json.dumps(by_id[k][i]) + "\n" for i in ids[:n])
+    stats = {}
+    for k, rows in raw.items():
+        caps = [r for r in rows if caption_item(r)]
+        truths = [w.mentioned(r["chosen"]) for r in caps]
+        stats[k] = {**w.stats([r["rejected"] for r in caps], truths), "n_items": len(rows), "captions": len(caps)}
     with open(os.path.join(d, "select.json"), "w") as f:
-        json.dump({"n_items": len(ids), "n_raw": {k: len(v) for k, v in raw.items()}, "stats": stats,
-                   "usable_share": len(ok) / max(1, len(by_id["weak"]))}, f, indent=1)
+        json.dump({"n_items": len(ids), "n_captions": sum(caption_item(by_id["weak"][i]) for i in ids),
+                   "usable_share": len(ok) / max(1, len(by_id["weak"])), "stats": stats}, f, indent=1)
 
 
-# ---- per seed: negatives, training runs, evaluations
-n_raw = int(args.pairs * 1.5)  # items sampled; those with a malformed negative are dropped
-for seed in args.seeds:
-    d = os.path.join(RUNS, f"s{seed}")
-    pd = os.path.join(d, "pairs")
-    common_01 = ["--model", MODEL, "--data", f"toy={TRAIN}", "--image_root", IMAGES, "--samples_per_source", n_raw,
-                 "--max_new_tokens", 72, "--batch_size", 32, "--seed", seed]
-    weak = job(f"pairs_weak:{seed}", os.path.join(pd, "raw_weak.jsonl.done"),
-               ["bash", "-c", " ".join(map(str, script("01_build_pairs.py", *common_01, "--out", os.path.join(pd, "raw_weak.jsonl"),
-                                                       "--noise_step", args.noise_step)))
-                + f" && touch {pd}/raw_weak.jsonl.done"], deps=[world_job])
-    clean = job(f"pairs_clean:{seed}", os.path.join(pd, "raw_clean.jsonl.done"),
-                ["bash", "-c", " ".join(map(str, script("01_build_pairs.py", *common_01, "--out", os.path.join(pd, "raw_clean.jsonl"),
-                                                        "--noise_step", 0)))
-                 + f" && touch {pd}/raw_clean.jsonl.done"], deps=[world_job])
-    inj = job(f"pairs_inj:{seed}", os.path.join(pd, "raw_inj.jsonl.done"),
-              ["bash", "-c", " ".join(map(str, script("02_inject_errors.py", "--backend", "rules", "--vocab",
-                                                      os.path.join(TOY, "world.json"), "--data", f"toy={TRAIN}",
-                                                      "--out", os.path.join(pd, "raw_inj.jsonl"),
-                                                      "--samples_per_source", n_raw, "--seed", seed)))
-               + f" && touch {pd}/raw_inj.jsonl.done"], deps=[world_job])
-    sel = job(f"select:{seed}", os.path.join(pd, "select.json"), fn=lambda s=seed: select_pairs(s), deps=[weak, clean, inj])
+def negatives(world, seed):
+    toy = WORLDS[world]
+    d = os.path.join(RUNS, world, f"s{seed}", "pairs")
+    data = ["--data", f"toy={os.path.join(toy, 'train.json')}", "--samples_per_source", int(args.pairs * 1.5),
+            "--turns", "all", "--seed", seed]
+    gen = ["--model", os.path.join(toy, "model"), "--image_root", os.path.join(toy, "images"), "--max_new_tokens", 72,
+           "--batch_size", 32, *data]
+    kinds = ["weak", "inj"] + (["clean"] if world == "prior" else [])
+    deps = []
+    for k in kinds:
+        out = os.path.join(d, f"raw_{k}.jsonl")
+        cmd = (script("02_inject_errors.py", "--backend", "rules", "--vocab", os.path.join(toy, "world.json"), *data,
+                      "--out", out) if k == "inj" else
+               script("01_build_pairs.py", *gen, "--out", out, "--noise_step", args.noise_step if k == "weak" else 0))
+        deps.append(job(f"pairs:{world}:{k}:s{seed}", out + ".done", sh(cmd, out + ".done"), deps=[world_jobs[world]]))
+    return job(f"select:{world}:s{seed}", os.path.join(d, "select.json"),
+               fn=lambda: select_pairs(world, seed, kinds), deps=deps)
 
-    sizes = [int(round(f * args.pairs)) for f in args.fractions]
-    P = lambda k: os.path.join(pd, f"{k}.jsonl")
-    runs = {  # name: (pairs files, extra 03 flags)
-        "bpo_weak": ([P("weak")], []),
-        "bpo_inj": ([P("inj")], []),
-        "bpo_both": ([P("weak"), P("inj")], []),
-        "bpo_clean": ([P("clean")], []),
-        "sft_both": ([P("weak"), P("inj")], ["--loss", "sft"]),
-    }
-    if args.nll_weight:
-        runs["bpo_both_nll"] = ([P("weak"), P("inj")], ["--sft_weight", args.nll_weight])
-    for n in sizes:
-        runs[f"bpo_both_n{n}"] = ([P(f"weak_n{n}"), P(f"inj_n{n}")], [])
-        runs[f"sft_both_n{n}"] = ([P(f"weak_n{n}"), P(f"inj_n{n}")], ["--loss", "sft"])
-    for name, (files, extra) in runs.items():
-        out = os.path.join(d, name)
-        data = [x for f in files for x in ("--data", f)]
-        t = job(f"train:{name}:{seed}", os.path.join(out, "adapter", "adapter_config.json"),
-                script("03_train_bpo.py", "--model", MODEL, *data, "--image_root", IMAGES, "--output_dir", out, "--overwrite",
-                       *args.train.split(), "--lr", args.sft_lr if "sft" in extra else args.bpo_lr, "--seed", seed,
-                       *extra), deps=[sel])
-        eval_jobs(f"s{seed}/{name}", os.path.join(out, "adapter"), [t])
+
+def train_job(world, arm, seed, flags, kinds, deps, lr=None):
+    """One run of 03 (lr None: the selected one, read when the job starts)."""
+    pd = os.path.join(RUNS, world, f"s{seed}", "pairs")
+    data = [x for k in kinds for x in ("--data", os.path.join(pd, f"{k}.jsonl"))]
+    toy = WORLDS[world]
+    tag = f"{arm}_lr{lr:g}" if lr is not None else arm
+
+    def cmd():
+        chosen = lr if lr is not None else selected(arm if arm in METHODS else "bpo")["lr"]
+        out = run_dir(world, arm, seed, lr)
+        return script("03_train_bpo.py", "--model", os.path.join(toy, "model"), *data, "--image_root",
+                      os.path.join(toy, "images"), "--output_dir", out, "--overwrite", *args.train.split(),
+                      "--max_steps", rules.TRAIN_STEPS, "--save_every", rules.CURVE_STEPS[0],
+                      "--keep_checkpoints", rules.TRAIN_STEPS // rules.CURVE_STEPS[0], "--lr", chosen, "--seed", seed, *flags)
+    # the finished run's marker, at a path known before the learning rate is
+    marker = os.path.join(RUNS, world, f"s{seed}", "done", f"{tag}.done")
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    return job(f"train:{world}:{tag}:s{seed}", marker, lambda: sh(cmd(), marker), deps=deps)
+
+
+def select_method(method, base_dev):
+    """rules.select over the method's dev candidates -> RUNS/selection/METHOD.json."""
+    def read(world, name, step, key):
+        with open(os.path.join(eval_dir(world, name, step, key), "scores.json")) as f:
+            return json.load(f)
+    base_mm = read("prior", "base", 0, "dev_mmvet")["total"]
+    cands = []
+    for lr in rules.DEV_LRS:
+        for step in rules.DEV_STEPS:
+            hal = read("prior", f"{method}_lr{lr:g}/s0", step, "dev_hal")
+            cands.append({"lr": lr, "step": step, "obj": hal["chair_i"], "recall": hal["recall"],
+                          "resp": hal["chair_s_refine"],
+                          "mmvet": read("prior", f"{method}_lr{lr:g}/s0", step, "dev_mmvet")["total"]})
+    for c in cands:
+        c["object_f1"] = rules.object_f1(c["obj"], c["recall"])
+    chosen = rules.select(cands, base_mm)
+    os.makedirs(os.path.dirname(selection_path(method)), exist_ok=True)
+    with open(selection_path(method), "w") as f:
+        json.dump({"method": method, "base_dev_mmvet": base_mm, "candidates": cands, "chosen": chosen}, f, indent=1)
+
+
+# ---- per world and seed: negatives; dev search (prior world, seed 0); the selected runs; evaluations
+base_dev = ["eval:prior:base:all"]
+sel_jobs = {}
+for world in WORLDS:
+    for seed in args.seeds:
+        sel = negatives(world, seed)
+        arms = list(METHODS) + list(ABLATIONS) if world == "prior" else CONTROL_ARMS
+        for arm in arms:
+            flags = METHODS.get(arm, [])
+            kinds = ABLATIONS.get(arm, ["weak", "inj"])
+            if world == "prior" and arm in METHODS and seed == 0:  # the dev search
+                dev_evals = []
+                for lr in rules.DEV_LRS:
+                    t = train_job(world, arm, seed, flags, kinds, [sel], lr)
+                    out = run_dir(world, arm, seed, lr)
+                    dev_evals.append(eval_job(world, f"{arm}_lr{lr:g}/s0", "dev",
+                                              lambda o=out: [(st, k, adapter_at(o, st)) for st in rules.DEV_STEPS
+                                                             for k in ("dev_hal", "dev_mmvet")], [t]))
+                sel_jobs[arm] = job(f"select:{arm}", selection_path(arm), fn=lambda a=arm: select_method(a, base_dev),
+                                    deps=dev_evals + base_dev)
+                trained = sel_jobs[arm]
+            else:
+                need = sel_jobs.get(arm if arm in METHODS else "bpo")
+                trained = train_job(world, arm, seed, flags, kinds, [sel, need] if need else [sel])
+            curve = world == "prior" and arm in METHODS
+            # every arm: HalBench, MM-Vet, POPE adversarial; base, SFT and BPO all POPE splits and the clear-glyph
+            # sets; the trained methods of the prior world LLaVA-Bench too
+            sets = ["hal", "mmvet", "pope" if arm in FULL_POPE else "pope_adv"]
+            sets += ["clear_hal", "clear_pope"] if arm in FULL_POPE else []
+            sets += ["llava"] if world == "prior" and arm in METHODS else []
+
+            def plan(a=arm, s=seed, w=world, curve=curve, sets=sets):
+                out, chosen = run_dir(w, a, s), selected(a if a in METHODS else "bpo")["step"]
+                # HalBench at every checkpoint: the matched-recall curve (the chosen step is one of them)
+                todo = [(st, "hal", adapter_at(out, st)) for st in rules.CURVE_STEPS] if curve else []
+                return todo + [("selected", k, adapter_at(out, chosen)) for k in sets if not (curve and k == "hal")]
+            eval_job(world, f"{arm}/s{seed}", "test", plan, [trained])
 
 
 # ----------------------------------------------------------------------------- the scheduler
@@ -203,22 +325,24 @@ def run_all():
                 print(f"[{time.time() - t_start:6.0f} s] {status:>8} {name} ({timings[name]:.0f} s)", flush=True)
                 if status != "ok":
                     failed.append(name)
-        ready = [j for j in pending if all(jobs[d].done() for d in j.deps)]
         blocked = [j for j in pending if any(d in failed for d in j.deps)]
         for j in blocked:
             pending.remove(j)
             failed.append(j.name)
             print(f"skipped {j.name}: a step it needs failed")
+        ready = [j for j in pending if all(jobs[d].done() for d in j.deps)]
         for j in ready:
             if j.fn is not None:  # cheap in-process steps
                 pending.remove(j)
                 j.fn()
                 print(f"[{time.time() - t_start:6.0f} s]       ok {j.name}", flush=True)
-            elif len(running) < args.jobs:
+            elif sum(jobs[n].threads for n in running) + j.threads <= args.jobs:
                 pending.remove(j)
                 log = open(os.path.join(RUNS, "logs", j.name.replace(":", "_").replace("/", "_") + ".log"), "w")
-                running[j.name] = (subprocess.Popen(j.cmd, cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS=str(j.threads)), stdout=log, stderr=subprocess.STDOUT),
-                                   time.time(), log)
+                cmd = j.cmd() if callable(j.cmd) else j.cmd
+                os.makedirs(os.path.dirname(os.path.abspath(j.out)), exist_ok=True)
+                running[j.name] = (subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS=str(j.threads)),
+                                                    stdout=log, stderr=subprocess.STDOUT), time.time(), log)
         if not ready or len(running) >= args.jobs:
             time.sleep(0.5)
     elapsed = time.time() - t_start
@@ -230,10 +354,10 @@ def run_all():
 
 failed = run_all()
 if not args.skip_report:
-    r = subprocess.run([PY, os.path.join(HERE, "report.py"), "--toy", TOY, "--runs", RUNS, "--results", args.results,
-                        "--seeds", *map(str, args.seeds), "--pairs", str(args.pairs), "--noise_step", str(args.noise_step),
-                        "--train", f"{args.train} (DPO --lr {args.bpo_lr:g}, SFT --lr {args.sft_lr:g})", "--nll_weight", str(args.nll_weight),
-                        "--fractions", *map(str, args.fractions)], cwd=ROOT, env=ENV)
+    r = subprocess.run([PY, os.path.join(HERE, "report.py"), "--toy", args.toy, "--control_toy", args.control_toy,
+                        "--runs", RUNS, "--results", args.results, "--seeds", *map(str, args.seeds),
+                        "--pairs", str(args.pairs), "--noise_step", str(args.noise_step), "--train", args.train],
+                       cwd=ROOT, env=ENV)
     if r.returncode:
         sys.exit("error: report failed")
 sys.exit(1 if failed else 0)

@@ -12,6 +12,7 @@ class World:
         self.objects, self.plurals, self.partners = w["objects"], w["plurals"], w["partners"]
         self.numbers, self.colours, self.positions = w["numbers"], w["colours"], w["positions"]
         self.images = w["images"]  # name -> {split, caption, objects}
+        self.describe_prompts = w["describe_prompts"]
         alt = lambda xs: "|".join(re.escape(x) for x in xs)
         one = (rf"there is an? (?:{alt(self.objects)}) at the (?:{alt(self.positions)}) , "
                rf"it is (?:{alt(self.colours)}) \.")

@@ -336,15 +336,17 @@ def run_all():
                 pending.remove(j)
                 j.fn()
                 print(f"[{time.time() - t_start:6.0f} s]       ok {j.name}", flush=True)
-            elif sum(jobs[n].threads for n in running) + j.threads <= args.jobs:
+            elif sum(jobs[n].threads for n in running) + j.threads > args.jobs:
+                if j.threads > 1:
+                    break  # a job of several threads (a world build) waits for free cores, not behind later jobs
+            else:
                 pending.remove(j)
                 log = open(os.path.join(RUNS, "logs", j.name.replace(":", "_").replace("/", "_") + ".log"), "w")
                 cmd = j.cmd() if callable(j.cmd) else j.cmd
                 os.makedirs(os.path.dirname(os.path.abspath(j.out)), exist_ok=True)
                 running[j.name] = (subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, OMP_NUM_THREADS=str(j.threads)),
                                                     stdout=log, stderr=subprocess.STDOUT), time.time(), log)
-        if not ready or len(running) >= args.jobs:
-            time.sleep(0.5)
+        time.sleep(0.5)
     elapsed = time.time() - t_start
     with open(os.path.join(RUNS, "timings.jsonl"), "a") as f:
         f.write(json.dumps({"elapsed_s": elapsed, "steps": timings, "failed": failed}) + "\n")

@@ -1,0 +1,71 @@
+"""The study's verdict rules (experiments/rules.py): the cells, the claim verdicts, the dev selection, and the
+paired bootstrap against an independent normal-theory interval."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import rules  # noqa: E402
+
+
+@pytest.mark.parametrize("metric,interval,expected", [
+    ("resp", (-3.0, -5.0, -1.0), "yes"),        # lower is better, significantly lower
+    ("resp", (-3.0, -6.0, 0.5), "n.s."),        # lower, interval includes 0
+    ("resp", (2.0, -1.0, 5.0), "reversed"),     # higher: against the paper, significant or not
+    ("resp", (0.0, -1.0, 1.0), "reversed"),     # no difference is not the paper's improvement
+    ("mmvet", (4.0, 1.0, 7.0), "yes"),          # higher is better
+    ("mmvet", (-4.0, -7.0, -1.0), "reversed"),
+    ("mmvet", None, "n/a"),
+])
+def test_cell(metric, interval, expected):
+    assert rules.cell(metric, interval) == expected
+
+
+def test_claim_verdict():
+    assert rules.claim_verdict({"mmvet": "yes", "resp": "yes"}) == "reproduced"
+    assert rules.claim_verdict({"mmvet": "yes", "resp": "n.s."}) == "inconclusive"
+    assert rules.claim_verdict({"mmvet": "yes", "resp": "n/a"}) == "inconclusive"
+    assert rules.claim_verdict({"mmvet": "reversed", "resp": "yes"}) == "not reproduced"
+
+
+def test_variant_verdict():
+    yes = {"pope_adv_f1": "yes", "partner@recall": "yes"}
+    ivs = {"pope_adv_f1": (2, 1, 3), "partner@recall": (-2, -3, -1)}
+    assert rules.variant_verdict(yes, ivs, (0.5, -1, 2)) == "helps"
+    assert rules.variant_verdict(yes, ivs, (-3, -5, -1)) == "hurts"  # MM-Vet significantly lower
+    rev = {"pope_adv_f1": "reversed", "partner@recall": "yes"}
+    assert rules.variant_verdict(rev, {**ivs, "pope_adv_f1": (-2, -3, -1)}, None) == "hurts"
+    assert rules.variant_verdict(rev, {**ivs, "pope_adv_f1": (-2, -4, 1)}, None) == "no evidence"
+
+
+def test_select_respects_the_mmvet_guard():
+    cands = [{"lr": 1e-3, "step": 80, "obj": 5.0, "recall": 90.0, "mmvet": 30.0},   # best F1, MM-Vet too low
+             {"lr": 1e-4, "step": 80, "obj": 20.0, "recall": 80.0, "mmvet": 48.0},
+             {"lr": 3e-4, "step": 40, "obj": 15.0, "recall": 80.0, "mmvet": 46.0}]
+    assert rules.select(cands, base_mmvet=50.0) is cands[2]
+    assert rules.select(cands, base_mmvet=90.0) is cands[1]  # none passes: the highest MM-Vet
+    assert rules.object_f1(20.0, 80.0) == pytest.approx(80.0)
+
+
+def test_bootstrap_matches_a_normal_interval_and_pairs_items():
+    rng = np.random.default_rng(1)
+    n = 400
+    a = rng.normal(1.0, 2.0, n)
+    b = a - 0.5 + rng.normal(0, 0.5, n)  # paired: the difference has sd 0.5, far less than each arm's 2
+    point, low, high = rules.bootstrap(lambda si, idx: float(np.mean(a[idx] - b[idx])), 1, n, seed=3)
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / np.sqrt(n)
+    assert point == pytest.approx(d.mean())
+    assert low == pytest.approx(d.mean() - half, abs=0.25 * half)
+    assert high == pytest.approx(d.mean() + half, abs=0.25 * half)
+    # unpaired resampling would give an interval ~4x wider: the pairing is what the rule says
+    assert high - low < 2.6 * half
+
+
+def test_bootstrap_resamples_seeds():
+    per_seed = np.array([0.0, 1.0, 2.0])  # the difference in each seed, no item noise
+    point, low, high = rules.bootstrap(lambda si, idx: float(per_seed[si].mean()), 3, 10, seed=0)
+    assert point == pytest.approx(1.0)
+    assert low < 0.5 and high > 1.5  # seed spread enters the interval

@@ -48,7 +48,8 @@ demo: install $(TOY)/prior_check.json
 	# the paper's Table 3 baseline: SFT on the same chosen answers
 	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
 	  --image_root $(TOY)/images --output_dir $(RUN)/sft --loss sft --lr $(TOY_SFT_LR) $(TOY_TRAIN)
-	# the toy's vocabulary has no words for POPE's "Answer the question using a single word or phrase." (no suffix)
+	# the toy's vocabulary has no words for POPE's "Answer the question using a single word or phrase." (no suffix);
+	# the table shows POPE's adversarial split (the prior's error), so the demo runs that one (make study runs all three)
 	for m in base sft bpo; do \
 	  adapter=$$( [ $$m = base ] || echo "--adapter $(RUN)/$$m/adapter" ); \
 	  $(BIN)/python 04_eval_mmvet.py --model $(TOY)/model $$adapter --mmvet_json $(TOY)/mmvet.json --image_dir $(TOY)/images \
@@ -60,8 +61,8 @@ demo: install $(TOY)/prior_check.json
 	    --context $(TOY)/llavabench/context.jsonl --references $(TOY)/llavabench/answers_gpt4.jsonl \
 	    --rule $(TOY)/llavabench/rule.json --image_dir $(TOY)/llavabench/images --out_dir $(RUN)/eval/$$m/llavabench \
 	    --judge overlap --max_new_tokens 96 --batch_size 32 || exit 1; \
-	  $(BIN)/python 07_eval_pope.py --model $(TOY)/model $$adapter --questions $(TOY)/pope/coco_pope_random.json \
-	    $(TOY)/pope/coco_pope_popular.json $(TOY)/pope/coco_pope_adversarial.json --image_dir $(TOY)/images \
+	  $(BIN)/python 07_eval_pope.py --model $(TOY)/model $$adapter --questions $(TOY)/pope/coco_pope_adversarial.json \
+	    --image_dir $(TOY)/images \
 	    --out_dir $(RUN)/eval/$$m/pope --prompt_suffix "" --max_new_tokens 8 --batch_size 64 || exit 1; \
 	done
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"

@@ -217,9 +217,12 @@ def diff_fn(metric, a, b):
                 rec = value("prior", a, sa, "recall", idx)
                 va = value("prior", a, sa, m, idx)
                 vb = matched("prior", b, sb, m, rec, idx)
-            elif metric == "excess_partner":
-                va = value("prior", a, sa, "partner", idx) - (value("control", a, sa, "partner", idx) or np.nan)
-                vb = value("prior", b, sb, "partner", idx) - (value("control", b, sb, "partner", idx) or np.nan)
+            elif metric == "excess_partner":  # prior world minus control world, same images
+                pa, ca = value("prior", a, sa, "partner", idx), value("control", a, sa, "partner", idx)
+                pb, cb = value("prior", b, sb, "partner", idx), value("control", b, sb, "partner", idx)
+                if None in (pa, ca, pb, cb):
+                    return None
+                va, vb = pa - ca, pb - cb
             else:
                 va, vb = value("prior", a, sa, metric, idx), value("prior", b, sb, metric, idx)
             if va is None or vb is None:
@@ -263,7 +266,8 @@ for world, arms in ARMS.items():
             for m in ("pope_random_f1", "pope_popular_f1"):
                 d = edir(world, arm, seed, "selected", "pope")
                 if os.path.exists(os.path.join(d, "answers.jsonl")):
-                    r[m] = f1(pope_items(d, m.split("_")[1]).sum(0))
+                    split_items = pope_items(d, m.split("_")[1])
+                    r[m] = f1(split_items.sum(0)) if len(split_items) else None
             d = edir(world, arm, seed, "selected", "pope")
             if os.path.exists(os.path.join(d, "answers.jsonl")):
                 r["pope_adv_yes_ratio"] = 100 * pope_items(d).mean(0)[1]
@@ -393,9 +397,12 @@ W(f"Written by `make study` (`experiments/study.py`, this report by `experiments
   f"{commit_of_rules()}; every verdict below follows them as written. Study steps ran for "
   f"{sum(t['elapsed_s'] for t in timings) / 60:.1f} min over {len(timings)} invocation(s) on this machine."
   + (" **SMOKE RUN: a few steps per run, nothing to read in the numbers.**" if args.smoke else "") + "\n")
-W(f"Setup: two toy worlds from the same images: *prior* (text corpus P(partner | trigger) = "
-  f"{WORLD.images and json.load(open(os.path.join(args.toy, 'world.json')))['p_partner']['text']:.2f}, images 0.63) "
-  f"and *control* (text = images: no excess prior). Seeds {SEEDS}; {args.pairs} items per seed (every turn: "
+with open(os.path.join(args.toy, "world.json")) as f:
+    p_text = json.load(f)["p_partner"]["text"]
+with open(os.path.join(args.control_toy, "world.json")) as f:
+    p_text_control = json.load(f)["p_partner"]["text"]
+W(f"Setup: two toy worlds from the same images: *prior* (text corpus P(partner | trigger) = {p_text:.2f}, images "
+  f"0.63) and *control* (text {p_text_control:.2f}: no excess prior). Seeds {SEEDS}; {args.pairs} items per seed (every turn: "
   f"captions and short QA), the same for every arm of a seed; negatives from the weakened image (t = "
   f"{args.noise_step}), the clean image and rule injection; every arm {rules.TRAIN_STEPS} optimizer steps "
   f"(`{args.train}`), LoRA, checkpoints at {rules.CURVE_STEPS}. Test sets: toy HalBench (300 images), its POPE "

@@ -48,7 +48,11 @@ def jsonl(path):
 
 
 def selected(arm):
-    with open(os.path.join(RUNS, "selection", f"{arm if arm in METHODS else 'bpo'}.json")) as f:
+    """The dev-chosen {lr, step} of an arm (ablations: BPO's); None while the study has not chosen it."""
+    path = os.path.join(RUNS, "selection", f"{arm if arm in METHODS else 'bpo'}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
         return json.load(f)["chosen"]
 
 
@@ -129,7 +133,10 @@ def items(world, arm, seed, step, key):
             CACHE[k] = say_less_items(world, step)
         else:
             if arm != "base" and key == "hal" and arm in METHODS and world == "prior" and step == "selected":
-                step = selected(arm)["step"]  # HalBench of a curve arm lives at its checkpoints
+                step = (selected(arm) or {}).get("step")  # HalBench of a curve arm lives at its checkpoints
+            if step is None:  # no dev selection yet
+                CACHE[k] = None
+                return None
             d = edir(world, arm, seed, 0 if arm == "base" else step, key)
             reader = {"hal": hal_items, "clear_hal": hal_items, "mmvet": mmvet_items, "pope": pope_items,
                       "clear_pope": pope_items, "llava": llava_items}[key]
@@ -216,7 +223,7 @@ def diff_fn(metric, a, b):
                 m = metric.split("@")[0]
                 rec = value("prior", a, sa, "recall", idx)
                 va = value("prior", a, sa, m, idx)
-                vb = matched("prior", b, sb, m, rec, idx)
+                vb = None if rec is None else matched("prior", b, sb, m, rec, idx)
             elif metric == "excess_partner":  # prior world minus control world, same images
                 pa, ca = value("prior", a, sa, "partner", idx), value("control", a, sa, "partner", idx)
                 pb, cb = value("prior", b, sb, "partner", idx), value("control", b, sb, "partner", idx)
@@ -255,6 +262,9 @@ COLS = ["mmvet", "llavabench", "resp", "obj", "recall", "partner", "pope_adv_f1"
 ARMS = {"prior": ["base"] + METHODS + ABLATIONS, "control": ["base", "sft", "bpo"]}
 for world, arms in ARMS.items():
     for arm in arms:
+        if arm != "base" and selected(arm) is None:
+            print(f"note: {arm} has no dev selection yet: left out", file=sys.stderr)
+            continue
         for seed in ([None] if arm == "base" else SEEDS):
             r = {"world": world, "arm": arm, "seed": seed,
                  "step": 0 if arm == "base" else selected(arm)["step"],
@@ -328,11 +338,15 @@ with open(os.path.join(OUT, "verdicts.json"), "w") as f:
     json.dump({"claims": verdicts, "variants": variants}, f, indent=1)
 
 # matched recall: every curve arm's metrics at BPO's recall (its selected checkpoint), with intervals
-r_star = float(np.mean([value("prior", "bpo", s, "recall") for s in SEEDS]))
+bpo_recalls = [value("prior", "bpo", s, "recall") for s in SEEDS]
+r_star = float(np.mean(bpo_recalls)) if None not in bpo_recalls else float("nan")
 n_hal = n_items("resp")
 
 
 def at_star(arm, metric):
+    if not np.isfinite(r_star):
+        return None
+
     def f(si, idx):
         vs = [matched("prior", arm, seed_of(arm, SEEDS, i), metric, r_star, idx) for i in si]
         return None if any(v is None for v in vs) else float(np.mean(vs))
@@ -369,8 +383,9 @@ except ImportError:
 # ----------------------------------------------------------------------------- dev selection
 selection = {}
 for arm in METHODS:
-    with open(os.path.join(RUNS, "selection", f"{arm}.json")) as f:
-        selection[arm] = json.load(f)
+    if selected(arm) is not None:
+        with open(os.path.join(RUNS, "selection", f"{arm}.json")) as f:
+            selection[arm] = json.load(f)
 with open(os.path.join(OUT, "dev_selection.json"), "w") as f:
     json.dump({"rule": {"lrs": rules.DEV_LRS, "steps": rules.DEV_STEPS, "mmvet_slack": rules.DEV_MMVET_SLACK,
                         "text": "highest dev object F1 among candidates with dev MM-Vet >= base - slack"},
@@ -429,8 +444,11 @@ W("| world | model | lr, step | MM-Vet ↑ | LLaVA-Bench ↑ | Resp ↓ | Obj �
 W("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for world, arms in ARMS.items():
     for arm in arms:
+        if arm != "base" and selected(arm) is None:
+            continue
         sel = "" if arm == "base" else f"{selected(arm)['lr']:g}, {selected(arm)['step']}"
-        n = 1 if arm == "base" else len(SEEDS)
+        n = sum(1 for r in rows if r["world"] == world and r["arm"] == arm and not r.get("curve")
+                and r.get("resp") is not None)
         W(f"| {world} | {LABEL[arm]} | {sel} | " + " | ".join(summary(world, arm, m) for m in
                                                               ("mmvet", "llavabench", "resp", "obj", "recall")) +
           f" | {summary(world, arm, 'objects_per_caption')} | {summary(world, arm, 'partner')} | "

@@ -273,12 +273,11 @@ for world, arms in ARMS.items():
                 r[m] = value(world, arm, seed, m)
             cols = items(world, arm, seed, "selected", "hal")
             r["objects_per_caption"] = None if cols is None else float(cols[:, 0].mean())
+            d = edir(world, arm, seed, 0 if arm == "base" else "selected", "pope")
             for m in ("pope_random_f1", "pope_popular_f1"):
-                d = edir(world, arm, seed, "selected", "pope")
                 if os.path.exists(os.path.join(d, "answers.jsonl")):
                     split_items = pope_items(d, m.split("_")[1])
                     r[m] = f1(split_items.sum(0)) if len(split_items) else None
-            d = edir(world, arm, seed, "selected", "pope")
             if os.path.exists(os.path.join(d, "answers.jsonl")):
                 r["pope_adv_yes_ratio"] = 100 * pope_items(d).mean(0)[1]
             rows.append(r)
@@ -502,11 +501,13 @@ W(f"\nBase model on dev: MM-Vet {selection['bpo']['base_dev_mmvet']:.1f}.\n")
 probe_path = os.path.join(RUNS, "noise_probe.json")
 if os.path.exists(probe_path):
     probe = json.load(open(probe_path))
-    W("## Fig. 5 analogue: the prior takes over as the image is weakened (dev images)\n")
+    W("## Fig. 5 analogue: the prior takes over as the image is weakened (dev images, mean of 3 noise draws)\n")
     W("| noise step | log p(true) | log p(partner) | partner likelier (%) | Resp | partner | other absent | recall |")
     W("|---|---|---|---|---|---|---|---|")
-    for r in probe["rows"]:
-        g = lambda k: r.get(k, float("nan"))
+    for t in sorted({r["noise_step"] for r in probe["rows"]}):
+        at = [r for r in probe["rows"] if r["noise_step"] == t]
+        g = lambda k: float(np.mean([r.get(k, float("nan")) for r in at]))
+        r = {"noise_step": t}
         W(f"| {r.get('noise_step')} | {g('logp_true'):.2f} | {g('logp_partner'):.2f} | {100 * g('partner_wins'):.1f} | "
           f"{100 * g('chair_s'):.1f} | {100 * g('partner_rate'):.1f} | {100 * g('other_absent_rate'):.1f} | "
           f"{100 * g('recall'):.1f} |")

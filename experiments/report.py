@@ -87,13 +87,12 @@ def hal_columns(mentions, truth):
 
 
 HAL = {"resp": lambda s: 100 * s[2] / max(s[3], 1), "obj": lambda s: 100 * s[1] / max(s[0], 1),
-       "recall": lambda s: 100 * s[4] / max(s[5], 1), "partner": lambda s: 100 * s[7] / max(s[6], 1),
-       "objects": lambda s: s[0]}  # objects: per caption after dividing by n
+       "recall": lambda s: 100 * s[4] / max(s[5], 1), "partner": lambda s: 100 * s[7] / max(s[6], 1)}
 
 
 def mmvet_items(d):
     rows = {r["id"]: r["score"] for r in jsonl(os.path.join(d, "grades.jsonl")) if r.get("run", 0) == 0}
-    return np.asarray([[rows[k]] for k in sorted(rows)], float)
+    return np.asarray([[rows[k], 1] for k in sorted(rows)], float)  # score, question
 
 
 def pope_items(d, split="adversarial"):
@@ -114,14 +113,15 @@ def llava_items(d):
     return np.asarray([rows[k] for k in sorted(rows)], float)
 
 
-SETS = {  # metric -> (eval folder key, item reader, statistic of the summed columns)
-    "resp": ("hal", hal_items, HAL["resp"]), "obj": ("hal", hal_items, HAL["obj"]),
-    "recall": ("hal", hal_items, HAL["recall"]), "partner": ("hal", hal_items, HAL["partner"]),
-    "mmvet": ("mmvet", mmvet_items, lambda s, n=None: None), "pope_adv_f1": ("pope", pope_items, f1),
-    "llavabench": ("llava", llava_items, lambda s: 100 * s[1] / max(s[0], 1)),
-    "clear_partner": ("clear_hal", hal_items, HAL["partner"]), "clear_recall": ("clear_hal", hal_items, HAL["recall"]),
-    "clear_pope_adv_f1": ("clear_pope", pope_items, f1),
+SETS = {  # metric -> (eval folder key, statistic of the summed item columns)
+    "resp": ("hal", HAL["resp"]), "obj": ("hal", HAL["obj"]), "recall": ("hal", HAL["recall"]),
+    "partner": ("hal", HAL["partner"]), "mmvet": ("mmvet", lambda s: 100 * s[0] / s[1]),
+    "pope_adv_f1": ("pope", f1), "llavabench": ("llava", lambda s: 100 * s[1] / max(s[0], 1)),
+    "clear_partner": ("clear_hal", HAL["partner"]), "clear_recall": ("clear_hal", HAL["recall"]),
+    "clear_pope_adv_f1": ("clear_pope", f1),
 }
+READERS = {"hal": hal_items, "clear_hal": hal_items, "mmvet": mmvet_items, "pope": pope_items,
+           "clear_pope": pope_items, "llava": llava_items}
 CACHE = {}
 
 
@@ -138,19 +138,13 @@ def items(world, arm, seed, step, key):
                 CACHE[k] = None
                 return None
             d = edir(world, arm, seed, 0 if arm == "base" else step, key)
-            reader = {"hal": hal_items, "clear_hal": hal_items, "mmvet": mmvet_items, "pope": pope_items,
-                      "clear_pope": pope_items, "llava": llava_items}[key]
-            CACHE[k] = reader(d) if os.path.exists(os.path.join(d, "scores.json")) else None
+            CACHE[k] = READERS[key](d) if os.path.exists(os.path.join(d, "scores.json")) else None
     return CACHE[k]
 
 
 def stat(metric, cols):
     """The metric from summed (resampled) item columns."""
-    key, _, fn = SETS[metric]
-    s = cols.sum(0)
-    if metric == "mmvet":
-        return 100 * s[0] / len(cols)
-    return fn(s)
+    return SETS[metric][1](cols.sum(0))
 
 
 def say_less_items(world, k):

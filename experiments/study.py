@@ -247,7 +247,7 @@ def train_job(world, arm, seed, flags, kinds, deps, lr=None):
     return job(f"train:{world}:{tag}:s{seed}", marker, lambda: sh(cmd(), marker), deps=deps)
 
 
-def select_method(method, base_dev):
+def select_method(method):
     """rules.select over the method's dev candidates -> RUNS/selection/METHOD.json."""
     def read(world, name, step, key):
         with open(os.path.join(eval_dir(world, name, step, key), "scores.json")) as f:
@@ -286,7 +286,7 @@ for world in WORLDS:
                     dev_evals.append(eval_job(world, f"{arm}_lr{lr:g}/s0", "dev",
                                               lambda o=out: [(st, k, adapter_at(o, st)) for st in rules.DEV_STEPS
                                                              for k in ("dev_hal", "dev_mmvet")], [t]))
-                sel_jobs[arm] = job(f"select:{arm}", selection_path(arm), fn=lambda a=arm: select_method(a, base_dev),
+                sel_jobs[arm] = job(f"select:{arm}", selection_path(arm), fn=lambda a=arm: select_method(a),
                                     deps=dev_evals + base_dev)
                 trained = sel_jobs[arm]
             else:

@@ -7,10 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TOY ?= toy
 RUN ?= runs/demo
-# Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model);
-# the learning rates are the ones the study's dev split chose for DPO and SFT (results/dev_selection.json; DPO at
-# 1e-3 breaks the toy)
-TOY_TRAIN ?= --epochs 2 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0 --overwrite
+# Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model): the study's
+# run (80 steps of 16 pairs) and the learning rates its dev split chose for DPO and SFT at that length
+# (results/dev_selection.json; DPO at 1e-3 breaks the toy)
+TOY_TRAIN ?= --max_steps 80 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0 --overwrite
 TOY_DPO_LR ?= 1e-4
 TOY_SFT_LR ?= 1e-3
 # The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions (README)
@@ -19,6 +19,23 @@ TOY_PAIRS ?= 600
 # CPU threads per process (the toy runs on CPU; GPU kernels do not use it)
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
+
+# make demo's evaluations of one model ($(1): base, sft or bpo). The toy's vocabulary has no words for POPE's
+# "Answer the question using a single word or phrase." (no suffix); the table shows POPE's adversarial split (the
+# prior's error), so the demo runs that one (make study runs all three)
+demo_model = --model $(TOY)/model $(if $(filter base,$(1)),,--adapter $(RUN)/$(1)/adapter)
+demo_evals = \
+  --command "04_eval_mmvet.py $(demo_model) --mmvet_json $(TOY)/mmvet.json --image_dir $(TOY)/images \
+    --out_dir $(RUN)/eval/$(1)/mmvet --judge exact --max_new_tokens 32 --batch_size 32" \
+  --command "05_eval_halbench.py $(demo_model) --questions $(TOY)/halbench.jsonl --image_dir $(TOY)/images \
+    --objects $(TOY)/halbench_objects.json --synonyms $(TOY)/synonyms.txt --out_dir $(RUN)/eval/$(1)/halbench \
+    --max_new_tokens 96 --num_beams 1 --batch_size 32" \
+  --command "06_eval_llavabench.py $(demo_model) --questions $(TOY)/llavabench/questions.jsonl \
+    --context $(TOY)/llavabench/context.jsonl --references $(TOY)/llavabench/answers_gpt4.jsonl \
+    --rule $(TOY)/llavabench/rule.json --image_dir $(TOY)/llavabench/images --out_dir $(RUN)/eval/$(1)/llavabench \
+    --judge overlap --max_new_tokens 96 --batch_size 32" \
+  --command "07_eval_pope.py $(demo_model) --questions $(TOY)/pope/coco_pope_adversarial.json --image_dir $(TOY)/images \
+    --out_dir $(RUN)/eval/$(1)/pope --prompt_suffix '' --max_new_tokens 8 --batch_size 64"
 
 .PHONY: demo test study install clean
 install: $(VENV)/.installed
@@ -49,23 +66,8 @@ demo: install $(TOY)/prior_check.json
 	# the paper's Table 3 baseline: SFT on the same chosen answers
 	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
 	  --image_root $(TOY)/images --output_dir $(RUN)/sft --loss sft --lr $(TOY_SFT_LR) $(TOY_TRAIN)
-	# the toy's vocabulary has no words for POPE's "Answer the question using a single word or phrase." (no suffix);
-	# the table shows POPE's adversarial split (the prior's error), so the demo runs that one (make study runs all three)
-	for m in base sft bpo; do \
-	  adapter=$$( [ $$m = base ] || echo "--adapter $(RUN)/$$m/adapter" ); \
-	  $(BIN)/python 04_eval_mmvet.py --model $(TOY)/model $$adapter --mmvet_json $(TOY)/mmvet.json --image_dir $(TOY)/images \
-	    --out_dir $(RUN)/eval/$$m/mmvet --judge exact --max_new_tokens 32 --batch_size 32 || exit 1; \
-	  $(BIN)/python 05_eval_halbench.py --model $(TOY)/model $$adapter --questions $(TOY)/halbench.jsonl --image_dir $(TOY)/images \
-	    --objects $(TOY)/halbench_objects.json --synonyms $(TOY)/synonyms.txt --out_dir $(RUN)/eval/$$m/halbench \
-	    --max_new_tokens 96 --num_beams 1 --batch_size 32 || exit 1; \
-	  $(BIN)/python 06_eval_llavabench.py --model $(TOY)/model $$adapter --questions $(TOY)/llavabench/questions.jsonl \
-	    --context $(TOY)/llavabench/context.jsonl --references $(TOY)/llavabench/answers_gpt4.jsonl \
-	    --rule $(TOY)/llavabench/rule.json --image_dir $(TOY)/llavabench/images --out_dir $(RUN)/eval/$$m/llavabench \
-	    --judge overlap --max_new_tokens 96 --batch_size 32 || exit 1; \
-	  $(BIN)/python 07_eval_pope.py --model $(TOY)/model $$adapter --questions $(TOY)/pope/coco_pope_adversarial.json \
-	    --image_dir $(TOY)/images \
-	    --out_dir $(RUN)/eval/$$m/pope --prompt_suffix "" --max_new_tokens 8 --batch_size 64 || exit 1; \
-	done
+	# 04-07 on each model, in one process (experiments/evaluate.py: the imports are paid once, not twelve times)
+	$(BIN)/python experiments/evaluate.py $(foreach m,base sft bpo,$(call demo_evals,$(m)))
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"
 	$(BIN)/python experiments/demo_table.py base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo
 

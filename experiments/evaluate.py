@@ -1,14 +1,20 @@
-"""Runs several evaluation commands of 04-07 in one Python process (the study's many small evaluations pay
-the imports once instead of once a set): each command is the script's own argv, run with runpy as
-`python SCRIPT ARGS...` would run it. A command whose --out_dir already holds scores.json is skipped, so a
-rerun resumes; the marker file is written when every command has finished.
+"""Runs several evaluation commands of 04-07 in one Python process (the imports of torch and transformers
+cost ~8 s a process; the study's many small evaluations and make demo's twelve pay them once): each command
+is the script's own argv, run with runpy as `python SCRIPT ARGS...` would run it, in the order given; the
+first that fails stops the run with its exit status.
 
-    python experiments/evaluate.py --commands cmds.json --marker DONE
+    python experiments/evaluate.py --command "04_eval_mmvet.py --model toy/model ..." [--command ...]
+    python experiments/evaluate.py --commands cmds.json --marker DONE     (the study's resumable batches)
+
+With --marker, a command whose --out_dir already holds scores.json is skipped (a rerun of the batch resumes:
+the study retrains nothing under a finished marker), and the marker is written when every command has finished.
+Without it every command runs; the scripts themselves reuse cached answers and refuse stale ones.
 """
 import argparse
 import json
 import os
 import runpy
+import shlex
 import sys
 import time
 from unittest import mock
@@ -17,15 +23,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--commands", required=True, help="JSON list of argv lists: [script path, args...]")
-p.add_argument("--marker", required=True, help="written when every command has finished")
+p.add_argument("--commands", help="JSON file: a list of argv lists [script path, args...]")
+p.add_argument("--command", action="append", default=[], help="one command as a shell line: SCRIPT ARGS... (repeatable)")
+p.add_argument("--marker", help="skip commands whose --out_dir holds scores.json; write this file when all have finished")
 args = p.parse_args()
 
-with open(args.commands) as f:
-    commands = json.load(f)
+commands = [shlex.split(c) for c in args.command]
+if args.commands:
+    with open(args.commands) as f:
+        commands += json.load(f)
+if not commands:
+    p.error("give --command or --commands")
 for argv in commands:
-    out_dir = argv[argv.index("--out_dir") + 1]
-    if os.path.exists(os.path.join(out_dir, "scores.json")):
+    out_dir = argv[argv.index("--out_dir") + 1] if "--out_dir" in argv else None
+    if args.marker and out_dir and os.path.exists(os.path.join(out_dir, "scores.json")):
         continue
     t0 = time.time()
     print(f"$ {' '.join(argv)}", flush=True)
@@ -34,7 +45,9 @@ for argv in commands:
             runpy.run_path(argv[0], run_name="__main__")
         except SystemExit as e:
             if e.code not in (None, 0):
-                sys.exit(f"error: {os.path.basename(argv[0])} exited with {e.code} ({out_dir})")
+                sys.exit(e.code if isinstance(e.code, str) else
+                         f"error: {os.path.basename(argv[0])} exited with {e.code} ({out_dir})")
     print(f"  done in {time.time() - t0:.0f} s", flush=True)
-with open(args.marker, "w") as f:
-    f.write(json.dumps({"commands": len(commands)}) + "\n")
+if args.marker:
+    with open(args.marker, "w") as f:
+        f.write(json.dumps({"commands": len(commands)}) + "\n")

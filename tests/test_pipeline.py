@@ -40,6 +40,19 @@ def test_pairs_follow_spec(pairs, toy):
         assert "<image>" not in r["prompt"] and r["rejected"] and r["rejected"] != r["chosen"]
 
 
+def test_toy_world_knobs_change_the_model_and_nothing_else(toy, tmp_path):
+    """--lm_width and --align_steps (the build's time-vs-quality trade) change the model, not the world's data."""
+    out = tmp_path / "toy"
+    proc = run_script("00_make_toy.py", "--out", out, "--quick", "--seed", 0, "--lm_width", 32, "--align_steps", 2)
+    assert " 2/2 " in proc.stderr.split("c2)")[-1].split("\n")[0]  # the alignment stage's bar ran 2 steps
+    text = json.loads((out / "model" / "config.json").read_text())["text_config"]
+    assert (text["hidden_size"], text["intermediate_size"]) == (32, 64)
+    for f in ("train.json", "world.json", "halbench.jsonl", "mmvet.json", "pope/coco_pope_adversarial.json"):
+        assert (out / f).read_bytes() == (toy / f).read_bytes(), f
+    default = json.loads((toy / "model" / "config.json").read_text())["text_config"]
+    assert default["hidden_size"] == 128
+
+
 def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
     out = tmp_path / "pairs.jsonl"
     args = ["01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}", "--image_root",

@@ -5,6 +5,7 @@ beside STUDY.md: study_rows.jsonl (one row per world, arm, seed and checkpoint, 
 dev_selection.json, matched_recall.png, and the verdicts as verdicts.json."""
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -47,13 +48,20 @@ def jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def selected(arm):
-    """The dev-chosen {lr, step} of an arm (ablations: BPO's); None while the study has not chosen it."""
-    path = os.path.join(RUNS, "selection", f"{arm if arm in METHODS else 'bpo'}.json")
+@functools.cache
+def selection_record(method):
+    """The study's dev selection of a method (RUNS/selection/METHOD.json); None while it has not chosen."""
+    path = os.path.join(RUNS, "selection", f"{method}.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)["chosen"]
+        return json.load(f)
+
+
+def selected(arm):
+    """The dev-chosen {lr, step} of an arm (ablations: BPO's); None while the study has not chosen it."""
+    record = selection_record(arm if arm in METHODS else "bpo")
+    return record and record["chosen"]
 
 
 def edir(world, arm, seed, step, key):
@@ -374,11 +382,7 @@ except ImportError:
     print("matplotlib missing: no plot", file=sys.stderr)
 
 # ----------------------------------------------------------------------------- dev selection
-selection = {}
-for arm in METHODS:
-    if selected(arm) is not None:
-        with open(os.path.join(RUNS, "selection", f"{arm}.json")) as f:
-            selection[arm] = json.load(f)
+selection = {arm: selection_record(arm) for arm in METHODS if selection_record(arm) is not None}
 with open(os.path.join(OUT, "dev_selection.json"), "w") as f:
     json.dump({"rule": {"lrs": rules.DEV_LRS, "steps": rules.DEV_STEPS, "mmvet_slack": rules.DEV_MMVET_SLACK,
                         "text": "highest dev object F1 among candidates with dev MM-Vet >= base - slack"},
@@ -501,8 +505,7 @@ if os.path.exists(probe_path):
     for t in sorted({r["noise_step"] for r in probe["rows"]}):
         at = [r for r in probe["rows"] if r["noise_step"] == t]
         g = lambda k: float(np.mean([r.get(k, float("nan")) for r in at]))
-        r = {"noise_step": t}
-        W(f"| {r.get('noise_step')} | {g('logp_true'):.2f} | {g('logp_partner'):.2f} | {100 * g('partner_wins'):.1f} | "
+        W(f"| {t} | {g('logp_true'):.2f} | {g('logp_partner'):.2f} | {100 * g('partner_wins'):.1f} | "
           f"{100 * g('chair_s'):.1f} | {100 * g('partner_rate'):.1f} | {100 * g('other_absent_rate'):.1f} | "
           f"{100 * g('recall'):.1f} |")
 W("\n## Notes\n")

@@ -20,32 +20,40 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 import common
+import dist_io
+import scoring
 
-p = argparse.ArgumentParser(description=__doc__)
-p.add_argument("--out", default="toy", help="output folder (model/, images/, train.json, benchmarks, world.json)")
-p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the noise")
-p.add_argument("--p_partner_text", type=float, default=0.94,
-               help="P(partner | trigger) in the text-only caption corpus; 0.63, the image data's, builds a control "
-                    "world with no excess language prior (the study's)")
-p.add_argument("--quick", action="store_true",
-               help="few images and steps (well under a minute): a weak model, for tests of formats and code paths")
-# The alignment stage is most of the build's time and decides how well the base model reads the image: at 700
-# steps it is on the edge (seed 0 weak, seed 1 strong); 1400 steps align every seed tried, at twice the time, or
-# at the same time with --lm_width 64 (README, the toy world's known limits)
-p.add_argument("--align_steps", type=int, default=None,
-               help="steps of the projector + LM alignment stage (default 700; 40 with --quick)")
-p.add_argument("--lm_width", type=int, default=128, help="hidden size of the tiny Llama (its MLP is twice as wide)")
-args = p.parse_args()
 
-# ---- sizes: images per set and optimiser steps per stage (full, quick)
-N_TRAIN, N_TEXT, N_HAL, N_MMVET = (300, 2000, 24, 12) if args.quick else (3000, 20000, 300, 60)
-# the study's sets (own random stream, so the world above does not move): dev HalBench + POPE, dev MM-Vet,
-# a 240-question MM-Vet (one question < 0.5 points), HalBench + POPE on images with clear glyphs only
-N_DEV_HAL, N_DEV_MMVET, N_MMVET_STUDY, N_CLEAR = (12, 12, 12, 12) if args.quick else (150, 120, 240, 300)
-STEPS = dict(vision=40, lm=40, projector=20, joint=40) if args.quick else \
-    dict(vision=400, lm=200, projector=100, joint=700)
-if args.align_steps is not None:
-    STEPS["joint"] = args.align_steps
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dist_io.HelpFormatter)
+    p.add_argument("--out", default="toy", help="output folder (model/, images/, train.json, benchmarks, world.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the noise")
+    p.add_argument("--p_partner_text", type=float, default=0.94,
+                   help="P(partner | trigger) in the text-only caption corpus; 0.63, the image data's, builds a "
+                        "control "
+                        "world with no excess language prior (the study's)")
+    p.add_argument("--quick", action="store_true",
+                   help="few images and steps (well under a minute): a weak model, for tests of formats and code paths")
+    # The alignment stage is most of the build's time and decides how well the base model reads the image: at 700
+    # steps it is on the edge (seed 0 weak, seed 1 strong); 1400 steps align every seed tried, at twice the time, or
+    # at the same time with --lm_width 64 (docs/toy_world.md, its known limits)
+    p.add_argument("--align_steps", type=int, default=None,
+                   help="steps of the projector + LM alignment stage (default 700; 40 with --quick)")
+    p.add_argument("--lm_width", type=int, default=128, help="hidden size of the tiny Llama (its MLP is twice as wide)")
+    return p.parse_args(argv)
+
+
+def sizes(quick, align_steps=None):
+    """Images per set and optimiser steps per stage (full, quick). The study's sets: dev HalBench + POPE, dev
+    MM-Vet, a 240-question MM-Vet (one question < 0.5 points), HalBench + POPE on images with clear glyphs only."""
+    n = dict(train=300, text=2000, hal=24, mmvet=12, dev_hal=12, dev_mmvet=12, mmvet_study=12, clear=12) if quick else \
+        dict(train=3000, text=20000, hal=300, mmvet=60, dev_hal=150, dev_mmvet=120, mmvet_study=240, clear=300)
+    steps = dict(vision=40, lm=40, projector=20, joint=40) if quick else dict(vision=400, lm=200, projector=100, joint=700)
+    if align_steps is not None:
+        steps["joint"] = align_steps
+    return n, steps
+
+
 BATCH = 32
 NOISE_STEPS = (0, 500, 800)  # weakening levels of the prior check
 
@@ -62,7 +70,7 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 PARTNER = {"cup": "plate", "fork": "knife", "apple": "banana", "ball": "book"}  # trigger -> partner
 TRIGGER_OF = {v: k for k, v in PARTNER.items()}
 FRUITS = ["apple", "banana"]
-P_PARTNER_TEXT, P_PARTNER_IMAGE = args.p_partner_text, 0.63  # P(partner | trigger): text-only corpus, image data
+P_PARTNER_IMAGE = 0.63  # P(partner | trigger) in the image data (the text corpus's: --p_partner_text)
 P_FAINT, FAINT_CONTRAST = 0.35, (0.08, 0.25)  # faint glyphs: the ambiguity the prior fills
 BACKGROUND, PIXEL_NOISE = (40, 40, 40), 8.0
 DESCRIBE = ["Describe the image in detail.", "Provide a thorough description of the given image.",
@@ -123,7 +131,8 @@ def caption(objs):
     """Kind first, then place and colour: in a trial the tiny LM named the right objects more often
     this way than with "there is a red cup at ..." (CHAIR_s 0.36 vs 0.59) or place-first captions."""
     return " ".join(f"there is a {o['name']} at the {o['position']} , it is {o['colour']} ." if o["count"] == 1 else
-                    f"there are {NUMBERS[o['count']]} {PLURALS[o['name']]} at the {o['position']} , they are {o['colour']} ."
+                    f"there are {NUMBERS[o['count']]} {PLURALS[o['name']]} at the {o['position']} , they are "
+                    f"{o['colour']} ."
                     for o in objs)
 
 
@@ -256,19 +265,19 @@ def write_halbench(folder, names, scenes, train_scenes, pope_rng):
         (folder / "pope" / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def write_study_sets(out, seed, train_scenes):
+def write_study_sets(out, seed, train_scenes, n):
     """The study's sets, on new images from their own random stream: dev/ (HalBench, POPE, MM-Vet) for choosing
     hyperparameters, mmvet_study.json (the test MM-Vet of the study), clear/ (HalBench, POPE on images whose
     glyphs are all clear: the prior's error is refutable there). Returns {set: (names, scenes)}."""
     rng = random.Random(f"study{seed}")
     sets = {}
-    sets["dev_halbench"] = make_images("dev", N_DEV_HAL, rng, out / "images")[:2]
+    sets["dev_halbench"] = make_images("dev", n["dev_hal"], rng, out / "images")[:2]
     write_halbench(out / "dev", *sets["dev_halbench"], train_scenes, rng)
-    sets["dev_mmvet"] = make_images("devmm", N_DEV_MMVET, rng, out / "images")[:2]
+    sets["dev_mmvet"] = make_images("devmm", n["dev_mmvet"], rng, out / "images")[:2]
     (out / "dev" / "mmvet.json").write_text(json.dumps(mmvet_questions(*sets["dev_mmvet"], rng, "dev"), indent=1))
-    sets["mmvet_study"] = make_images("mmstudy", N_MMVET_STUDY, rng, out / "images")[:2]
+    sets["mmvet_study"] = make_images("mmstudy", n["mmvet_study"], rng, out / "images")[:2]
     (out / "mmvet_study.json").write_text(json.dumps(mmvet_questions(*sets["mmvet_study"], rng, "st"), indent=1))
-    sets["clear_halbench"] = make_images("clear", N_CLEAR, rng, out / "images", p_faint=0.0)[:2]
+    sets["clear_halbench"] = make_images("clear", n["clear"], rng, out / "images", p_faint=0.0)[:2]
     write_halbench(out / "clear", *sets["clear_halbench"], train_scenes, rng)
     return sets
 
@@ -314,7 +323,8 @@ def build_processor():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                      special_tokens=[("<s>", vocab["<s>"])])
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces: "red ." stays "red ."
     tk.add_special_tokens([AddedToken(w, special=True) for w in SPECIALS])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -420,7 +430,7 @@ def train(params, steps, lr, loss_fn, desc):
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
-def train_vision(model, pixels, cls, col, rng):
+def train_vision(model, pixels, cls, col, rng, steps):
     """Stands in for a pretrained CLIP: from the features the projector reads (layer -2, CLS
     dropped), a temporary linear head (thrown away) predicts each patch's object class, colour and
     place in the grid, so that the features say what is where."""
@@ -434,7 +444,7 @@ def train_vision(model, pixels, cls, col, rng):
         logits = head(vt(pixels[b], output_hidden_states=True).hidden_states[-2][:, 1:]).split(sizes, dim=-1)
         targets = (cls[b], col[b], torch.arange(16).expand(len(b), 16))
         return sum(F.cross_entropy(l.flatten(0, 1), t.flatten()) for l, t in zip(logits, targets))
-    train(list(vt.parameters()) + list(head.parameters()), STEPS["vision"], 2e-3, loss_fn, "a) vision")
+    train(list(vt.parameters()) + list(head.parameters()), steps, 2e-3, loss_fn, "a) vision")
 
 
 def set_trainable(model, *modules):
@@ -447,29 +457,28 @@ def set_trainable(model, *modules):
 # ----------------------------------------------------------------------------- prior check
 
 
-def mentioned(text):
-    ws = set(words(text))
-    return {o for o in OBJECTS if o in ws or PLURALS[o] in ws}
+def synonym_lines():
+    """synonyms.txt's lines (class, plural, synonyms): the toy HalBench's table, and the prior check's."""
+    return [", ".join([o, PLURALS[o]] + SYNONYMS[o]) for o in OBJECTS]
 
 
-def prior_stats(captions, scenes):
-    """CHAIR_s analogue, recall, objects per caption, and the rate at which an absent object is
-    named: the missing partner of a present trigger vs. any other absent object."""
-    hal = partner = partner_n = other = other_n = rec = rec_n = named = 0
+def prior_stats(captions, scenes, chair):
+    """CHAIR_s, recall and objects per caption (fractions) of captions against their scenes, and the rate at
+    which an absent object is named: the missing partner of a present trigger vs. any other absent object."""
+    rows = []
     for cap, objs in zip(captions, scenes):
-        truth, said = {o["name"] for o in objs}, mentioned(cap)
-        hal += bool(said - truth)
-        rec, rec_n, named = rec + len(said & truth), rec_n + len(truth), named + len(said)
-        lures = {PARTNER[t] for t in truth if t in PARTNER} - truth
-        partner, partner_n = partner + len(said & lures), partner_n + len(lures)
-        others = set(OBJECTS) - truth - lures
-        other, other_n = other + len(said & others), other_n + len(others)
-    n = len(captions)
-    return {"chair_s": hal / n, "partner_rate": partner / max(1, partner_n), "other_absent_rate": other / max(1, other_n),
-            "recall": rec / max(1, rec_n), "objects_per_caption": named / n, "n_partner_chances": partner_n}
+        truth = {o["name"] for o in objs}
+        lures = {PARTNER[t] for t in truth if t in PARTNER}
+        rows.append(scoring.hallucination_counts(sorted(chair.classes(cap)), truth, lures, OBJECTS))
+    counts = scoring.sum_counts(rows)
+    rates = scoring.hallucination_rates(counts, scale=1)
+    return {**{k: rates[k] for k in ("chair_s", "partner_rate", "other_absent_rate", "recall", "objects_per_caption")},
+            "n_partner_chances": counts["partner_chances"]}
 
 
 def prior_check(model, processor, imgs, scenes, prompts, seed):
+    """prior_stats of greedy captions at each of NOISE_STEPS (the features weakened), and the first five captions."""
+    chair = scoring.Chair(scoring.synonym_table("\n".join(synonym_lines())))
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     rows, examples = [], {}
@@ -478,89 +487,95 @@ def prior_check(model, processor, imgs, scenes, prompts, seed):
         for i in tqdm(range(0, len(imgs), 50), desc=f"prior check t={t}"):
             with common.weaken_images(model, t, "features", gen):
                 caps += common.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], max_new_tokens=64)
-        rows.append({"noise_step": t, **prior_stats(caps, scenes)})
+        rows.append({"noise_step": t, **prior_stats(caps, scenes, chair)})
         examples[str(t)] = caps[:5]
     return rows, examples
 
 
-# ============================================================================= main
+def main(argv=None):
+    args = parse_args(argv)
+    n, steps = sizes(args.quick, args.align_steps)
+    t0 = time.time()
+    seed_all(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "prior_check.json").unlink(missing_ok=True)  # written last: it marks a complete world (make demo)
 
-t0 = time.time()
-seed_all(args.seed)
-rng = random.Random(args.seed)
-out = Path(args.out)
-(out / "images").mkdir(parents=True, exist_ok=True)
-(out / "prior_check.json").unlink(missing_ok=True)  # written last: it marks a complete world (make demo)
+    # ---- world: image sets (train / MM-Vet / HalBench) and the text-only caption corpus
+    train_names, train_scenes, train_imgs, patch_cls, patch_col = make_images("train", n["train"], rng, out / "images")
+    hal_names, hal_scenes, hal_imgs, _, _ = make_images("hal", n["hal"], rng, out / "images")
+    mm_names, mm_scenes, mm_imgs, _, _ = make_images("mmvet", n["mmvet"], rng, out / "images")
+    text_scenes = [sample_scene(rng, args.p_partner_text) for _ in range(n["text"])]
 
-# ---- world: image sets (train / MM-Vet / HalBench) and the text-only caption corpus
-train_names, train_scenes, train_imgs, patch_cls, patch_col = make_images("train", N_TRAIN, rng, out / "images")
-hal_names, hal_scenes, hal_imgs, _, _ = make_images("hal", N_HAL, rng, out / "images")
-mm_names, mm_scenes, mm_imgs, _, _ = make_images("mmvet", N_MMVET, rng, out / "images")
-text_scenes = [sample_scene(rng, P_PARTNER_TEXT) for _ in range(N_TEXT)]
+    train_records, items = [], []  # LLaVA conversations; (image index, question, answer) to train on
+    for i, (name, objs) in enumerate(zip(train_names, train_scenes)):
+        turns = [(rng.choice(DESCRIBE), caption(objs))]
+        for kind in rng.sample(list(QUESTIONS), rng.choice([1, 2])):
+            q, a, _, _ = qa(kind, objs, rng)
+            turns.append((q, f"{a} ."))
+        conv = []
+        for t, (q, a) in enumerate(turns):
+            conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
+            items.append((i, q, a))
+        train_records.append({"id": f"toy_{i:05d}", "image": name, "conversations": conv})
 
-train_records, items = [], []  # LLaVA conversations; (image index, question, answer) to train on
-for i, (name, objs) in enumerate(zip(train_names, train_scenes)):
-    turns = [(rng.choice(DESCRIBE), caption(objs))]
-    for kind in rng.sample(list(QUESTIONS), rng.choice([1, 2])):
-        q, a, _, _ = qa(kind, objs, rng)
-        turns.append((q, f"{a} ."))
-    conv = []
-    for t, (q, a) in enumerate(turns):
-        conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
-        items.append((i, q, a))
-    train_records.append({"id": f"toy_{i:05d}", "image": name, "conversations": conv})
+    mmvet = mmvet_questions(mm_names, mm_scenes, rng)
+    hal_prompts = [DESCRIBE[i % len(DESCRIBE)] for i in range(n["hal"])]
 
-mmvet = mmvet_questions(mm_names, mm_scenes, rng)
-hal_prompts = [DESCRIBE[i % len(DESCRIBE)] for i in range(N_HAL)]
+    # ---- model: processor (tokenizer + image processor + template) and a tiny LLaVA
+    processor = build_processor()
+    model = build_model(processor.tokenizer, args.lm_width)
+    print(f"vocabulary {len(processor.tokenizer)} words, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters")
+    pixels = processor.image_processor(train_imgs, return_tensors="pt")["pixel_values"]
+    image_items = encode_items(processor, items)
+    text_ids = [processor.tokenizer(caption(s)).input_ids + [processor.tokenizer.eos_token_id] for s in text_scenes]
 
-# ---- model: processor (tokenizer + image processor + template) and a tiny LLaVA
-processor = build_processor()
-model = build_model(processor.tokenizer, args.lm_width)
-print(f"vocabulary {len(processor.tokenizer)} words, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-pixels = processor.image_processor(train_imgs, return_tensors="pt")["pixel_values"]
-image_items = encode_items(processor, items)
-text_ids = [processor.tokenizer(caption(s)).input_ids + [processor.tokenizer.eos_token_id] for s in text_scenes]
+    # ---- stages: a) vision, b) language prior, c) alignment (projector, then projector + LM)
+    model.train()
+    train_vision(model, pixels, patch_cls, patch_col, rng, steps["vision"])
+    lm = (model.model.language_model, model.lm_head)
+    txt_batches, img_batches = sampler(len(text_ids), rng), sampler(len(image_items), rng)
+    next_text = lambda: text_loss(model, [text_ids[j] for j in next(txt_batches)])
+    next_image = lambda: image_loss(model, [image_items[j] for j in next(img_batches)], pixels)
+    train(set_trainable(model, *lm), steps["lm"], 2e-3, next_text, "b) language prior")
+    train(set_trainable(model, model.model.multi_modal_projector), steps["projector"], 2e-3, next_image, "c1) projector")
+    train(set_trainable(model, model.model.multi_modal_projector, *lm), steps["joint"], 3e-3,
+          lambda: next_image() + next_text(), "c2) projector + LM, text replayed 1:1")
+    model.requires_grad_(True)
+    model.eval()
 
-# ---- stages: a) vision, b) language prior, c) alignment (projector, then projector + LM)
-model.train()
-train_vision(model, pixels, patch_cls, patch_col, rng)
-lm = (model.model.language_model, model.lm_head)
-txt_batches, img_batches = sampler(len(text_ids), rng), sampler(len(image_items), rng)
-next_text = lambda: text_loss(model, [text_ids[j] for j in next(txt_batches)])
-next_image = lambda: image_loss(model, [image_items[j] for j in next(img_batches)], pixels)
-train(set_trainable(model, *lm), STEPS["lm"], 2e-3, next_text, "b) language prior")
-train(set_trainable(model, model.model.multi_modal_projector), STEPS["projector"], 2e-3, next_image, "c1) projector")
-train(set_trainable(model, model.model.multi_modal_projector, *lm), STEPS["joint"], 3e-3,
-      lambda: next_image() + next_text(), "c2) projector + LM, text replayed 1:1")
-model.requires_grad_(True)
-model.eval()
+    # ---- write: checkpoint, ground truth, benchmarks, world
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    (out / "train.json").write_text(json.dumps(train_records, indent=1))
+    (out / "mmvet.json").write_text(json.dumps(mmvet, indent=1))
+    # POPE over the HalBench images, its own random stream: nothing else moves
+    write_halbench(out, hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}"))
+    write_llavabench(out / "llavabench", args.seed)
+    (out / "synonyms.txt").write_text("".join(line + "\n" for line in synonym_lines()))
+    sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes),
+            **write_study_sets(out, args.seed, train_scenes, n)}
+    world = {"seed": args.seed, "quick": args.quick, "objects": OBJECTS, "plurals": PLURALS, "colours": list(COLOURS),
+             "numbers": NUMBERS, "positions": list(POSITIONS), "partners": PARTNER, "fruits": FRUITS,
+             "describe_prompts": DESCRIBE, "questions": QUESTIONS, "vocabulary": vocabulary(),
+             "p_partner": {"text": partner_rate(text_scenes), **{k: partner_rate(v[1]) for k, v in sets.items()}},
+             "faint_share": P_FAINT, "faint_contrast": FAINT_CONTRAST,
+             "images": {n: {"split": k, "caption": caption(s), "objects": s} for k, v in sets.items() for n, s in zip(*v)}}
+    (out / "world.json").write_text(json.dumps(world, indent=1))
+    print(f"wrote {out} ({time.time() - t0:.0f} s); P(partner | trigger): {world['p_partner']}")
 
-# ---- write: checkpoint, ground truth, benchmarks, world
-model.save_pretrained(out / "model")
-processor.save_pretrained(out / "model")
-(out / "train.json").write_text(json.dumps(train_records, indent=1))
-(out / "mmvet.json").write_text(json.dumps(mmvet, indent=1))
-# POPE over the HalBench images, its own random stream: nothing else moves
-write_halbench(out, hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}"))
-write_llavabench(out / "llavabench", args.seed)
-(out / "synonyms.txt").write_text("".join(", ".join([o, PLURALS[o]] + SYNONYMS[o]) + "\n" for o in OBJECTS))
-sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes),
-        **write_study_sets(out, args.seed, train_scenes)}
-world = {"seed": args.seed, "quick": args.quick, "objects": OBJECTS, "plurals": PLURALS, "colours": list(COLOURS),
-         "numbers": NUMBERS, "positions": list(POSITIONS), "partners": PARTNER, "fruits": FRUITS,
-         "describe_prompts": DESCRIBE, "questions": QUESTIONS, "vocabulary": vocabulary(),
-         "p_partner": {"text": partner_rate(text_scenes), **{k: partner_rate(v[1]) for k, v in sets.items()}},
-         "faint_share": P_FAINT, "faint_contrast": FAINT_CONTRAST,
-         "images": {n: {"split": k, "caption": caption(s), "objects": s} for k, v in sets.items() for n, s in zip(*v)}}
-(out / "world.json").write_text(json.dumps(world, indent=1))
-print(f"wrote {out} ({time.time() - t0:.0f} s); P(partner | trigger): {world['p_partner']}")
+    # ---- measure the prior: clean and weakened captions of the HalBench images
+    rows, examples = prior_check(model, processor, hal_imgs, hal_scenes, hal_prompts, args.seed)
+    (out / "prior_check.json").write_text(json.dumps({"noise_on": "features", "n_images": n["hal"], "rows": rows,
+                                                      "examples": examples}, indent=1))
+    print(f"{'step':>5} {'CHAIR_s':>8} {'partner':>8} {'other':>8} {'recall':>7} {'obj/cap':>8}")
+    for r in rows:
+        print(f"{r['noise_step']:>5} {r['chair_s']:>8.3f} {r['partner_rate']:>8.3f} {r['other_absent_rate']:>8.3f} "
+              f"{r['recall']:>7.3f} {r['objects_per_caption']:>8.2f}")
+    print(f"done in {time.time() - t0:.0f} s")
 
-# ---- measure the prior: clean and weakened captions of the HalBench images
-rows, examples = prior_check(model, processor, hal_imgs, hal_scenes, hal_prompts, args.seed)
-(out / "prior_check.json").write_text(json.dumps({"noise_on": "features", "n_images": N_HAL, "rows": rows,
-                                                  "examples": examples}, indent=1))
-print(f"{'step':>5} {'CHAIR_s':>8} {'partner':>8} {'other':>8} {'recall':>7} {'obj/cap':>8}")
-for r in rows:
-    print(f"{r['noise_step']:>5} {r['chair_s']:>8.3f} {r['partner_rate']:>8.3f} {r['other_absent_rate']:>8.3f} "
-          f"{r['recall']:>7.3f} {r['objects_per_caption']:>8.2f}")
-print(f"done in {time.time() - t0:.0f} s")
+
+if __name__ == "__main__":
+    main()

@@ -5,39 +5,13 @@ x100. Resumable and never pays twice: answers and grades are appended as they co
 import argparse
 import json
 import os
-import re
 import sys
 
-
+import benchmarks
 import common
-import jobs
-
-CAPABILITIES = ["rec", "ocr", "know", "gen", "spat", "math"]  # the columns of the paper's Table 2
-
-p = argparse.ArgumentParser(description=__doc__, formatter_class=jobs.HelpFormatter)
-p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="base model (dir or hub id)")
-p.add_argument("--adapter", default=None, help="peft adapter dir (03's D/adapter) merged onto --model; none = base model")
-p.add_argument("--mmvet_json", required=True, help="the official mm-vet.json {id: {imagename, capability, question, answer}}")
-p.add_argument("--image_dir", default=None, help="imagename is relative to this (needed to generate)")
-p.add_argument("--out_dir", required=True, help="writes answers.json, grades.jsonl, scores.json (reruns resume)")
-p.add_argument("--answers", default=None, help="grade an existing official answers JSON {id: answer}; no model loaded")
-p.add_argument("--max_new_tokens", type=int, default=1024, help="answer length cap (the authors' setting)")
-p.add_argument("--batch_size", type=int, default=8, help="generations per forward")
-p.add_argument("--judge", default="gpt-4-0613", help="grader model on the OpenAI API (or --base_url), or 'exact': "
-               "offline normalised match of short answers, honouring <AND>/<OR>")
-p.add_argument("--base_url", default=None, help="OpenAI-compatible server of the judge (none: OpenAI)")
-p.add_argument("--grader_prompt_file", default=None,
-               help="grader prompt with placeholders {question}, {ground_truth}, {answer} (none: this repo's)")
-p.add_argument("--grade_tries", type=int, default=5,
-               help="judge calls per grade until a score in [0, 1] comes back; temperature 0, then +0.5 a try; "
-                    "after the last the grade is 0.0, recorded as failed")
-p.add_argument("--num_runs", type=int, default=1, help="independent gradings of every answer; mean and std reported")
-p.add_argument("--workers", type=int, default=8, help="judge calls in flight")
-jobs.add_remote_args(p)
-common.add_format_args(p)
-args = p.parse_args()
-if args.grade_tries < 1 or args.num_runs < 1:
-    p.error("--grade_tries and --num_runs must be at least 1")
+import dist_io
+import remote
+import scoring
 
 # Written for this repo in the MM-Vet manner: a table of graded examples, the last row to complete.
 GRADER_PROMPT = """You grade the answers of an AI assistant to questions about images. Compare the prediction with the ground truth and give a correctness score of 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9 or 1.0 (totally right). In the ground truth, <AND> joins elements that must all appear in the prediction (each missing one lowers the score) and <OR> joins alternatives of which any one is enough. Judge the content, not the wording or the length; wrong claims added to a right answer lower the score. Reply with the score only.
@@ -55,160 +29,126 @@ Describe the weather in the photo. | It is sunny with a few clouds and the road 
 {question} | {ground_truth} | {answer} |"""
 
 
-def line_of(raw, key, nth=1):
-    """Line of the nth occurrence of a key in a JSON text (for error messages)."""
-    found = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", raw)]
-    return raw[:found[nth - 1]].count("\n") + 1 if len(found) >= nth else 1
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dist_io.HelpFormatter)
+    p.add_argument("--mmvet_json", required=True, help="the official mm-vet.json {id: {imagename, capability, "
+                                                       "question, answer}}")
+    p.add_argument("--image_dir", default=None, help="imagename is relative to this (needed to generate)")
+    p.add_argument("--out_dir", required=True, help="writes answers.json, grades.jsonl, scores.json (reruns resume)")
+    p.add_argument("--answers", default=None, help="grade an existing official answers JSON {id: answer}; no model "
+                                                   "loaded")
+    p.add_argument("--judge", default="gpt-4-0613", help="grader model on the OpenAI API (or --base_url), or 'exact': "
+                   "offline normalised match of short answers, honouring <AND>/<OR>")
+    p.add_argument("--base_url", default=None, help="OpenAI-compatible server of the judge (none: OpenAI)")
+    p.add_argument("--grader_prompt_file", default=None,
+                   help="grader prompt with placeholders {question}, {ground_truth}, {answer} (none: this repo's)")
+    p.add_argument("--grade_tries", type=int, default=5,
+                   help="judge calls per grade until a score in [0, 1] comes back; temperature 0, then +0.5 a try; "
+                        "after the last the grade is 0.0, recorded as failed")
+    p.add_argument("--num_runs", type=int, default=1, help="independent gradings of every answer; mean and std "
+                                                           "reported")
+    p.add_argument("--workers", type=int, default=8, help="judge calls in flight")
+    remote.add_remote_args(p)
+    benchmarks.add_model_args(p, max_new_tokens=1024, why="the authors' setting")
+    args = p.parse_args(argv)
+    if args.grade_tries < 1 or args.num_runs < 1:
+        p.error("--grade_tries and --num_runs must be at least 1")
+    return args
 
 
-class DuplicateKey(Exception):
-    pass
-
-
-def unique_keys(pairs):
-    """object_pairs_hook of json.loads: a dict, or DuplicateKey (json.loads would keep the last silently)."""
-    seen = set()
-    for k, _ in pairs:
-        if k in seen:
-            raise DuplicateKey(k)
-        seen.add(k)
-    return dict(pairs)
-
-
-def read_json_dict(path):
-    """A JSON object {id: ...} and its text; DataError naming file:line for a byte that is not UTF-8,
-    invalid JSON, another type, or an id given twice."""
-    raw = jobs.read_utf8(path)
-    try:
-        data = json.loads(raw, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as e:
-        raise jobs.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except DuplicateKey as e:
-        raise jobs.DataError(f"{path}:{line_of(raw, e.args[0], 2)}: {e.args[0]!r} appears twice "
-                               f"(first at line {line_of(raw, e.args[0])})") from None
-    if not isinstance(data, dict):
-        raise jobs.DataError(f"{path}:1: expected a JSON object {{id: ...}}")
-    return data, raw
-
-
-def norm_words(text):
-    """Lower-case words and numbers, without punctuation and articles."""
-    return [w for w in re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower()) if w not in ("a", "an", "the")]
-
-
-def exact_score(ground_truth, answer):
-    """Offline judge: the best <OR> alternative's share of <AND> parts whose words appear, in order
-    and contiguous, in the answer."""
-    ans = norm_words(answer)
-    has = lambda part: any(ans[i:i + len(part)] == part for i in range(len(ans) - len(part) + 1))
-    best = 0.0
-    for alternative in ground_truth.split("<OR>"):
-        parts = [norm_words(x) for x in alternative.split("<AND>")]
-        parts = [x for x in parts if x]
-        if parts:
-            best = max(best, sum(map(has, parts)) / len(parts))
-    return best
-
-
-def parse_score(text):
-    """The judge's score if its reply starts with a number in [0, 1] (as MM-Vet's grader reads it), else None."""
-    head = text.strip().split(" ")[0].strip().rstrip(".,;") if text.strip() else ""
-    try:
-        score = float(head)
-    except ValueError:
-        return None
-    return score if 0.0 <= score <= 1.0 else None
-
-
-def capability_scores(questions, grades):
-    """{capability: mean grade x100 over the questions having it} for the capabilities present, and total.
-    A question counts toward every capability it has."""
-    out = {}
-    for cap in CAPABILITIES:
-        g = [grades[qid] for qid, q in questions.items() if cap in q["capability"]]
-        if g:
-            out[cap] = 100 * sum(g) / len(g)
-    out["total"] = 100 * sum(grades[qid] for qid in questions) / len(questions)
-    return out
-
-
-# ---- benchmark and answers
-try:
-    questions, raw = read_json_dict(args.mmvet_json)
+def read_questions(path):
+    """The official mm-vet.json {id: {imagename, capability, question, answer}} and its text; DataError
+    naming file:line for a question that lacks a field or names another capability."""
+    questions, raw = dist_io.read_json_dict(path)
     for qid, q in questions.items():
         ok = isinstance(q, dict) and all(isinstance(q.get(k), str) and q[k].strip()
                                          for k in ("imagename", "question", "answer")) \
             and common.question_text(q["question"])
         if not ok or not isinstance(q.get("capability"), list) or not q["capability"] \
-                or not set(q["capability"]) <= set(CAPABILITIES):
-            raise jobs.DataError(f"{args.mmvet_json}:{line_of(raw, qid)}: question {qid!r} needs imagename, "
-                                   f"question and answer (non-empty strings) and capability (a non-empty list of "
-                                   f"{', '.join(CAPABILITIES)})")
-except (jobs.DataError, OSError) as e:
-    sys.exit(f"error: {e}")
-if not questions:
-    sys.exit(f"error: {args.mmvet_json}: no questions")
-os.makedirs(args.out_dir, exist_ok=True)
-answers_path = os.path.join(args.out_dir, "answers.json")
-if args.answers:
+                or not set(q["capability"]) <= set(scoring.CAPABILITIES):
+            raise dist_io.DataError(f"{path}:{dist_io.line_of(raw, qid)}: question {qid!r} needs imagename, question "
+                                    f"and answer (non-empty strings) and capability (a non-empty list of "
+                                    f"{', '.join(scoring.CAPABILITIES)})")
+    if not questions:
+        raise dist_io.DataError(f"{path}: no questions")
+    return questions, raw
+
+
+def read_answers(path, questions, questions_path):
+    """An official answers JSON {id: answer} with an answer to every question; DataError naming file:line."""
+    answers, raw = dist_io.read_json_dict(path)
+    for qid, a in answers.items():
+        if not isinstance(a, str):
+            raise dist_io.DataError(f"{path}:{dist_io.line_of(raw, qid)}: the answer of {qid!r} is not a string")
+        if qid not in questions:
+            raise dist_io.DataError(f"{path}:{dist_io.line_of(raw, qid)}: {qid!r} is not a question of "
+                                    f"{questions_path}")
+    missing = [qid for qid in questions if qid not in answers]
+    if missing:
+        raise dist_io.DataError(f"{path}:1: no answer for {len(missing)} questions (e.g. {missing[0]!r})")
+    return answers
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---- benchmark and answers (read, or generated into a JSONL cache so that a kill loses at most one batch)
     try:
-        answers, raw = read_json_dict(args.answers)
-        for qid, a in answers.items():
-            if not isinstance(a, str):
-                raise jobs.DataError(f"{args.answers}:{line_of(raw, qid)}: the answer of {qid!r} is not a string")
-            if qid not in questions:
-                raise jobs.DataError(f"{args.answers}:{line_of(raw, qid)}: {qid!r} is not a question of {args.mmvet_json}")
-        missing = [qid for qid in questions if qid not in answers]
-        if missing:
-            raise jobs.DataError(f"{args.answers}:1: no answer for {len(missing)} questions (e.g. {missing[0]!r})")
-    except (jobs.DataError, OSError) as e:
+        questions, raw = read_questions(args.mmvet_json)
+        answers = read_answers(args.answers, questions, args.mmvet_json) if args.answers else None
+    except (dist_io.DataError, OSError) as e:
         sys.exit(f"error: {e}")
-else:  # generate, appending to a JSONL cache so that a kill loses at most one batch
-    items = [{"id": qid, "image": q["imagename"], "question": common.question_text(q["question"])}
-             for qid, q in questions.items()]
-    where = {qid: f"{args.mmvet_json}:{line_of(raw, qid)}" for qid in questions}
-    answers = jobs.benchmark_answers(args, items, os.path.join(args.out_dir, "answers.jsonl"), "id", where)
-if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
-    jobs.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1, ensure_ascii=False))
+    os.makedirs(args.out_dir, exist_ok=True)
+    answers_path = os.path.join(args.out_dir, "answers.json")
+    if answers is None:
+        items = [{"id": qid, "image": q["imagename"], "question": common.question_text(q["question"])}
+                 for qid, q in questions.items()]
+        where = {qid: f"{args.mmvet_json}:{dist_io.line_of(raw, qid)}" for qid in questions}
+        answers = benchmarks.benchmark_answers(args, items, os.path.join(args.out_dir, "answers.jsonl"), "id", where)
+    if os.path.abspath(args.answers or "") != os.path.abspath(answers_path):
+        dist_io.write_atomic(answers_path, json.dumps({qid: answers[qid] for qid in questions}, indent=1,
+                                                      ensure_ascii=False))
 
-# ---- grades: one cached record per (question, run, judge, answer, filled prompt)
-try:
-    template = jobs.read_utf8(args.grader_prompt_file) if args.grader_prompt_file else GRADER_PROMPT
-except (jobs.DataError, OSError) as e:
-    sys.exit(f"error: {e}")
-prompts = {qid: template.replace("{question}", q["question"]).replace("{ground_truth}", q["answer"])
-           .replace("{answer}", answers[qid].replace("\n", "<br>")) for qid, q in questions.items()}
-client = None if args.judge == "exact" else jobs.openai_client(args.base_url, args.timeout, args.retries)
+    # ---- grades: one cached record per (question, run, judge, answer, filled prompt)
+    try:
+        template = dist_io.read_utf8(args.grader_prompt_file) if args.grader_prompt_file else GRADER_PROMPT
+    except (dist_io.DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    prompts = {qid: template.replace("{question}", q["question"]).replace("{ground_truth}", q["answer"])
+               .replace("{answer}", answers[qid].replace("\n", "<br>")) for qid, q in questions.items()}
+    client = None if args.judge == "exact" else remote.openai_client(args.base_url, args.timeout, args.retries)
+
+    def grade(job):
+        qid = job["id"]
+        if args.judge == "exact":
+            return {"score": scoring.exact_score(questions[qid]["answer"], answers[qid]), "failed": False}
+        messages = [{"role": "user", "content": prompts[qid]}]
+        for attempt in range(args.grade_tries):  # an unreadable reply is asked again, a little hotter
+            reply = remote.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3,
+                                tries=args.retries)
+            score = scoring.parse_grade(reply)
+            if score is not None:
+                return {"score": score, "failed": False, "tries": attempt + 1, "reply": reply}
+        return {"score": 0.0, "failed": True, "tries": args.grade_tries, "reply": reply}
+
+    graded = remote.judge_runs(os.path.join(args.out_dir, "grades.jsonl"), "id", prompts, answers, args.judge,
+                               args.num_runs, grade, args.workers, "grade")
+    failed = sum(r["failed"] for run in graded for r in run.values())
+    if failed:
+        print(f"warning: {failed} grades unreadable after {args.grade_tries} tries, scored 0.0 (failed: true in "
+              "grades.jsonl)", file=sys.stderr)
+
+    # ---- scores: per run, then mean and std over runs
+    capabilities = {qid: q["capability"] for qid, q in questions.items()}
+    runs = [scoring.capability_scores(capabilities, {qid: r["score"] for qid, r in run.items()}) for run in graded]
+    mean, std = scoring.mean_std(runs)
+    dist_io.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(mean, indent=1))
+    dist_io.write_atomic(os.path.join(args.out_dir, "scores_runs.json"),
+                         json.dumps({"judge": args.judge, "runs": runs, "std": std, "failed_grades": failed}, indent=1))
+    name = args.answers or (f"{args.model} + {args.adapter}" if args.adapter else args.model)
+    benchmarks.print_scores(f"MM-Vet, judge {args.judge}, {len(questions)} questions, {args.num_runs} run(s)",
+                            {k: k.capitalize() if k != "ocr" else "OCR" for k in scoring.CAPABILITIES + ["total"]
+                             if k in mean}, name, mean, std, args.num_runs)
 
 
-def grade(job):
-    qid = job["id"]
-    if args.judge == "exact":
-        return {"score": exact_score(questions[qid]["answer"], answers[qid]), "failed": False}
-    messages = [{"role": "user", "content": prompts[qid]}]
-    for attempt in range(args.grade_tries):  # an unreadable reply is asked again, a little hotter
-        reply = jobs.chat(client, args.judge, messages, temperature=min(0.5 * attempt, 2.0), max_tokens=3,
-                          tries=args.retries)
-        score = parse_score(reply)
-        if score is not None:
-            return {"score": score, "failed": False, "tries": attempt + 1, "reply": reply}
-    return {"score": 0.0, "failed": True, "tries": args.grade_tries, "reply": reply}
-
-
-graded = jobs.judge_runs(os.path.join(args.out_dir, "grades.jsonl"), "id", prompts, answers, args.judge, args.num_runs,
-                         grade, args.workers, "grade")
-failed = sum(r["failed"] for run in graded for r in run.values())
-if failed:
-    print(f"warning: {failed} grades unreadable after {args.grade_tries} tries, scored 0.0 (failed: true in grades.jsonl)",
-          file=sys.stderr)
-
-# ---- scores: per run, then mean and std over runs
-runs = [capability_scores(questions, {qid: r["score"] for qid, r in run.items()}) for run in graded]
-mean, std = jobs.mean_std(runs)
-jobs.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(mean, indent=1))
-jobs.write_atomic(os.path.join(args.out_dir, "scores_runs.json"),
-                    json.dumps({"judge": args.judge, "runs": runs, "std": std, "failed_grades": failed}, indent=1))
-name = args.answers or (f"{args.model} + {args.adapter}" if args.adapter else args.model)
-jobs.print_scores(f"MM-Vet, judge {args.judge}, {len(questions)} questions, {args.num_runs} run(s)",
-                  {k: k.capitalize() if k != "ocr" else "OCR" for k in CAPABILITIES + ["total"] if k in mean},
-                  name, mean, std, args.num_runs)
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
-# make demo : venv + install + the whole pipeline on the offline toy world
-# make test : venv + install + the test suite
+# make demo     : venv + install + the whole pipeline on the offline toy world
+# make test     : venv + install + the full test suite (what CI runs)
+# make test-fast: the pure tests (math, objectives, scoring, study rules, I/O), no toy world: seconds
 # make study: venv + install + the toy-world study of the paper's claims -> results/STUDY.md (two toy worlds, dev split,
 #             rules fixed in experiments/rules.py; resumable)
 PY ?= python3
@@ -13,7 +14,8 @@ RUN ?= runs/demo
 TOY_TRAIN ?= --max_steps 80 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0 --overwrite
 TOY_DPO_LR ?= 1e-4
 TOY_SFT_LR ?= 1e-3
-# The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions (README)
+# The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions
+# (docs/toy_world.md)
 TOY_NOISE ?= 700
 TOY_PAIRS ?= 600
 # CPU threads per process (the toy runs on CPU; GPU kernels do not use it)
@@ -37,7 +39,7 @@ demo_evals = \
   --command "07_eval_pope.py $(demo_model) --questions $(TOY)/pope/coco_pope_adversarial.json --image_dir $(TOY)/images \
     --out_dir $(RUN)/eval/$(1)/pope --prompt_suffix '' --max_new_tokens 8 --batch_size 64"
 
-.PHONY: demo test study install clean
+.PHONY: demo test test-fast study install clean
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -50,6 +52,9 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not toy and not slow"
 
 # the toy world is built once (and again when 00_make_toy.py changes); a seed always builds the same world
 $(TOY)/prior_check.json: 00_make_toy.py | $(VENV)/.installed

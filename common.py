@@ -1,15 +1,22 @@
 """The method of BPO, in small functions read top to bottom: loading a LLaVA-style model and its
 input format, the forward-diffusion noise that weakens an image, generation, the token convention
-with packed response log-probs, and the DPO loss. The job plumbing (process groups, JSONL with resume,
-validation, remote calls) is in jobs.py."""
+with packed response log-probs, and the whole preference objective (DPO, IPO, SFT and the added
+terms). The job plumbing is beside it: dist_io.py (process groups, files), data.py (records),
+runs.py (03's run directory), remote.py (endpoints), scoring.py (every scoring rule)."""
 import argparse
 import collections
 import contextlib
+import hashlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # label of a position whose token is not scored
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"  # the paper's model, every script's default
+# LoRA on every linear layer of the language model; nothing in the vision tower or the projector, so the model
+# with the adapter disabled is exactly the reference
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # ----------------------------------------------------------------------------- model and input format
 
@@ -33,11 +40,28 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
     processor = load_processor(name)
     if adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter)
         if not load_in_4bit:
             model = model.merge_and_unload()
     model.eval()
     return model, processor
+
+
+def with_lora(model, config):
+    """The model with fresh LoRA adapters (peft's get_peft_model) as config says; they start as a no-op."""
+    from peft import get_peft_model
+    with _quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a FutureWarning
+    # on every run that no user can act on
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def load_processor(name):
@@ -135,7 +159,8 @@ def diffuse(x, step, scale, generator=None):
 
 
 def _feature_scale(x):
-    # per image std, so that a step means the same SNR for any encoder (TOY_NOTES.md)
+    # per image std, so that a step means the same signal-to-noise ratio for any encoder: unit-variance noise
+    # on features of std ~4 (the toy's CLIP stand-in) would barely touch them (docs/toy_world.md)
     return x.float().flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
@@ -165,6 +190,17 @@ def weaken_images(model, noise_step, noise_on="features", generator=None):
         yield
     finally:
         handle.remove()
+
+
+def pair_weakening(key, meta, noise_step=-1, noise_on=None):
+    """(noise step, where, seed) of a pair's weakened image (the conditional term's): 01's settings from
+    the pair's meta unless given (noise_step -1, noise_on None), else step 500 on the features; the seed
+    from the pair's key and the step, so that the policy, the reference and a resumed run all see the
+    same weakened image."""
+    meta = meta if isinstance(meta, dict) else {}
+    step = noise_step if noise_step >= 0 else int(meta.get("noise_step", 500))
+    where = noise_on or meta.get("noise_on", "features")
+    return step, where, int(hashlib.sha256(f"{key}\t{step}\t{where}".encode()).hexdigest()[:15], 16)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -207,8 +243,8 @@ def response_ids(tokenizer, prompt_text, response):
 
 
 def build_sequences(processor, image, prompt, responses, max_length, fmt=LLAVA_15):
-    """Encodes one image + prompt and its responses under the token convention (SPEC: the prompt
-    tokenised in one call, as at inference; the response and EOS scored). Returns (pixel_values
+    """Encodes one image + prompt and its responses under the token convention (the prompt tokenised
+    in one call, as at inference; the response and EOS scored). Returns (pixel_values
     [1,...], list of (input_ids, labels), n_truncated). Responses longer than max_length allows are
     cut at the end; the image and prompt tokens are never cut."""
     prompt_text = chat_prompt(processor, prompt, fmt)
@@ -285,6 +321,22 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
     return input_ids, position_ids, mask, keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
+def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float32):
+    """One packed micro-batch of CPU tensors from examples (image, prompt, [responses]): per example one
+    sequence [image + prompt, responses...] (pack_responses), padded (packed_batch). A dict of the model's
+    inputs (input_ids, position_ids, attention_mask, logits_to_keep, pixel_values), `scored`, and
+    `n_tokens`: the scored tokens (+EOS) per output slot."""
+    pixels, packs = [], []
+    for image, prompt, responses in examples:
+        pv, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt)
+        pixels.append(pv)
+        packs.append(pack_responses(seqs))
+    input_ids, position_ids, mask, keep, scored = packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
+    n_out = len(examples[0][2]) * len(examples)
+    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, logits_to_keep=keep,
+                pixel_values=torch.cat(pixels), scored=scored, n_tokens=torch.bincount(scored[2], minlength=n_out))
+
+
 def image_embeds(model, input_ids, pixel_values, weaken=()):
     """Input embeddings with each image's projected features in its placeholder tokens. The vision
     tower, projector and embeddings are frozen, so this runs once per batch (no grad) and serves the
@@ -311,6 +363,21 @@ def packed_logps(logits, scored, n_out):
     index, toks, slots = (t.to(logits.device) for t in scored)
     picked = logits[index, toks].float() - torch.logsumexp(logits.float(), dim=-1)[index]
     return torch.zeros(n_out, device=logits.device).index_add(0, slots, picked)
+
+
+def response_logps(net, model, inputs, scored, n_out, embeds=None):
+    """(summed response log-probs per output slot, the input embeddings) of a packed micro-batch
+    (pack_pairs' model inputs). net runs the language model (the policy, its DDP wrapper, or the
+    reference: the model with its adapter disabled); the input embeddings, from model's frozen vision
+    tower, projector and embedding table, are made once (unless given) and serve policy and reference
+    alike. bf16 autocast on CUDA; no KV cache (2-3 GB at 7B, and nothing reads it)."""
+    device = inputs["input_ids"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        if embeds is None:
+            embeds = image_embeds(model, inputs["input_ids"], inputs["pixel_values"])
+        logits = net(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+                     logits_to_keep=inputs["logits_to_keep"], use_cache=False).logits
+    return packed_logps(logits, scored, n_out), embeds
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -342,3 +409,46 @@ def anchor_loss(policy_chosen, ref_chosen, beta):
     """mDPO's anchor per pair: -log sigmoid(beta * log pi/pi_ref(y_w)), which keeps the chosen answer's
     reward above zero (plain DPO may lower the chosen log-prob as long as the rejected falls faster)."""
     return -F.logsigmoid(beta * (policy_chosen - ref_chosen))
+
+
+def preference_loss(policy, reference, n_tokens, *, loss="dpo", beta=0.1, length_normalize=False, sft_weight=0.0,
+                    conditional_weight=0.0, anchor_weight=0.0, weak=None):
+    """The whole objective of one micro-batch of B pairs: (loss, metrics), the metrics detached 0-d
+    tensors (nothing waits for the device until they are logged). `loss` is the whole objective; each
+    added term is also reported on its own (loss/sft, loss/anchor, loss/conditional).
+
+    policy, reference, n_tokens: summed log-probs under the policy and the reference, and scored tokens
+    (+EOS), of [B chosen..., B rejected...] (loss "sft": [B chosen], reference unused).
+    loss: "dpo" (paper Eq. 4), "ipo", or "sft" (the chosen answers' NLL, the mean over the micro-batch's
+    answer tokens, as LLaVA's fine-tuning). dpo and ipo take: length_normalize (each log-ratio divided
+    by its response's token count, in every term), sft_weight (+ W x each chosen answer's per-token NLL),
+    anchor_weight (+ W x anchor_loss), conditional_weight (+ W x conditional_loss, with weak = (policy,
+    reference, n_tokens) of the chosen answers given the weakened image)."""
+    B = len(policy) // (1 if loss == "sft" else 2)
+    chosen = policy[:B]
+    if loss == "sft":
+        value = -chosen.sum() / n_tokens[:B].sum()
+        return value, {"loss": value.detach(), "logps/chosen": chosen.detach().mean()}
+    per = n_tokens.float() if length_normalize else torch.ones_like(policy)  # log-ratio per token or summed
+    pol, ref = policy / per, reference / per
+    objective = ipo_loss if loss == "ipo" else dpo_loss
+    losses, r_chosen, r_rejected = objective(pol[:B], pol[B:], ref[:B], ref[B:], beta)
+    terms = {}
+    if sft_weight:
+        terms["sft"] = (sft_weight, -chosen / n_tokens[:B])
+    if anchor_weight:
+        terms["anchor"] = (anchor_weight, anchor_loss(pol[:B], ref[:B], beta))
+    if conditional_weight:
+        weak_policy, weak_reference, weak_tokens = weak
+        per_weak = weak_tokens.float() if length_normalize else 1.0
+        terms["conditional"] = (conditional_weight, conditional_loss(pol[:B], weak_policy / per_weak, ref[:B],
+                                                                     weak_reference / per_weak, beta))
+    metrics = {}
+    for name, (weight, term) in terms.items():
+        losses = losses + weight * term
+        metrics[f"loss/{name}"] = term.detach().mean()
+    value = losses.mean()
+    return value, {"loss": value.detach(), **metrics, "rewards/chosen": r_chosen.mean(),
+                   "rewards/rejected": r_rejected.mean(), "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
+                   "rewards/margins": (r_chosen - r_rejected).mean(),
+                   "logps/chosen": chosen.detach().mean(), "logps/rejected": policy[B:].detach().mean()}

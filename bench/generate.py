@@ -6,7 +6,7 @@ Times what 01_build_pairs.py does for each batch: read the images, weaken them (
 on the projector input) and sample the answers (common.generate), for the same --n items at every batch
 size, after one untimed warm-up batch. Prints samples/s per batch size and its ratio to batch size 1 (one
 at a time; goal for 01's batched generation: >= 5x), with the mean answer length, since a batch runs until
-its longest answer ends. (04 and 05 answer through jobs.answer_all, which calls the same common.generate,
+its longest answer ends. (04 and 05 answer through benchmarks.answer_all, which calls the same common.generate,
 greedy.) Speed is measured here, never asserted in tests: machines are noisy, so compare ratios of one run.
 """
 import argparse
@@ -44,17 +44,17 @@ args = p.parse_args()
 
 import torch  # noqa: E402
 
-import jobs  # noqa: E402
+import data  # noqa: E402
 
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 fmt = common.input_format(args)
-items = jobs.load_sources([args.data], args.n, args.seed, "first")[0]
+items = data.load_sources([args.data], args.n, args.seed, "first")[0]
 model, processor = common.load_model(args.model, device=device)
 
 
 def answer(batch, generator):
     """01's loop body for one batch: images read, image-weakened sampling."""
-    images = [jobs.load_image(args.image_root, it["image"]) for it in batch]
+    images = [data.load_image(args.image_root, it["image"]) for it in batch]
     with common.weaken_images(model, args.noise_step, args.noise_on, generator):
         return common.generate(model, processor, images, [it["prompt"] for it in batch], fmt,
                                max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,

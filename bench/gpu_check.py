@@ -19,7 +19,7 @@ images; a word-level tokenizer of --vocab words built here (one word, one token)
 
 What is measured, each in this one process, at --batch_size 4 (the paper's per GPU), LoRA r 64 on every
 linear layer of the language model (03's targets) on both sides, with and without gradient checkpointing:
-- 03_train_bpo.py itself (run in-process with runpy, its model loader handed the model built here):
+- 03_train_bpo.py itself (its main(argv) in this process, its model loader handed the model built here):
   by default (reference log-probs scored once before training, that pass charged as if training
   --epochs epochs of the pairs) and with --no-precompute_ref (a reference forward every step, TRL's work);
   steady samples/s over --steps steps after --warmup; peak CUDA memory (allocated and reserved) beside
@@ -39,15 +39,14 @@ Each result is printed when measured, so a run cut short still shows what it got
 starting new measurements in time to print the table.
 """
 import argparse
-import ast
 import contextlib
 import gc
+import importlib
 import io
 import json
 import os
 import random
 import re
-import runpy
 import shutil
 import statistics
 import sys
@@ -285,18 +284,17 @@ def restore(model):
 
 
 def run_03(flags, model, out, dry_run=False):
-    """03_train_bpo.py in this process (runpy), its model loader handed `model`; returns (stdout, metrics rows).
+    """03_train_bpo.py's main in this process, its model loader handed `model`; returns (stdout, metrics rows).
     The LoRA 03 puts on the model is taken off again whatever happens."""
     import common
-    argv = [os.path.join(ROOT, "03_train_bpo.py"), *map(str, flags), "--output_dir", out, "--overwrite",
-            *(["--dry_run"] if dry_run else [])]
+    train = importlib.import_module("03_train_bpo")
+    argv = [*map(str, flags), "--output_dir", out, "--overwrite", *(["--dry_run"] if dry_run else [])]
     buf = io.StringIO()
     try:
-        with mock.patch.object(sys, "argv", argv), mock.patch.object(sys, "excepthook", sys.excepthook), \
-                mock.patch.object(common, "load_model", lambda name, **_: (model, common.load_processor(name))), \
+        with mock.patch.object(common, "load_model", lambda name, **_: (model, common.load_processor(name))), \
                 contextlib.redirect_stdout(buf):
             try:
-                runpy.run_path(argv[0], run_name="__main__")
+                train.main(argv)
             except SystemExit as e:
                 if e.code not in (None, 0):
                     raise RuntimeError(f"03 exited: {e.code}\n{buf.getvalue()[-2000:]}") from None
@@ -362,9 +360,9 @@ def measure_generation(args, model, processor, pairs, image_root, device, batch_
     import torch
 
     import common
-    import jobs
+    import data
     items = [pairs[k % len(pairs)] for k in range(batch_size)]
-    images = [jobs.load_image(image_root, it["image"]) for it in items]
+    images = [data.load_image(image_root, it["image"]) for it in items]
     generator = torch.Generator().manual_seed(args.seed)
 
     def answer(max_new_tokens):
@@ -440,8 +438,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:,.1f}M parameters, {shape}; built on {device} in {time.time() - t:.0f}s; "
           f"{n_pairs} pairs: P = {P:.1f} prefix tokens, R = {R:.1f} answer tokens (EOS included)", flush=True)
-    with open(os.path.join(ROOT, "03_train_bpo.py")) as f:  # 03's LoRA targets, for TRL too
-        targets = ast.literal_eval(re.search(r"^LORA_TARGETS = (r?\".*\")", f.read(), re.M).group(1))
+    import common
+    targets = common.LORA_TARGETS  # 03's LoRA targets, for TRL too
     order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(args.seed)).tolist()  # 03's epoch 0
     common_flags = ["--model", model_dir, "--data", pairs_path, "--image_root", image_root,
                     "--max_steps", args.warmup + args.steps, "--batch_size", args.batch_size, "--lr", args.lr,

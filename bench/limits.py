@@ -17,7 +17,7 @@ much of it a run realised.
 """
 
 SIDES = ("trl", "ours", "ours_every_step")
-PAPER_PAIRS, PAPER_EPOCHS, PAPER_GPUS, PAPER_HOURS = 170_000, 2, 8, 17.0  # the paper's run, as README estimates it
+PAPER_PAIRS, PAPER_EPOCHS, PAPER_GPUS, PAPER_HOURS = 170_000, 2, 8, 17.0  # the paper's run (bench/README.md)
 
 
 def token_passes(P, R, side, epochs=2, checkpointing=False):

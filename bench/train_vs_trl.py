@@ -10,7 +10,7 @@ samples/s (pairs per second, the first --warmup steps left out), peak memory, an
 logps/chosen and logps/rejected; then the ratios ours/TRL, each beside its limit (bench/limits.py: the
 language model's token passes per pair, TRL's over ours, counted from these pairs) and the share of the
 limit it reached (goal: >= 85% for 03's default), and how far each side's step-1 log-probs are from an
-independent plain forward under SPEC's token convention (goal for ours: within 1e-3 relative).
+independent plain forward under the token convention of docs/training.md (goal for ours: within 1e-3 relative).
 
 What is the same on both sides, so that the comparison is fair:
 - the model files, the pairs and their order (TRL's dataset is put in 03's shuffled order and read
@@ -85,7 +85,8 @@ args = p.parse_args()
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import jobs  # noqa: E402
+import data  # noqa: E402
+import dist_io  # noqa: E402
 
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 work = args.work or tempfile.mkdtemp(prefix="bench_trl_")
@@ -145,7 +146,7 @@ def build_model(path):
     processor.image_processor.size = {"shortest_edge": 336}
     processor.image_processor.crop_size = {"height": 336, "width": 336}
     processor.save_pretrained(path)
-    image = jobs.load_image(image_root, min(os.listdir(image_root)))
+    image = data.load_image(image_root, min(os.listdir(image_root)))
     ids = processor(text=[common.chat_prompt(processor, "Describe.")], images=[image]).input_ids[0]
     n_image = sum(i == cfg.image_token_index for i in ids)
     assert n_image == 576, f"the processor expands <image> to {n_image} tokens, not 576"
@@ -163,14 +164,14 @@ need = args.steps * args.batch_size
 run("pairs", ["02_inject_errors.py", "--backend", "rules", "--vocab", os.path.join(toy, "world.json"),
               "--data", f"toy={os.path.join(toy, 'train.json')}", "--samples_per_source", 2 * need,
               "--seed", args.seed, "--out", pairs_path])
-pairs = jobs.read_jsonl(pairs_path)
+pairs = dist_io.read_jsonl(pairs_path)
 assert len(pairs) >= need, f"02 wrote {len(pairs)} pairs, fewer than {need}"
 pairs = pairs[:need]  # exactly one epoch, so that 03's reference pass scores only these
 with open(pairs_path, "w") as f:
     f.writelines(json.dumps(pair) + "\n" for pair in pairs)
 # 03's step 1: the first batch_size pairs of randperm(len(pairs)) seeded with seed + epoch 0
 step1 = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()[:args.batch_size]
-lora_targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # 03's LORA_TARGETS
+lora_targets = common.LORA_TARGETS  # 03's
 
 # ---- the sides, each in a process of its own: 03 with the reference forward every step (the same work
 # per step as TRL), 03 as it runs by default (reference scored once before training), TRL
@@ -197,7 +198,7 @@ results = {}
 for tag, (name, cmd) in sides.items():
     rss, wall = run(tag, cmd)
     if tag.startswith("ours"):  # 03's own log: per-step samples_per_s (its step timing), peak_mem_gb on CUDA
-        rows = jobs.read_jsonl(os.path.join(work, tag, "metrics.jsonl"))
+        rows = dist_io.read_jsonl(os.path.join(work, tag, "metrics.jsonl"))
         r = {"seconds_per_step": [args.batch_size / row["samples_per_s"] for row in rows],
              "logps/chosen": rows[0]["logps/chosen"], "logps/rejected": rows[0]["logps/rejected"]}
         if device == "cuda":
@@ -215,7 +216,7 @@ for tag, (name, cmd) in sides.items():
 
 
 # ---- the independent reference: a plain forward of the base model (LoRA's B starts at zero, so the
-# step-1 policy is the base model) on step 1's pairs, written here from SPEC's token convention with the
+# step-1 policy is the base model) on step 1's pairs, written here from the token convention (docs/training.md) with the
 # processor and tokenizer alone (not with common.chat_prompt / build_sequences / packed_logps): LLaVA's
 # conv_vicuna_v1 text, the image padded to a square with the mean colour, fp32, a full log_softmax
 VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -244,7 +245,7 @@ def reference_logps(indices):
         pair = pairs[i]
         prompt_text = VICUNA_V1.format(image=processor.image_token, question=pair["prompt"].strip())
         assert prompt_text == common.chat_prompt(processor, pair["prompt"]), "03's prompt is not LLaVA's conv_vicuna_v1"
-        image = expand2square(jobs.load_image(image_root, pair["image"]), processor.image_processor.image_mean)
+        image = expand2square(data.load_image(image_root, pair["image"]), processor.image_processor.image_mean)
         enc = processor(text=[prompt_text], images=[image], return_tensors="pt")  # BOS, <image> expanded to 576
         prompt_ids = tok(prompt_text).input_ids
         for key, acc in sums.items():

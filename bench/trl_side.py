@@ -17,7 +17,8 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import common  # noqa: E402  (the prompt text, the square padding and, for the token check only, 03's tokens)
-import jobs  # noqa: E402  (the pairs reader and the image loader only: TRL does all the rest)
+import data  # noqa: E402  (the image loader only: TRL does all the rest)
+import dist_io  # noqa: E402  (the pairs reader)
 
 
 def rows_in_order(pairs, order, image_root, processor):
@@ -30,7 +31,7 @@ def rows_in_order(pairs, order, image_root, processor):
     rows = []
     for i in order:
         pair = pairs[i]
-        image = common.pad_square(jobs.load_image(image_root, pair["image"]), processor)
+        image = common.pad_square(data.load_image(image_root, pair["image"]), processor)
         rows.append({"images": [image], "prompt": common.chat_prompt(processor, pair["prompt"], common.LLAVA_15),
                      "chosen": " " + pair["chosen"] + eos, "rejected": " " + pair["rejected"] + eos})
     return rows
@@ -106,7 +107,7 @@ def token_check(trainer, processor, pairs, order, image_root, batch_size):
     first = None
     for k, i in enumerate(order[:batch_size]):
         pair = pairs[i]
-        _, seqs, _ = common.build_sequences(processor, jobs.load_image(image_root, pair["image"]), pair["prompt"],
+        _, seqs, _ = common.build_sequences(processor, data.load_image(image_root, pair["image"]), pair["prompt"],
                                             [pair["chosen"], pair["rejected"]], 10**6, common.LLAVA_15)
         for j, (ours, _labels) in enumerate(seqs):  # TRL's rows: [chosen x batch, rejected x batch]
             row = j * batch_size + k
@@ -141,7 +142,7 @@ def main():
     from transformers import AutoProcessor
 
     # ---- the pairs in 03's order: 03 takes epoch e's steps from randperm(seed + e); one epoch suffices
-    pairs = jobs.read_jsonl(args.pairs)
+    pairs = dist_io.read_jsonl(args.pairs)
     n = args.steps * args.batch_size
     assert len(pairs) >= n, f"{len(pairs)} pairs, fewer than {args.steps} steps of {args.batch_size}"
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()[:n]

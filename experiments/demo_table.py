@@ -12,11 +12,8 @@ import json
 import os
 import sys
 
-CAPABILITIES = ["rec", "ocr", "know", "gen", "spat", "math"]
-
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a run's name and its evaluation folder")
-args = p.parse_args()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scoring import CAPABILITIES  # noqa: E402
 
 
 def load(path):
@@ -26,20 +23,28 @@ def load(path):
         return json.load(f)
 
 
-rows = []
-for spec in args.runs:
-    if "=" not in spec:
-        sys.exit(f"error: {spec!r}: expected NAME=DIR")
-    name, d = spec.split("=", 1)
-    mm, wild, hal, pope = (load(os.path.join(d, b, "scores.json")) for b in ("mmvet", "llavabench", "halbench", "pope"))
-    hal.setdefault("chair_s_refine", hal.get("chair_s"))  # older 05 outputs: Resp over all responses
-    rows.append((name, mm, {"wild": wild.get("all"), **hal, **{f"pope_{k}": v for k, v in pope.get("adversarial", {}).items()}}))
-caps = [c for c in CAPABILITIES if any(c in mm for _, mm, _ in rows)]  # the capabilities the benchmark has
-fmt = lambda scores, k: f"{scores[k]:.1f}" if scores.get(k) is not None else "-"
-columns = ["wild", "chair_s_refine", "chair_i", "recall", "pope_f1", "pope_yes_ratio"]
-print("| Model | MM-Vet | " + " | ".join(c.upper() if c == "ocr" else c.capitalize() for c in caps)
-      + " | LLaVA-Bench | Resp ↓ | Obj ↓ | Recall | POPE adv. F1 | POPE adv. yes % |")
-print("|---" * (len(caps) + len(columns) + 2) + "|")
-for name, mm, other in rows:
-    print(f"| {name} | {fmt(mm, 'total')} | " + " | ".join(fmt(mm, c) for c in caps) + " | "
-          + " | ".join(fmt(other, k) for k in columns) + " |")
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a run's name and its evaluation folder")
+    args = p.parse_args(argv)
+    rows = []
+    for spec in args.runs:
+        if "=" not in spec:
+            sys.exit(f"error: {spec!r}: expected NAME=DIR")
+        name, d = spec.split("=", 1)
+        mm, wild, hal, pope = (load(os.path.join(d, b, "scores.json")) for b in ("mmvet", "llavabench", "halbench", "pope"))
+        adversarial = {f"pope_{k}": v for k, v in pope.get("adversarial", {}).items()}
+        rows.append((name, mm, {"wild": wild.get("all"), **hal, **adversarial}))
+    caps = [c for c in CAPABILITIES if any(c in mm for _, mm, _ in rows)]  # the capabilities the benchmark has
+    fmt = lambda scores, k: f"{scores[k]:.1f}" if scores.get(k) is not None else "-"
+    columns = ["wild", "chair_s_refine", "chair_i", "recall", "pope_f1", "pope_yes_ratio"]
+    print("| Model | MM-Vet | " + " | ".join(c.upper() if c == "ocr" else c.capitalize() for c in caps)
+          + " | LLaVA-Bench | Resp ↓ | Obj ↓ | Recall | POPE adv. F1 | POPE adv. yes % |")
+    print("|---" * (len(caps) + len(columns) + 2) + "|")
+    for name, mm, other in rows:
+        print(f"| {name} | {fmt(mm, 'total')} | " + " | ".join(fmt(mm, c) for c in caps) + " | "
+              + " | ".join(fmt(other, k) for k in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-import jobs  # noqa: E402
+import data  # noqa: E402
+import dist_io  # noqa: E402
 from toyworld import World  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,8 +38,8 @@ world = World(os.path.join(args.toy, "world.json"))
 model, processor = common.load_model(os.path.join(args.toy, "model"))
 model.eval()
 tok = processor.tokenizer
-questions = jobs.read_jsonl(os.path.join(args.toy, args.questions))
-images = [jobs.load_image(os.path.join(args.toy, "images"), q["image"]) for q in questions]
+questions = dist_io.read_jsonl(os.path.join(args.toy, args.questions))
+images = [data.load_image(os.path.join(args.toy, "images"), q["image"]) for q in questions]
 prompts = [q["question"] for q in questions]
 scenes = [world.images[q["image"]]["objects"] for q in questions]
 truths = [{o["name"] for o in s} for s in scenes]
@@ -54,7 +55,7 @@ def clause(o):
 # HalBench and MM-Vet images (never trained on)
 probe = []
 extra = sorted(n for n, v in world.images.items() if v["split"] == "mmvet")
-probe_images = images + [jobs.load_image(os.path.join(args.toy, "images"), n) for n in extra]
+probe_images = images + [data.load_image(os.path.join(args.toy, "images"), n) for n in extra]
 probe_prompts = prompts + [prompts[k % len(prompts)] for k in range(len(extra))]
 for i, objs in enumerate(scenes + [world.images[n]["objects"] for n in extra]):
     names = [o["name"] for o in objs]  # caption order

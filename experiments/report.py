@@ -16,7 +16,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 import rules  # noqa: E402
+import scoring  # noqa: E402
 from toyworld import World  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
@@ -73,12 +75,6 @@ def edir(world, arm, seed, step, key):
 # ----------------------------------------------------------------------------- per-item arrays
 
 
-def says_no(text):
-    """POPE's rule (07): 'no' when the text before the first '.' has the word No, no or not."""
-    words = text.split(".")[0].replace(",", " ").split()
-    return any(w in ("No", "no", "not") for w in words)
-
-
 def hal_items(d):
     """HalBench per image, sorted by question id: columns of counts (rules' metrics are ratios of sums)."""
     rows = sorted(jsonl(os.path.join(d, "details.jsonl")), key=lambda r: r["question_id"])
@@ -86,16 +82,17 @@ def hal_items(d):
 
 
 def hal_columns(mentions, truth):
-    """Per response, as 05 counts: mentions, hallucinated mentions, hallucinated?, names an object?, objects
-    recalled, objects present, absent partners of present triggers (chances), those named."""
-    said, truth = set(mentions), set(truth)
-    lures = WORLD.lures(truth)
-    return [len(mentions), sum(m not in truth for m in mentions), bool(said - truth), bool(said), len(said & truth),
-            len(truth), len(lures), len(said & lures)]
+    """Per response, 05's counts (scoring.COUNTS: mentions, hallucinated mentions, hallucinated?, names an
+    object?, objects recalled, objects present, absent partners of present triggers and those named, ...)."""
+    return list(scoring.hallucination_counts(mentions, truth, WORLD.lures(truth), WORLD.objects).values())
 
 
-HAL = {"resp": lambda s: 100 * s[2] / max(s[3], 1), "obj": lambda s: 100 * s[1] / max(s[0], 1),
-       "recall": lambda s: 100 * s[4] / max(s[5], 1), "partner": lambda s: 100 * s[7] / max(s[6], 1)}
+def hal_rate(name):
+    return lambda s: scoring.hallucination_rates(dict(zip(scoring.COUNTS, s)))[name]
+
+
+HAL = {"resp": hal_rate("chair_s_refine"), "obj": hal_rate("chair_i"), "recall": hal_rate("recall"),
+       "partner": hal_rate("partner_rate")}
 
 
 def mmvet_items(d):
@@ -106,14 +103,14 @@ def mmvet_items(d):
 def pope_items(d, split="adversarial"):
     rows = sorted((r for r in jsonl(os.path.join(d, "answers.jsonl")) if r["split"] == split),
                   key=lambda r: r["question_id"])
-    # columns: true yes, predicted yes, both
-    return np.asarray([[r["label"] == "yes", not says_no(r["answer"]), r["label"] == "yes" and not says_no(r["answer"])]
-                       for r in rows], float)
+    # columns: true yes, predicted yes, both, question
+    yes = [(r["label"] == "yes", not scoring.pope_says_no(r["answer"])) for r in rows]
+    return np.asarray([[t, p, t and p, 1] for t, p in yes], float)
 
 
 def f1(s):
-    prec, rec = s[2] / max(s[1], 1), s[2] / max(s[0], 1)
-    return 0.0 if prec + rec == 0 else 100 * 2 * prec * rec / (prec + rec)
+    """POPE's F1 (07's) from summed pope_items columns."""
+    return scoring.pope_scores(tp=s[2], fp=s[1] - s[2], tn=s[3] - s[0] - s[1] + s[2], fn=s[0] - s[2])["f1"]
 
 
 def llava_items(d):
@@ -297,7 +294,7 @@ for k in (1, 2, 3, 4):
 with open(os.path.join(OUT, "study_rows.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 
-# 07's own scores against this file's reading of its answers (the same rule, written twice)
+# 07's own scores against this file's reading of its answers (the same rule, read from per-item columns)
 d = edir("prior", "base", None, 0, "pope")
 with open(os.path.join(d, "scores.json")) as f:
     own = json.load(f)
@@ -510,7 +507,7 @@ if os.path.exists(probe_path):
           f"{100 * g('recall'):.1f} |")
 W("\n## Notes\n")
 W(f"- The noise step of the weakened negatives (t = {args.noise_step}) was fixed before this study from an earlier "
-  "probe on the then-test HalBench images (README); it was not searched on dev. The Fig. 5 probe above now runs on "
+  "probe on the then-test HalBench images (docs/toy_world.md); it was not searched on dev. The Fig. 5 probe above now runs on "
   "dev images.")
 W("- Not a test: the pipeline's tests cover the code; this is one experiment on one pair of toy worlds.")
 with open(os.path.join(OUT, "STUDY.md"), "w") as f:

@@ -1,12 +1,14 @@
 """Shared fixtures: one quick toy world per test session, built by the real 00_make_toy.py."""
 import contextlib
+import importlib.util
 import io
 import os
-import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
+import traceback
 from unittest import mock
 
 import pytest
@@ -19,6 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long smoke run, skipped unless its environment variable asks for it")
+    config.addinivalue_line("markers", "toy: needs the quick toy world (built once a session); `make test-fast` "
+                                       "runs the tests without it")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # fixturenames holds every fixture a test needs, directly or through another one
+        if "toy" in item.fixturenames:
+            item.add_marker(pytest.mark.toy)
 
 
 def run_script(name, *args, check=True, env=None, **kw):
@@ -30,27 +40,48 @@ def run_script(name, *args, check=True, env=None, **kw):
     return proc
 
 
-def run_here(name, *args, env=None):
-    """Runs a numbered script inside this process (runpy, as `python name args`; env: variables set
-    for the run), which saves the seconds of importing torch and transformers again; the same code
-    path as run_script otherwise. Returns a CompletedProcess whose returncode and stderr mirror the
-    interpreter's: a sys.exit message goes to stderr with code 1, an uncaught exception to
-    sys.excepthook (the script's own, if it sets one; restored afterwards) with code 1."""
+def script(name):
+    """A script as a module (importing a numbered script does no work), by its path from the repository root."""
+    module = os.path.splitext(name)[0].replace("/", ".")
+    if module not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module, os.path.join(ROOT, name))
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[module]
+
+
+def run_torchrun(name, *args, nproc=2, timeout=300):
+    """Runs a numbered script under torchrun with nproc CPU processes (gloo) on a free port; a hang fails the
+    test after `timeout` seconds instead of stalling the suite."""
+    with socket.socket() as s:  # a free port: another test may run torchrun at the same time
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           os.path.join(ROOT, name), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_here(name, *args, env=None, check=False):
+    """Runs a numbered script's main(argv) inside this process (env: variables set for the run), which saves
+    the seconds of importing torch and transformers again; the same code path as run_script otherwise.
+    Returns a CompletedProcess whose returncode and stderr mirror the interpreter's: a sys.exit message goes
+    to stderr with code 1, an uncaught exception's traceback to stderr with code 1. check: a failure raises."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    argv = [os.path.join(ROOT, name), *map(str, args)]
-    with mock.patch.object(sys, "argv", argv), mock.patch.dict(os.environ, env or {}), \
-            mock.patch.object(sys, "excepthook", sys.__excepthook__), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    argv = [str(a) for a in args]
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            runpy.run_path(argv[0], run_name="__main__")
+            script(name).main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
         except Exception as e:
             code = 1
-            sys.excepthook(type(e), e, e.__traceback__)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+            traceback.print_exception(e)
+    if check and code != 0:
+        raise AssertionError(f"{name} failed ({code}):\n{err.getvalue()[-3000:]}")
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
 
 
 def kill_after_lines(args, path, n_lines, timeout=120):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run_script
+from conftest import run_here
 from openai_stub import OpenAIStub
 
 SECRET = "sk-test-never-print-this"
@@ -53,7 +53,7 @@ def run_chair(tmp_path, cases, *extra, **kw):
                                                       for i, c in enumerate(cases)])
     objects = write_json(tmp_path / "objects.json", {f"im{i}.jpg": c[1] for i, c in enumerate(cases)})
     out = tmp_path / "hal"
-    proc = run_script("05_eval_halbench.py", "--answers", answers, "--objects", objects, "--out_dir", out, *extra, **kw)
+    proc = run_here("05_eval_halbench.py", "--answers", answers, "--objects", objects, "--out_dir", out, *extra, **{"check": True, **kw})
     return proc, out
 
 
@@ -81,8 +81,8 @@ def test_chair_custom_synonyms_and_bad_input(tmp_path):
     assert json.loads((out / "scores.json").read_text())["chair_i"] == pytest.approx(100 * 2 / 3)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 0, "image": "im0.jpg", "answer": "a cup"}\n{"question_id": 1, "image": "x"}\n')
-    proc = run_script("05_eval_halbench.py", "--answers", bad, "--objects", tmp_path / "objects.json",
-                      "--out_dir", tmp_path / "o", check=False)
+    proc = run_here("05_eval_halbench.py", "--answers", bad, "--objects", tmp_path / "objects.json",
+                    "--out_dir", tmp_path / "o")
     assert proc.returncode != 0 and f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -109,8 +109,8 @@ ANSWERS = {"v1_0": "A dog.", "v1_1": "Three.", "v1_2": "13", "v1_3": "It is 4."}
 
 def test_mmvet_exact_judge_and_capability_scores(tmp_path):
     mm, ans = write_json(tmp_path / "mm.json", MMVET), write_json(tmp_path / "ans.json", ANSWERS)
-    proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
-                      "--judge", "exact")
+    proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
+                    "--judge", "exact", check=True)
     # grades 0.5 (one of two <AND> parts), 1.0 (an <OR> alternative), 0.0, 1.0 (contained)
     # rec: v1_0, v1_1 -> 75; ocr: v1_0, v1_2 -> 25; math: v1_2, v1_3 -> 50; total 2.5 / 4 -> 62.5
     scores = json.loads((tmp_path / "d" / "scores.json").read_text())
@@ -123,12 +123,12 @@ def test_mmvet_bad_answers_file(tmp_path):
     mm = write_json(tmp_path / "mm.json", MMVET)
     ans = tmp_path / "ans.json"
     ans.write_text('{\n "v1_0": "a",\n "v1_1": 3,\n "v1_2": "b",\n "v1_3": "c"\n}')
-    proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
-                      "--judge", "exact", check=False)
+    proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
+                    "--judge", "exact")
     assert proc.returncode != 0 and f"{ans}:3:" in proc.stderr and "Traceback" not in proc.stderr
     ans.write_text('{"v1_0": "a",\n "v1_1": "b"')  # cut off
-    proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
-                      "--judge", "exact", check=False)
+    proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d",
+                    "--judge", "exact")
     assert proc.returncode != 0 and f"{ans}:2:" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -149,7 +149,7 @@ def test_mmvet_judge_retries_failures_cache_and_runs(tmp_path):
             "--workers", "2"]
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     with OpenAIStub(default=judge) as stub:
-        proc = run_script("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env)
+        proc = run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env, check=True)
         assert len(stub.requests) == 1 + 2 + 3 + 1
         assert stub.headers[0]["authorization"] == f"Bearer {SECRET}"
         temps = [r["temperature"] for r in stub.requests if "What is the sum?" in r["messages"][-1]["content"]
@@ -164,12 +164,12 @@ def test_mmvet_judge_retries_failures_cache_and_runs(tmp_path):
         no_secret(proc, out)
 
         n = len(stub.requests)
-        run_script("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env)
+        run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env, check=True)
         assert len(stub.requests) == n  # every grade came from the cache
 
         # a second run: only its grades are asked for; mean and std over the two runs
         stub.default = lambda body: "0.5"
-        run_script("04_eval_mmvet.py", *args, "--num_runs", "2", "--base_url", stub.url, env=env)
+        run_here("04_eval_mmvet.py", *args, "--num_runs", "2", "--base_url", stub.url, env=env, check=True)
         assert len(stub.requests) == n + 4
     runs = json.loads((out / "scores_runs.json").read_text())
     assert runs["std"]["total"] == pytest.approx((1.25 ** 2 + 1.25 ** 2) ** 0.5)  # sample std of 52.5, 50 (n - 1 = 1)
@@ -180,8 +180,8 @@ def test_mmvet_no_reply_is_not_cached(tmp_path):
     mm, ans = write_json(tmp_path / "mm.json", MMVET), write_json(tmp_path / "ans.json", ANSWERS)
     out = tmp_path / "d"
     with OpenAIStub(default=400) as stub:  # a client error: chat() gives up at once
-        proc = run_script("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", out,
-                          "--judge", "gpt-stub", "--base_url", stub.url, check=False)
+        proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", out,
+                        "--judge", "gpt-stub", "--base_url", stub.url)
     assert proc.returncode != 0 and "rerun to resume" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "scores.json").exists()
     assert not (out / "grades.jsonl").exists() or not (out / "grades.jsonl").read_text().strip()
@@ -194,7 +194,7 @@ def test_mmvet_on_toy_world(toy, tmp_path):
     out = tmp_path / "mmvet"
     args = ["--model", toy / "model", "--mmvet_json", toy / "mmvet.json", "--image_dir", toy / "images",
             "--out_dir", out, "--judge", "exact", "--max_new_tokens", "8", "--batch_size", "16"]
-    run_script("04_eval_mmvet.py", *args)
+    run_here("04_eval_mmvet.py", *args, check=True)
     questions = json.loads((toy / "mmvet.json").read_text())
     answers = json.loads((out / "answers.json").read_text())
     assert list(answers) == list(questions) and all(isinstance(a, str) for a in answers.values())
@@ -203,7 +203,7 @@ def test_mmvet_on_toy_world(toy, tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     caps = {c for q in questions.values() for c in q["capability"]}
     assert set(scores) == caps | {"total"} and all(0 <= v <= 100 for v in scores.values())
-    proc = run_script("04_eval_mmvet.py", *args)  # a rerun resumes: nothing to answer or grade
+    proc = run_here("04_eval_mmvet.py", *args, check=True)  # a rerun resumes: nothing to answer or grade
     assert f"{len(questions)} already answered" in proc.stdout
     assert json.loads((out / "scores.json").read_text()) == scores
 
@@ -213,7 +213,7 @@ def test_halbench_on_toy_world(toy, tmp_path):
     args = ["--model", toy / "model", "--questions", toy / "halbench.jsonl", "--image_dir", toy / "images",
             "--objects", toy / "halbench_objects.json", "--synonyms", toy / "synonyms.txt", "--out_dir", out,
             "--max_new_tokens", "48", "--batch_size", "16"]
-    run_script("05_eval_halbench.py", *args)
+    run_here("05_eval_halbench.py", *args, check=True)
     n = len((toy / "halbench.jsonl").read_text().splitlines())
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == n and all(a["max_new_tokens"] == 48 for a in answers)
@@ -224,8 +224,8 @@ def test_halbench_on_toy_world(toy, tmp_path):
     assert scores["n"] == n and all(a["num_beams"] == 3 for a in answers)  # RLHF-V's 3 beams by default
     assert scores["recall"] > 0 and scores["avg_len"] > 0
     # the answers it wrote score the same through --answers, with no model loaded
-    run_script("05_eval_halbench.py", "--answers", out / "answers.jsonl", "--objects", toy / "halbench_objects.json",
-               "--synonyms", toy / "synonyms.txt", "--out_dir", tmp_path / "again")
+    run_here("05_eval_halbench.py", "--answers", out / "answers.jsonl", "--objects", toy / "halbench_objects.json",
+             "--synonyms", toy / "synonyms.txt", "--out_dir", tmp_path / "again", check=True)
     assert json.loads((tmp_path / "again" / "scores.json").read_text()) == scores
 
 
@@ -240,7 +240,7 @@ def test_chair_ground_truth_from_coco(tmp_path):
         {"image_id": 7, "caption": "Two puppies under a table."}]})
     answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "image": "COCO_val2014_000000000007.jpg",
                                                   "answer": "A woman, a dog and a cat at a kitchen table."}])
-    run_script("05_eval_halbench.py", "--answers", answers, "--coco_dir", tmp_path / "coco", "--out_dir", tmp_path / "o")
+    run_here("05_eval_halbench.py", "--answers", answers, "--coco_dir", tmp_path / "coco", "--out_dir", tmp_path / "o", check=True)
     d = json.loads((tmp_path / "o" / "details.jsonl").read_text())
     assert d["ground_truth"] == ["dining table", "dog", "person"]  # instances + the captions' puppies
     assert d["hallucinated"] == ["cat"]
@@ -258,8 +258,8 @@ def test_demo_table(tmp_path):
         write_json(tmp_path / name / "pope" / "scores.json", {
             "random": {"f1": 99.0, "yes_ratio": 1.0},
             "adversarial": {"accuracy": 70.0, "precision": 60.0, "recall": 90.0, "f1": 72.0, "yes_ratio": 75.0, "n": 8}})
-    proc = run_script("experiments/demo_table.py", f"base={tmp_path / 'base'}", f"bpo={tmp_path / 'bpo'}",
-                      f"sft={tmp_path / 'none'}")
+    proc = run_here("experiments/demo_table.py", f"base={tmp_path / 'base'}", f"bpo={tmp_path / 'bpo'}",
+                    f"sft={tmp_path / 'none'}", check=True)
     lines = proc.stdout.splitlines()
     assert lines[0] == ("| Model | MM-Vet | Rec | Math | LLaVA-Bench | Resp ↓ | Obj ↓ | Recall | POPE adv. F1 | "
                         "POPE adv. yes % |")

@@ -8,13 +8,14 @@ import sys
 from conftest import ROOT
 
 SCRIPT = """import json, os, sys
-out = sys.argv[sys.argv.index("--out_dir") + 1]
-with open(os.path.join(os.path.dirname(out), "log.txt"), "a") as f:
-    f.write(os.path.basename(out) + "\\n")
-if "--fail" in sys.argv:
-    sys.exit(f"error: {out}: bad input")
-os.makedirs(out, exist_ok=True)
-json.dump({"n": 1}, open(os.path.join(out, "scores.json"), "w"))
+def main(argv):
+    out = argv[argv.index("--out_dir") + 1]
+    with open(os.path.join(os.path.dirname(out), "log.txt"), "a") as f:
+        f.write(os.path.basename(out) + "\\n")
+    if "--fail" in argv:
+        sys.exit(f"error: {out}: bad input")
+    os.makedirs(out, exist_ok=True)
+    json.dump({"n": 1}, open(os.path.join(out, "scores.json"), "w"))
 """
 
 

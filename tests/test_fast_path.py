@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 import common
-import jobs
+import data
 
 I = common.IGNORE
 
@@ -46,8 +46,7 @@ def lora_model(toy):
     changes the outputs and every LoRA weight gets a gradient."""
     model, processor = common.load_model(str(toy / "model"))
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=(
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")))
+    model = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=common.LORA_TARGETS))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -60,7 +59,7 @@ def _pairs(toy, processor, n=3):
     recs = json.load(open(toy / "train.json"))[:n]
     pixels, seqs = [], []
     for i, rec in enumerate(recs):
-        image = jobs.load_image(str(toy / "images"), rec["image"])
+        image = data.load_image(str(toy / "images"), rec["image"])
         answer = rec["conversations"][1]["value"]
         question = rec["conversations"][0]["value"].replace("<image>\n", "") + " please" * i
         pv, pair_seqs, _ = common.build_sequences(processor, image, question,

@@ -22,7 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
-import jobs
+import data
+import dist_io
+import remote
 from conftest import kill_after_lines, run_here
 from openai_stub import RESET, Delay, OpenAIStub
 
@@ -108,14 +110,14 @@ def root(toy, tmp_path_factory):
 
 
 def test_odd_image_modes_load_as_what_a_person_sees(root):
-    rgba = jobs.load_image(root, "rgba.png")
+    rgba = data.load_image(root, "rgba.png")
     assert rgba.mode == "RGB" and rgba.size == (64, 64)
     assert rgba.getpixel((0, 0)) == (255, 0, 0)
     assert rgba.getpixel((60, 0)) == (255, 255, 255)  # transparent: white, not the black under it
     assert all(abs(a - b) <= 1 for a, b in zip(rgba.getpixel((40, 0)), (127, 127, 255)))  # half-transparent blue
-    assert jobs.load_image(root, "grey.png").getpixel((5, 5)) == (77, 77, 77)
-    assert jobs.load_image(root, "grey16.png").getpixel((5, 5)) == (128, 128, 128)  # not clipped to white
-    palette = jobs.load_image(root, "palette.png")
+    assert data.load_image(root, "grey.png").getpixel((5, 5)) == (77, 77, 77)
+    assert data.load_image(root, "grey16.png").getpixel((5, 5)) == (128, 128, 128)  # not clipped to white
+    palette = data.load_image(root, "palette.png")
     assert palette.getpixel((0, 0)) == (0, 255, 0) and palette.getpixel((60, 0)) == (255, 255, 255)
 
 
@@ -130,8 +132,8 @@ def test_odd_image_modes_load_as_what_a_person_sees(root):
 ])
 def test_bad_image_is_a_data_error_naming_it(root, rel, says):
     rel = str(root.parent / "outside.png") if rel == "ABSOLUTE" else rel
-    with pytest.raises(jobs.DataError, match=says) as e:
-        jobs.load_image(root, rel)
+    with pytest.raises(dist_io.DataError, match=says) as e:
+        data.load_image(root, rel)
     assert os.path.basename(rel) in str(e.value)
 
 
@@ -165,21 +167,21 @@ def bad_ground_truth(outside):
 def test_bad_ground_truth_record_fails_or_is_skipped_and_counted(root, tmp_path, case):
     line, kind = bad_ground_truth(root.parent / "outside.png")[case]
     f = write_lines(tmp_path / "gt.jsonl", [json.dumps(gt("good0", "good_0.png")), line])
-    with pytest.raises(jobs.DataError, match=rf"^{f}:2: {kind}"):
-        jobs.load_items("src", f)  # the default: fail
-    bad = jobs.OnError("skip")
-    items, _ = jobs.load_items("src", f, bad=bad)
+    with pytest.raises(dist_io.DataError, match=rf"^{f}:2: {kind}"):
+        data.load_items("src", f)  # the default: fail
+    bad = dist_io.OnError("skip")
+    items, _ = data.load_items("src", f, bad=bad)
     assert [it["id"] for it in items] == ["src/good0-0"] and bad.counts == {kind: 1}
 
 
 def test_ground_truth_json_list_that_does_not_parse_names_the_line(tmp_path):
     f = tmp_path / "gt.json"
     f.write_bytes(b'[\n{"id": "a", "image": "a.png", "conversations": []},\n{"id": "caf\xe9"}\n]')
-    with pytest.raises(jobs.DataError, match=rf"^{f}:3: not UTF-8"):
-        jobs.load_items("src", f, bad=jobs.OnError("skip"))  # no record can be told from the next
+    with pytest.raises(dist_io.DataError, match=rf"^{f}:3: not UTF-8"):
+        data.load_items("src", f, bad=dist_io.OnError("skip"))  # no record can be told from the next
     f.write_text('[\n{"id": "a"},\n{"id": \n]')
-    with pytest.raises(jobs.DataError, match=rf"^{f}:4: not valid JSON"):
-        jobs.load_items("src", f, bad=jobs.OnError("skip"))
+    with pytest.raises(dist_io.DataError, match=rf"^{f}:4: not valid JSON"):
+        data.load_items("src", f, bad=dist_io.OnError("skip"))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +210,7 @@ def test_build_pairs_skips_and_counts_bad_ground_truth(toy, root, ground_truth, 
             "--max_new_tokens", 40, "--batch_size", 4]
     proc = run_here("01_build_pairs.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = [r["id"] for r in jobs.read_jsonl(out)]
+    ids = [r["id"] for r in dist_io.read_jsonl(out)]
     dropped = int(summary_line(proc, "wrote ").split("dropped ")[1].split()[0])
     cut_off = int(summary_line(proc, "wrote ").split(" negatives and ")[1].split()[0])  # never written
     assert len(ids) == len(set(ids)) and set(ids) <= {f"src/{i}-0" for i in good}
@@ -219,7 +221,7 @@ def test_build_pairs_skips_and_counts_bad_ground_truth(toy, root, ground_truth, 
     assert all(f"{n} {kind}" in skipped for kind, n in kinds.items())
     for line in range(3, 3 + sum(kinds.values())):  # each bad line named on stderr
         assert f"skip {f}:{line}: " in proc.stderr
-    assert all("<image>" not in r["prompt"] for r in jobs.read_jsonl(out))
+    assert all("<image>" not in r["prompt"] for r in dist_io.read_jsonl(out))
     # --on_error fail: the first bad line, then (with that one fixed) the first unreadable image
     error_line(run_here("01_build_pairs.py", *args, "--on_error", "fail"), f"{f}:3: not a valid JSON line")
     only_images = write_lines(tmp_path / "gt.jsonl", [json.dumps(gt("missing", "missing.png")),
@@ -235,7 +237,7 @@ def test_inject_skips_and_counts_bad_ground_truth(toy, root, ground_truth, tmp_p
                     "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 02 never opens images (03 checks them): only the records themselves are judged here
-    assert sorted(r["id"] for r in jobs.read_jsonl(out)) == sorted(f"src/{i}-0" for i in good + unreadable)
+    assert sorted(r["id"] for r in dist_io.read_jsonl(out)) == sorted(f"src/{i}-0" for i in good + unreadable)
     skipped = summary_line(proc, "skipped ")
     assert skipped.startswith(f"skipped {sum(kinds.values())} bad ground-truth records (")
     assert all(f"{n} {kind}" in skipped for kind, n in kinds.items())
@@ -374,7 +376,7 @@ def test_train_killed_between_checkpoints_resumes_to_the_same_weights(toy, pair_
     assert f"resumed from {out / f'checkpoint-{done[-1]}'} at step {done[-1]}" in proc.stdout
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, straight))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [r["step"] for r in jobs.read_jsonl(out / "metrics.jsonl")] == list(range(1, 9))
+    assert [r["step"] for r in dist_io.read_jsonl(out / "metrics.jsonl")] == list(range(1, 9))
 
 
 # ----------------------------------------------------------------------------- benchmark files (04, 05)
@@ -470,8 +472,8 @@ def test_chat_retries_each_transient_fault_with_backoff_and_jitter(monkeypatch):
     bodies = [{"choices": []}, {"object": "chat.completion"}, {"choices": [{"index": 0}]}, b'{"choices": [']
     waits = fast_backoff(monkeypatch)
     with OpenAIStub(transport + bodies + ["0.7"]) as stub:
-        client = jobs.openai_client(stub.url, timeout=0.5, tries=len(transport) + 1)  # the Delay outlasts the timeout
-        assert jobs.chat(client, "judge", MESSAGES, tries=len(bodies) + 1) == "0.7"
+        client = remote.openai_client(stub.url, timeout=0.5, tries=len(transport) + 1)  # the Delay outlasts the timeout
+        assert remote.chat(client, "judge", MESSAGES, tries=len(bodies) + 1) == "0.7"
         assert len(stub.requests) == len(transport) + len(bodies) + 1  # every fault asked again, none given up
     # the client's exponential backoff with jitter, before each transport retry (malformed bodies are re-asked)
     factors = [w / min(0.5 * 2 ** k, 8.0) for k, w in enumerate(waits)]
@@ -483,17 +485,17 @@ def test_chat_gives_up_after_bounded_tries_and_never_quotes_the_key(monkeypatch)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     fast_backoff(monkeypatch)
     with OpenAIStub(default=503) as stub:
-        with pytest.raises(jobs.RemoteError, match=r"gave up after 3 tries \(InternalServerError: 503\)"):
-            jobs.chat(jobs.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
+        with pytest.raises(remote.RemoteError, match=r"gave up after 3 tries \(InternalServerError: 503\)"):
+            remote.chat(remote.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
         assert len(stub.requests) == 3
     with OpenAIStub(default={"choices": []}) as stub:
-        with pytest.raises(jobs.RemoteError, match=r"gave up after 3 tries \(response without choices"):
-            jobs.chat(jobs.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
+        with pytest.raises(remote.RemoteError, match=r"gave up after 3 tries \(response without choices"):
+            remote.chat(remote.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
         assert len(stub.requests) == 3
     echo = (401, {"error": {"message": f"Incorrect API key provided: {SECRET}", "code": "invalid_api_key"}})
     with OpenAIStub(default=echo) as stub:  # a server that quotes the key back
-        with pytest.raises(jobs.RemoteError) as e:
-            jobs.chat(jobs.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
+        with pytest.raises(remote.RemoteError) as e:
+            remote.chat(remote.openai_client(stub.url, tries=3), "judge", MESSAGES, tries=3)
         assert len(stub.requests) == 1 and stub.headers[0]["authorization"] == f"Bearer {SECRET}"
     assert SECRET not in "".join(traceback.format_exception(e.value)) and "401" in str(e.value)
 
@@ -523,11 +525,11 @@ def test_inject_openai_survives_faults_and_a_failure_sets_the_exit_code(tmp_path
         proc = run_here("02_inject_errors.py", *args, "--base_url", stub.url, env=KEY)
     assert "1 items got no reply" in error_line(proc, stub.url)
     assert "failed 1 items (up to 1 tries each: 1 api error)" in summary_line(proc, "wrote 5 pairs this run (5 in")
-    assert sorted(r["chosen"] for r in jobs.read_jsonl(out)) == sorted(answers[:5])
+    assert sorted(r["chosen"] for r in dist_io.read_jsonl(out)) == sorted(answers[:5])
     with OpenAIStub(default=lambda body: "Not an old book .") as stub:  # the rerun asks for the missing one only
         again = run_here("02_inject_errors.py", *args, "--base_url", stub.url, env=KEY)
         assert again.returncode == 0 and len(stub.requests) == 1
-    assert len(jobs.read_jsonl(out)) == 6
+    assert len(dist_io.read_jsonl(out)) == 6
     assert_no_secret(tmp_path, proc, again)
 
 
@@ -557,7 +559,7 @@ def test_mmvet_judge_faults_are_retried_and_a_failure_is_never_a_zero(tmp_path):
         proc = run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=KEY)
     assert "1 grades got no reply" in error_line(proc, "rerun to resume")
     assert not (out / "scores.json").exists()  # no total with a 0.0 standing in for the failed grade
-    grades = {g["id"]: g for g in jobs.read_jsonl(out / "grades.jsonl")}
+    grades = {g["id"]: g for g in dist_io.read_jsonl(out / "grades.jsonl")}
     assert sorted(grades) == ["v1_0", "v1_1", "v1_2"] and not any(g["failed"] for g in grades.values())
     with OpenAIStub(default=lambda body: judge_score(body["messages"][-1]["content"])) as stub:
         again = run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=KEY)
@@ -590,7 +592,7 @@ def test_halbench_extractor_failure_exits_nonzero_and_rerun_asks_only_for_it(tmp
 
 
 def lines_as_set(path):
-    return sorted(json.dumps(r, sort_keys=True) for r in jobs.read_jsonl(path))
+    return sorted(json.dumps(r, sort_keys=True) for r in dist_io.read_jsonl(path))
 
 
 def test_inject_openai_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
@@ -605,7 +607,7 @@ def test_inject_openai_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
         kill_after_lines([*args, "--base_url", stub.url, "--out", killed], part, random.Random(2).randint(5, 30))
         half_line(part)
         assert run_here(*args, "--base_url", stub.url, "--out", killed).returncode == 0
-    ids = [r["id"] for r in jobs.read_jsonl(killed)]
+    ids = [r["id"] for r in dist_io.read_jsonl(killed)]
     assert len(ids) == len(set(ids)) == 40 and lines_as_set(killed) == lines_as_set(straight)
 
 
@@ -627,7 +629,7 @@ def test_mmvet_killed_answering_then_grading_equals_uninterrupted(toy, tmp_path)
         assert (out / name).read_text() == (straight / name).read_text()
     assert lines_as_set(out / "answers.jsonl") == lines_as_set(straight / "answers.jsonl")
     assert lines_as_set(out / "grades.jsonl") == lines_as_set(straight / "grades.jsonl")
-    assert len(jobs.read_jsonl(out / "grades.jsonl")) == n  # each question graded exactly once
+    assert len(dist_io.read_jsonl(out / "grades.jsonl")) == n  # each question graded exactly once
 
 
 def test_halbench_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
@@ -640,7 +642,7 @@ def test_halbench_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
     kill_after_lines([*args, "--out_dir", out], out / "answers.jsonl", random.Random(5).randint(3, n - 6))
     half_line(out / "answers.jsonl", '{"question_id": 0, "ans')
     assert run_here(*args, "--out_dir", out).returncode == 0
-    ids = [r["question_id"] for r in jobs.read_jsonl(out / "answers.jsonl")]
+    ids = [r["question_id"] for r in dist_io.read_jsonl(out / "answers.jsonl")]
     assert len(ids) == len(set(ids)) == n
     assert lines_as_set(out / "answers.jsonl") == lines_as_set(straight / "answers.jsonl")
     for name in ("details.jsonl", "scores.json"):
@@ -649,9 +651,9 @@ def test_halbench_killed_and_rerun_equals_uninterrupted(toy, tmp_path):
 
 def test_whole_file_outputs_are_replaced_atomically(tmp_path):
     f = tmp_path / "scores.json"
-    jobs.write_atomic(f, '{"total": 50.0}')
+    dist_io.write_atomic(f, '{"total": 50.0}')
     with pytest.raises(UnicodeEncodeError):  # a write that dies half-way (a lone surrogate cannot be encoded)
-        jobs.write_atomic(f, '{"total": 12.5, "note": "' + "x" * 100_000 + '\ud800"}')
+        dist_io.write_atomic(f, '{"total": 12.5, "note": "' + "x" * 100_000 + '\ud800"}')
     assert json.loads(f.read_text()) == {"total": 50.0} and os.listdir(tmp_path) == ["scores.json"]
 
 

@@ -4,21 +4,17 @@ import collections
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 
-import common
-import jobs
-from conftest import ROOT, kill_after_lines, run_script
+import data
+import dist_io
+from conftest import kill_after_lines, run_here, run_torchrun
 from openai_stub import OpenAIStub
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
 
 
 def inject(*args, **kw):
-    return run_script("02_inject_errors.py", *args, **kw)
+    return run_here("02_inject_errors.py", *args, **{"check": True, **kw})
 
 
 def summary(proc):
@@ -30,7 +26,7 @@ def summary(proc):
 
 
 def check_pairs(path, method="error_injection"):
-    recs = jobs.read_jsonl(path)
+    recs = dist_io.read_jsonl(path)
     assert recs and len({r["id"] for r in recs}) == len(recs), "duplicate ids"
     for r in recs:
         assert PAIR_FIELDS <= set(r) and r["method"] == method
@@ -74,8 +70,8 @@ def test_rules_all_turns_count_failures_and_resume(toy, tmp_path):
     args = ("--backend", "rules", "--data", f"toy={toy / 'train.json'}", "--vocab", toy / "world.json",
             "--out", out, "--turns", "all", "--samples_per_source", 200)
     written, failed, reasons = summary(inject(*args))
-    items, _ = jobs.load_items("toy", toy / "train.json", "all")
-    sampled = {it["id"]: it for it in jobs.sample_per_source(items, 200, 0)}
+    items, _ = data.load_items("toy", toy / "train.json", "all")
+    sampled = {it["id"]: it for it in data.sample_per_source(items, 200, 0)}
     recs = check_pairs(out)
     unchangeable = [i for i, it in sampled.items() if it["answer"] in ("none .", "nothing .")]
     assert unchangeable and written == len(recs) and written + failed == len(sampled)
@@ -161,12 +157,12 @@ def test_hf_backend_killed_and_rerun_loses_and_duplicates_nothing(toy, tmp_path)
             "--samples_per_source", 60, "--batch_size", 1, "--max_new_tokens", 24, "--prompt_file", prompt]
     part = f"{out}.part0"
     kill_after_lines(["02_inject_errors.py", *args], part, 3)
-    before = {r["id"] for r in jobs.read_jsonl(part, tolerate_partial_last=True)}
+    before = {r["id"] for r in dist_io.read_jsonl(part, tolerate_partial_last=True)}
     written, failed, _ = summary(inject(*args))
     recs = check_pairs(out)
     ids = {r["id"] for r in recs}
-    items, _ = jobs.load_items("toy", toy / "train.json")
-    assert before <= ids <= {it["id"] for it in jobs.sample_per_source(items, 60, 0)}
+    items, _ = data.load_items("toy", toy / "train.json")
+    assert before <= ids <= {it["id"] for it in data.sample_per_source(items, 60, 0)}
     assert len(ids) + failed == 60 and written == len(ids) - len(before)
     assert not os.path.exists(part)
     for r in recs:
@@ -177,15 +173,9 @@ def test_torchrun_two_ranks_equal_one_process(toy, tmp_path):
     args = ["--backend", "rules", "--data", f"toy={toy / 'train.json'}", "--vocab", str(toy / "world.json"),
             "--samples_per_source", "50"]
     inject(*args, "--out", tmp_path / "one.jsonl")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    with socket.socket() as s:  # a free port: other tests may run torchrun at the same time
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
-                           os.path.join(ROOT, "02_inject_errors.py"), *args, "--out", str(tmp_path / "two.jsonl")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_torchrun("02_inject_errors.py", *args, "--out", tmp_path / "two.jsonl")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 50 pairs this run (50 in" in proc.stdout
-    key = lambda path: sorted(json.dumps(r, sort_keys=True) for r in jobs.read_jsonl(path))
+    key = lambda path: sorted(json.dumps(r, sort_keys=True) for r in dist_io.read_jsonl(path))
     assert key(tmp_path / "one.jsonl") == key(tmp_path / "two.jsonl")
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import jobs
-from conftest import run_here, run_script
+import dist_io
+from conftest import run_here
 from openai_stub import OpenAIStub
 from test_hardening import by_marker, fast_backoff
 
@@ -54,7 +54,7 @@ def approx_scores(expected):
 
 
 def reviews(tmp_path):
-    return {(r["question_id"], r["run"]): r for r in jobs.read_jsonl(tmp_path / "out" / "reviews.jsonl")}
+    return {(r["question_id"], r["run"]): r for r in dist_io.read_jsonl(tmp_path / "out" / "reviews.jsonl")}
 
 
 def question_of(prompt):
@@ -185,7 +185,7 @@ def test_overlap_judge_by_hand_and_answers_from_elsewhere(tmp_path):
         "abs": {"conv": [10, 4], "detail": [10, 1 + 36 / 7], "complex": [10, 10], "all": [10, (19 + 36 / 7) / 4]}})
     assert "judge overlap (offline word-overlap smoke test, not GPT-4" in proc.stdout
     # the scored answers are copied to out_dir as {question_id, text}, in question order
-    assert jobs.read_jsonl(tmp_path / "out" / "answers.jsonl") == ANSWERS
+    assert dist_io.read_jsonl(tmp_path / "out" / "answers.jsonl") == ANSWERS
 
 
 @pytest.mark.parametrize("case", ["unknown answer", "missing answer", "bad category", "no context", "no reference",
@@ -220,14 +220,14 @@ def test_bad_benchmark_or_answers_stop_with_one_line(tmp_path, case):
 
 def test_toy_llavabench_files_are_in_the_published_formats(toy):
     d = toy / "llavabench"
-    questions = jobs.read_jsonl(d / "questions.jsonl")
+    questions = dist_io.read_jsonl(d / "questions.jsonl")
     assert [q["question_id"] for q in questions] == list(range(len(questions)))
     assert {c: sum(q["category"] == c for q in questions) for c in ("conv", "detail", "complex")} == \
         {"conv": 24, "detail": 24, "complex": 24}
-    context = {c["image"]: c["caption"] for c in jobs.read_jsonl(d / "context.jsonl")}
+    context = {c["image"]: c["caption"] for c in dist_io.read_jsonl(d / "context.jsonl")}
     assert set(context) == {q["image"] for q in questions} and all((d / "images" / i).is_file() for i in context)
     assert all(isinstance(c, list) and len(c) == 1 and c[0].endswith(" .") for c in context.values())
-    references = jobs.read_jsonl(d / "answers_gpt4.jsonl")
+    references = dist_io.read_jsonl(d / "answers_gpt4.jsonl")
     assert [r["question_id"] for r in references] == [q["question_id"] for q in questions]
     # the detail question's reference is the image's caption, the context the judge reads
     assert all(r["text"] == context[q["image"]][0] for q, r in zip(questions, references) if q["category"] == "detail")
@@ -241,12 +241,12 @@ def test_llavabench_on_toy_world(toy, tmp_path):
     args = ["--model", toy / "model", "--questions", d / "questions.jsonl", "--context", d / "context.jsonl",
             "--references", d / "answers_gpt4.jsonl", "--rule", d / "rule.json", "--image_dir", d / "images",
             "--out_dir", out, "--judge", "overlap", "--max_new_tokens", 24, "--batch_size", 24]
-    proc = run_script("06_eval_llavabench.py", *args)
-    n = len(jobs.read_jsonl(d / "questions.jsonl"))
-    answers = jobs.read_jsonl(out / "answers.jsonl")
+    proc = run_here("06_eval_llavabench.py", *args, check=True)
+    n = len(dist_io.read_jsonl(d / "questions.jsonl"))
+    answers = dist_io.read_jsonl(out / "answers.jsonl")
     assert sorted(a["question_id"] for a in answers) == list(range(n)) and all(isinstance(a["text"], str) for a in answers)
     assert {a["model"] for a in answers} == {str(toy / "model")}
-    got = jobs.read_jsonl(out / "reviews.jsonl")
+    got = dist_io.read_jsonl(out / "reviews.jsonl")
     assert len(got) == n and all(r["judge"] == "overlap" and r["scores"][0] == 10 and 1 <= r["scores"][1] <= 10
                                  for r in got)
     s = json.loads((out / "scores.json").read_text())
@@ -254,6 +254,6 @@ def test_llavabench_on_toy_world(toy, tmp_path):
     assert all(0 < s[c] <= 100 and s["abs"][c][0] == 10 for c in ("conv", "detail", "complex", "all"))
     assert s["all"] == pytest.approx(10 * s["abs"]["all"][1])  # the reference's mean is 10
     assert "judge overlap (offline" in proc.stdout
-    again = run_script("06_eval_llavabench.py", *args)  # a rerun resumes: nothing to answer or review
-    assert f"{n} already answered" in again.stdout and len(jobs.read_jsonl(out / "reviews.jsonl")) == n
+    again = run_here("06_eval_llavabench.py", *args, check=True)  # a rerun resumes: nothing to answer or review
+    assert f"{n} already answered" in again.stdout and len(dist_io.read_jsonl(out / "reviews.jsonl")) == n
     assert json.loads((out / "scores.json").read_text()) == s

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-import jobs
+import data
 
 LLAMA_TOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "llama2-tokenizer")
 
@@ -22,7 +22,7 @@ def test_noise_schedule_matches_closed_form():
         prod *= 1 - beta
         if i + 1 in (1, 200, 500, 800, 1000):
             assert abar[i].item() == pytest.approx(prod, rel=1e-9)
-    # the values TOY_NOTES.md quotes for t = 200 / 500 / 800 / 999
+    # abar at t = 200 / 500 / 800 / 999 as docs/toy_world.md quotes them
     for t, want in [(200, 0.99), (500, 0.75), (800, 0.22), (999, 0.08)]:
         assert abar[t - 1].item() == pytest.approx(want, abs=0.01)
 
@@ -47,7 +47,7 @@ def _logits(model, processor, image, noise_step=0, noise_on="features"):
 @pytest.mark.parametrize("noise_on", ["features", "pixels"])
 def test_weakening_changes_logits_and_step0_does_not(toy, toy_model, noise_on):
     model, processor = toy_model
-    image = jobs.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    image = data.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     clean = _logits(model, processor, image)
     assert torch.equal(clean, _logits(model, processor, image, 0, noise_on))
     weak = _logits(model, processor, image, 800, noise_on)
@@ -74,7 +74,7 @@ def test_packed_logps_equal_model_token_loss(toy, toy_model):
     """Summed response log-probs = -(mean token loss of the model's own loss) x number of tokens,
     with prompt and image tokens masked."""
     model, processor = toy_model
-    image = jobs.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    image = data.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     words = [w for w in processor.tokenizer.get_vocab() if w.isalpha()][:5]
     pixel_values, seqs, cut = common.build_sequences(processor, image, "Describe the image in detail.",
                                                      [" ".join(words), words[0]], max_length=512)
@@ -101,7 +101,7 @@ def test_packed_logps_equal_model_token_loss(toy, toy_model):
 
 def test_truncation_cuts_the_response_never_the_image(toy, toy_model):
     model, processor = toy_model
-    image = jobs.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
+    image = data.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     prompt_len = len(processor(text=[common.chat_prompt(processor, "q")], images=[image]).input_ids[0])
     _, seqs, cut = common.build_sequences(processor, image, "q", ["a " * 50, "a"], max_length=prompt_len + 5)
     assert cut == 1 and len(seqs[0][0]) == prompt_len + 5 and len(seqs[1][0]) == prompt_len + 2

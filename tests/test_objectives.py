@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-import jobs
+import data
+import dist_io
 from conftest import run_here
 
 
@@ -49,7 +50,7 @@ def test_weakened_packed_forward_equals_the_plain_path(toy, toy_model):
     packs, pixels, plain = [], [], []
     with torch.no_grad():
         for rec, (step, where, seed) in zip(recs, weaken):
-            image = jobs.load_image(toy / "images", rec["image"])
+            image = data.load_image(toy / "images", rec["image"])
             pv, seqs, _ = common.build_sequences(processor, image, "Describe the image.",
                                                  [rec["conversations"][1]["value"]], 512)
             packs.append(common.pack_responses(seqs))
@@ -86,10 +87,45 @@ def test_objective_terms_at_step_one(toy, tmp_path):
                     "--lora_r", 4, "--lora_alpha", 8, "--loss", "ipo", "--length_normalize",
                     "--anchor_weight", 0.5, "--conditional_weight", 0.3)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = jobs.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    row = dist_io.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert row["loss/anchor"] == pytest.approx(math.log(2), abs=1e-5)
     assert row["loss/conditional"] == pytest.approx(math.log(2), abs=1e-5)
     assert row["loss"] == pytest.approx(25 + 0.8 * math.log(2), abs=1e-4)
-    cache = jobs.read_jsonl(tmp_path / "run" / "ref_logps.jsonl")
+    cache = dist_io.read_jsonl(tmp_path / "run" / "ref_logps.jsonl")
     assert all({"chosen", "rejected", "chosen_weak"} <= r.keys() for r in cache)
     assert all(r["chosen_weak"] != r["chosen"] for r in cache)
+
+
+def test_preference_loss_hand_computed():
+    """common.preference_loss, the whole objective of a micro-batch, against math-module values: DPO with
+    every added term on per-token log-ratios, IPO, and SFT's token mean."""
+    ls = lambda z: math.log(1 / (1 + math.exp(-z)))  # log sigmoid
+    pol = torch.tensor([-10.0, -6.0, -12.0, -9.0], requires_grad=True)  # chosen 1, chosen 2, rejected 1, rejected 2
+    ref = torch.tensor([-11.0, -6.5, -11.0, -8.0])
+    n = torch.tensor([5, 3, 4, 6])
+    weak = (torch.tensor([-13.0, -7.0]), torch.tensor([-12.0, -6.0]), torch.tensor([5, 3]))  # policy, ref, tokens
+    loss, m = common.preference_loss(pol, ref, n, loss="dpo", beta=0.5, length_normalize=True, sft_weight=0.2,
+                                     conditional_weight=0.3, anchor_weight=0.4, weak=weak)
+    want, chosen_rewards = [], []
+    for i in range(2):
+        c = (pol[i].item() - ref[i].item()) / n[i].item()  # per-token log-ratios
+        r = (pol[i + 2].item() - ref[i + 2].item()) / n[i + 2].item()
+        cw = (weak[0][i].item() - weak[1][i].item()) / weak[2][i].item()
+        want.append(-ls(0.5 * (c - r)) + 0.2 * -pol[i].item() / n[i].item() + 0.3 * -ls(0.5 * (c - cw))
+                    + 0.4 * -ls(0.5 * c))
+        chosen_rewards.append(0.5 * c)
+    assert loss.item() == pytest.approx(sum(want) / 2, rel=1e-6)
+    assert m["loss"].item() == pytest.approx(sum(want) / 2, rel=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(sum(chosen_rewards) / 2, rel=1e-6)
+    assert m["loss/sft"].item() == pytest.approx((10 / 5 + 6 / 3) / 2, rel=1e-6)
+    assert m["logps/chosen"].item() == pytest.approx(-8.0) and m["logps/rejected"].item() == pytest.approx(-10.5)
+    assert loss.requires_grad and not any(v.requires_grad for v in m.values())  # metrics detached: logged only
+    # IPO on summed log-ratios: h = (pc - rc) - (pr - rr) = [1 - (-1), 0.5 - (-1)]; target 1 / (2 * 0.5) = 1
+    loss, m = common.preference_loss(pol, ref, n, loss="ipo", beta=0.5)
+    assert loss.item() == pytest.approx(((2 - 1) ** 2 + (1.5 - 1) ** 2) / 2)
+    assert set(m) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected"}
+    assert m["rewards/accuracies"].item() == 1.0 and m["rewards/margins"].item() == pytest.approx(0.5 * 1.75)
+    # SFT: the mean NLL over the micro-batch's answer tokens, the rejected answers and the reference unused
+    loss, m = common.preference_loss(pol[:2], None, n[:2], loss="sft")
+    assert loss.item() == pytest.approx(16 / 8) and set(m) == {"loss", "logps/chosen"}

@@ -1,24 +1,25 @@
 """The numbered scripts end to end on the quick toy world: 01 -> 03, resume, DDP."""
 import json
 import os
+import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
-import jobs
-from conftest import ROOT, kill_after_lines, run_script
+import data
+import dist_io
+from conftest import kill_after_lines, run_here, run_script, run_torchrun
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
 
 
 def build_pairs(toy, out, *extra):
-    return run_script("01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}",
-                      "--image_root", toy / "images", "--out", out, "--max_new_tokens", 96, "--seed", 0, *extra)
+    return run_here("01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}",
+                    "--image_root", toy / "images", "--out", out, "--max_new_tokens", 96, "--seed", 0, *extra,
+                    check=True)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def pairs(toy, tmp_path_factory):
 
 
 def test_pairs_follow_spec(pairs, toy):
-    recs = jobs.read_jsonl(pairs)
+    recs = dist_io.read_jsonl(pairs)
     gt = {f"toy/{r['id']}-0": r for r in json.load(open(toy / "train.json"))}
     assert len(recs) >= 60 and len({r["id"] for r in recs}) == len(recs)
     for r in recs:
@@ -61,22 +62,27 @@ def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
     kill_after_lines(args, part, 5)
     with open(part, "a") as f:
         f.write('{"id": "toy/half-written')  # as if the kill had landed mid-line
-    run_script(*args)
-    ids = [r["id"] for r in jobs.read_jsonl(out)]
-    expected = {it["id"] for it in jobs.sample_per_source(jobs.load_items("toy", toy / "train.json")[0], 40, 0)}
-    assert len(ids) == len(set(ids)) and set(ids) <= expected
-    dropped = len(expected) - len(ids)  # only empty or identical negatives may be missing, and are counted
-    assert dropped <= 4 and not os.path.exists(part)
+    rerun = run_here(*args, check=True).stdout
+    ids = [r["id"] for r in dist_io.read_jsonl(out)]
+    expected = {it["id"] for it in data.sample_per_source(data.load_items("toy", toy / "train.json")[0], 40, 0)}
+    assert len(ids) == len(set(ids)) and set(ids) <= expected and not os.path.exists(part)
+    # the rerun tries every item not in the file, so each missing one is an empty or identical negative, or one
+    # cut off, that the rerun counted (how many depends on where the kill fell: the sampling draws shift)
+    n = re.search(r"wrote \d+ pairs this run \((\d+) in .*\); dropped (\d+) empty or identical negatives and (\d+) cut off",
+                  rerun)
+    assert n, rerun
+    total, dropped, cut_off = map(int, n.groups())
+    assert total == len(ids) and len(expected) - len(ids) == dropped + cut_off
 
 
 def train(toy, data, out, *extra):
-    return run_script("03_train_bpo.py", "--model", toy / "model", "--data", data, "--image_root", toy / "images",
-                      "--output_dir", out, "--lora_r", 8, "--lora_alpha", 16, "--seed", 0, *extra)
+    return run_here("03_train_bpo.py", "--model", toy / "model", "--data", data, "--image_root", toy / "images",
+                    "--output_dir", out, "--lora_r", 8, "--lora_alpha", 16, "--seed", 0, *extra, check=True)
 
 
 def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
     proc = train(toy, pairs, tmp_path, "--lr", 2e-3, "--batch_size", 8, "--epochs", 3, "--save_every", 0)
-    rows = jobs.read_jsonl(tmp_path / "metrics.jsonl")
+    rows = dist_io.read_jsonl(tmp_path / "metrics.jsonl")
     need = {"step", "epoch", "loss", "lr", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
             "rewards/margins", "logps/chosen", "logps/rejected", "samples_per_s"}
     assert need <= set(rows[0]) and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
@@ -98,13 +104,13 @@ def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
 
 def test_sft_baseline_learns_the_chosen_answers(toy, pairs, tmp_path):
     # the toy base already fits its own captions, so teach it one answer it does not give yet
-    recs = jobs.read_jsonl(pairs)
+    recs = dist_io.read_jsonl(pairs)
     target = recs[0]["chosen"]
     sft_pairs = tmp_path / "sft_pairs.jsonl"
     sft_pairs.write_text("".join(json.dumps({**r, "chosen": target}) + "\n" for r in recs if r["rejected"] != target))
     train(toy, sft_pairs, tmp_path, "--loss", "sft", "--lr", 2e-3, "--batch_size", 8, "--max_steps", 12,
           "--save_every", 0)
-    rows = jobs.read_jsonl(tmp_path / "metrics.jsonl")
+    rows = dist_io.read_jsonl(tmp_path / "metrics.jsonl")
     assert set(rows[0]) >= {"loss", "logps/chosen"} and "rewards/margins" not in rows[0]
     assert rows[-1]["logps/chosen"] > rows[0]["logps/chosen"] + 5
     assert rows[-1]["loss"] < 0.85 * rows[0]["loss"]
@@ -137,12 +143,12 @@ def test_resume_equals_straight_run(toy, pairs, tmp_path, objective):
     shutil.rmtree(cut / "adapter")
     run = json.loads((cut / "run.json").read_text())
     (cut / "run.json").write_text(json.dumps({**run, "finished_step": None}))  # a finished run marks it at the end
-    rows = jobs.read_jsonl(cut / "metrics.jsonl")
+    rows = dist_io.read_jsonl(cut / "metrics.jsonl")
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))  # one line too many
     proc = train(toy, pairs, cut, *args, "--resume")
     assert "resumed from" in proc.stdout and "checkpoint-3" in proc.stdout
     assert_same_weights(adapter(cut), adapter(tmp_path / "straight"), atol=1e-6)
-    resumed = jobs.read_jsonl(cut / "metrics.jsonl")
+    resumed = dist_io.read_jsonl(cut / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     assert resumed[-1]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
 
@@ -152,15 +158,11 @@ def test_ddp_two_processes_equal_one(toy, pairs, tmp_path, objective):
     args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--lora_r", 8,
             "--lora_alpha", 16, "--lora_dropout", 0, "--lr", 1e-3, "--max_steps", 3, "--save_every", 0, "--seed", 0,
             *objective]
-    run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "one", "--batch_size", 4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", os.path.join(ROOT, "03_train_bpo.py"), *map(str, args),
-                           "--output_dir", str(tmp_path / "two"), "--batch_size", "2"],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    run_here("03_train_bpo.py", *args, "--output_dir", tmp_path / "one", "--batch_size", 4, check=True)
+    proc = run_torchrun("03_train_bpo.py", *args, "--output_dir", tmp_path / "two", "--batch_size", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(adapter(tmp_path / "two"), adapter(tmp_path / "one"), atol=1e-5)
-    one, two = (jobs.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    one, two = (dist_io.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     for a, b in zip(one, two):  # metrics averaged over ranks = the single process's batch means
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-4)
@@ -173,10 +175,10 @@ def test_data_workers_give_the_same_training(toy, pairs, tmp_path):
     """Micro-batches prepared by DataLoader workers ahead of the step = prepared in the training process."""
     args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--max_steps", 3,
             "--batch_size", 4, "--grad_accum", 2, "--lr", 1e-3, "--lora_r", 4, "--lora_alpha", 8, "--save_every", 0]
-    run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "main", "--num_workers", 0)
-    run_script("03_train_bpo.py", *args, "--output_dir", tmp_path / "workers", "--num_workers", 2)
+    run_here("03_train_bpo.py", *args, "--output_dir", tmp_path / "main", "--num_workers", 0, check=True)
+    run_here("03_train_bpo.py", *args, "--output_dir", tmp_path / "workers", "--num_workers", 2, check=True)
     assert_same_weights(adapter(tmp_path / "workers"), adapter(tmp_path / "main"), atol=1e-7)
-    for a, b in zip(*(jobs.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("main", "workers"))):
+    for a, b in zip(*(dist_io.read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("main", "workers"))):
         assert {k: v for k, v in a.items() if k != "samples_per_s"} == {k: v for k, v in b.items()
                                                                          if k != "samples_per_s"}
 
@@ -184,13 +186,13 @@ def test_data_workers_give_the_same_training(toy, pairs, tmp_path):
 def test_precomputed_reference_trains_like_the_per_step_reference(toy, pairs, tmp_path):
     common_args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--max_steps", 3,
                    "--batch_size", 4, "--lr", 1e-3, "--lora_r", 4, "--lora_alpha", 8, "--save_every", 0]
-    run_script("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "cached")
-    run_script("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "per_step", "--no-precompute_ref")
-    cache = jobs.read_jsonl(tmp_path / "cached" / "ref_logps.jsonl")
-    n_pairs = len(jobs.read_jsonl(pairs))
+    run_here("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "cached", check=True)
+    run_here("03_train_bpo.py", *common_args, "--output_dir", tmp_path / "per_step", "--no-precompute_ref", check=True)
+    cache = dist_io.read_jsonl(tmp_path / "cached" / "ref_logps.jsonl")
+    n_pairs = len(dist_io.read_jsonl(pairs))
     assert len(cache) == n_pairs and len({r["id"] for r in cache}) == n_pairs
     assert not (tmp_path / "per_step" / "ref_logps.jsonl").exists()
-    for a, b in zip(jobs.read_jsonl(tmp_path / "cached" / "metrics.jsonl"),
-                    jobs.read_jsonl(tmp_path / "per_step" / "metrics.jsonl")):
+    for a, b in zip(dist_io.read_jsonl(tmp_path / "cached" / "metrics.jsonl"),
+                    dist_io.read_jsonl(tmp_path / "per_step" / "metrics.jsonl")):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -1,7 +1,6 @@
 """POPE: LLaVA's yes/no rule and the metrics against hand-worked cases, bad input named by file:line,
 several splits from one answers file, 07 on the toy world, and the toy's POPE files themselves."""
 import json
-import os
 import re
 
 import pytest
@@ -30,7 +29,8 @@ def score(tmp_path, question_files, answers, *extra):
     return proc, out
 
 
-# answer, how LLaVA's rule reads it (worked out by hand: first sentence, commas removed, words No/no/not)
+# answer, how LLaVA's rule reads it (worked out by hand from its eval_pope.py: the text before the first ".",
+# commas removed, split on single spaces (text.split(' ')), the words No/no/not)
 RULE_CASES = [
     ("No, there is not.", "no"),
     ("Yes.", "yes"),
@@ -44,7 +44,11 @@ RULE_CASES = [
     ("Not at all", "yes"),               # "Not" is not in the list
     ("I cannot see one", "yes"),
     ("yes, but not a red one", "no"),
-    ("no\nthere is none", "no"),         # words split on any white space
+    ("no\nthere is none", "yes"),        # split on single spaces only: "no\nthere" is one word
+    ("no\tthere is none", "yes"),        # a tab joins words too
+    ("there  is no cup", "no"),          # two spaces leave an empty word between, "no" stays a word
+    ("No\n", "yes"),                     # "No\n" is not "No"
+    ("no ,there is none", "no"),         # "no" and ",there" -> "there": "no" stays
     ("no .", "no"),                      # the toy model's form
     ("", "yes"),
 ]

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import common
-import jobs
+import data
+import dist_io
 from conftest import run_here
 from test_hardening import error_line, write_lines
 
@@ -113,7 +114,7 @@ def test_per_source_image_roots(toy, two_sources, tmp_path):
     roots = [f"coco={base / 'coco'}", f"laion={base / 'laion'}"]
     proc = train(toy, tmp_path / "run", files.values(), roots, "--max_steps", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(jobs.read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert len(dist_io.read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
     missing = train(toy, tmp_path / "missing", files.values(), roots[:1], "--max_steps", 1)
     assert "no --image_root for source 'laion'" in error_line(missing, f"{files['laion']}:1")
 
@@ -141,12 +142,12 @@ def test_run_directory_contract(toy, two_sources, tmp_path):
     # a longer --max_steps continues it
     more = train(toy, out, data, roots, "--max_steps", 3, "--resume")
     assert more.returncode == 0, more.stderr[-3000:]
-    assert [r["step"] for r in jobs.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in dist_io.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     # --overwrite starts clean: no stale checkpoint, log or reference cache survives
     (out / "checkpoint-99").mkdir()
     clean = train(toy, out, data, roots, "--max_steps", 1, "--overwrite")
     assert clean.returncode == 0, clean.stderr[-3000:]
-    assert not (out / "checkpoint-99").exists() and len(jobs.read_jsonl(out / "metrics.jsonl")) == 1
+    assert not (out / "checkpoint-99").exists() and len(dist_io.read_jsonl(out / "metrics.jsonl")) == 1
     assert "reference log-probs: 8 pairs scored" in clean.stdout
 
 
@@ -156,13 +157,13 @@ def test_reference_cache_is_never_read_stale(toy, two_sources, tmp_path):
     out = tmp_path / "run"
     assert train(toy, out, data, roots, "--max_steps", 1, "--save_every", 1).returncode == 0
     cache = out / "ref_logps.jsonl"
-    rows = jobs.read_jsonl(cache)
+    rows = dist_io.read_jsonl(cache)
     assert len(rows) == 8 and len({r["key"] for r in rows}) == 1
     # records of another model, data or length (another key) are never read: a resume scores afresh
     cache.write_text("".join(json.dumps({**r, "key": "other", "chosen": 0.0}) + "\n" for r in rows))
     resumed = train(toy, out, data, roots, "--max_steps", 2, "--resume")
     assert "reference log-probs: 8 pairs scored" in resumed.stdout, resumed.stdout[-2000:]
-    assert all(r["chosen"] != 0.0 for r in jobs.read_jsonl(cache))
+    assert all(r["chosen"] != 0.0 for r in dist_io.read_jsonl(cache))
 
 
 def test_training_forwards_build_no_kv_cache(toy, two_sources, tmp_path):
@@ -184,12 +185,12 @@ def test_sft_loss_is_the_token_mean_over_the_micro_batch(toy, toy_model, two_sou
     proc = train(toy, tmp_path / "run", [files["coco"]], [base / "coco"], "--loss", "sft", "--max_steps", 1,
                  "--lora_dropout", 0)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = jobs.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["loss"]
+    got = dist_io.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["loss"]
     model, processor = toy_model  # LoRA's B starts at zero: step 1's policy is the base model
     nll, tokens, per_answer = 0.0, 0, []
     with torch.no_grad():
-        for pair in jobs.read_jsonl(files["coco"]):
-            image = jobs.load_image(base / "coco", pair["image"])
+        for pair in dist_io.read_jsonl(files["coco"]):
+            image = data.load_image(base / "coco", pair["image"])
             pv, ((ids, labels),), _ = common.build_sequences(processor, image, pair["prompt"], [pair["chosen"]], 2048)
             out = model(input_ids=torch.tensor([ids]), pixel_values=pv, labels=torch.tensor([labels]))
             n = sum(1 for x in labels if x != common.IGNORE)
@@ -210,7 +211,7 @@ def test_build_pairs_never_writes_a_cut_off_negative(toy, tmp_path):
     cut_off = int(line.split(" negatives and ")[1].split()[0])
     assert cut_off >= 4 and written + dropped + cut_off == 8 and "cut off by --max_new_tokens 2 times" in line
     tok = common.load_processor(str(toy / "model")).tokenizer
-    for pair in jobs.read_jsonl(out):  # what was written ended by itself: EOS within the 3 new tokens
+    for pair in dist_io.read_jsonl(out):  # what was written ended by itself: EOS within the 3 new tokens
         assert len(tok(pair["rejected"], add_special_tokens=False).input_ids) < 3
 
 
@@ -246,14 +247,14 @@ def test_prompt_over_max_length_fails_before_training(toy, two_sources, tmp_path
 def test_qlora_keeps_the_rest_in_bf16(toy):
     """03 freezes the 4-bit model as loaded: nothing is upcast to fp32 (peft's
     prepare_model_for_kbit_training would upcast vision tower, projector, embeddings, head, norms)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                                llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
     model = AutoModelForImageTextToText.from_pretrained(str(toy / "model"), dtype=torch.bfloat16,
                                                         quantization_config=quant, device_map={"": "cpu"})
     model.requires_grad_(False)  # what 03 does with a 4-bit model before adding LoRA
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    model = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
     frozen = {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point}
     assert frozen and all(d == torch.bfloat16 for d in frozen.values()), {n: d for n, d in frozen.items()
                                                                             if d != torch.bfloat16}

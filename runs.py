@@ -1,0 +1,355 @@
+"""03's run, around its loop: the run directory (what a fresh run, --resume and --overwrite may find
+there), the pairs checked and measured before any training, the dry run's report and memory estimate,
+the order of the pairs and their packed micro-batches, the reference log-prob cache, checkpoints, and
+what the run writes as it goes (metrics.jsonl, curves.png)."""
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+import common
+from data import image_root, load_image, print_lengths
+from dist_io import DataError, read_jsonl, write_atomic
+
+RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with checkpoint-N/: a run's outputs
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def run_settings(args, per_step, fmt):
+    """What a step sees: if any of these differs, a resumed run would not continue the same run."""
+    return {"model": args.model, "data": [[os.path.abspath(d), os.path.getsize(d)] for d in args.data],
+            "pairs per step (batch_size x processes x grad_accum)": per_step, "max_length": args.max_length,
+            "loss": args.loss, "seed": args.seed, "group_by_length": args.group_by_length,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, **fmt._asdict()}
+
+
+def open_run(output_dir, settings, resume, overwrite, dry_run):
+    """(the run's record {"settings", "finished_step"}, the earlier outputs in output_dir). A fresh run
+    never mixes with an earlier one (--overwrite deletes it, else a one-line error); --resume continues
+    only a run 03 wrote with the same settings."""
+    run_path = os.path.join(output_dir, "run.json")
+    earlier = sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or n.startswith("checkpoint-")) \
+        if os.path.isdir(output_dir) else []
+    if resume and os.path.exists(run_path):
+        with open(run_path) as f:
+            run = json.load(f)
+        changed = [f"{k} {run['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if run["settings"].get(k) != v]
+        if changed:
+            sys.exit(f"error: --resume of {output_dir} with settings that change what a step sees: {'; '.join(changed)}. "
+                     "Resume with the run's settings, or start another run (--overwrite, or another --output_dir)")
+        return run, earlier
+    if resume and earlier:
+        sys.exit(f"error: {output_dir} holds no run.json ({', '.join(earlier)}): not a run 03 can resume")
+    if earlier and not dry_run and not overwrite:
+        sys.exit(f"error: {output_dir} holds an earlier run ({', '.join(earlier)}); --resume continues it, "
+                 "--overwrite deletes it and starts clean")
+    return {"settings": settings, "finished_step": None}, earlier
+
+
+def begin_run(output_dir, run, earlier, overwrite):
+    """Rank 0, once every rank has looked at the folder: the earlier run deleted (--overwrite), run.json written."""
+    if overwrite:
+        for name in earlier + ["curves.png"]:
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+    write_atomic(os.path.join(output_dir, "run.json"), json.dumps(run, indent=1))
+
+
+def finish_run(output_dir, run, step):
+    write_atomic(os.path.join(output_dir, "run.json"), json.dumps({**run, "finished_step": step}, indent=1))
+
+
+@contextlib.contextmanager
+def explain_out_of_memory():
+    """Out of memory anywhere (loading, reference pass, training step): a one-line error saying what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        sys.exit(f"error: out of memory ({str(e).splitlines()[0]}). Lower --batch_size (keep the effective batch "
+                 f"with --grad_accum) or --max_length, or add --gradient_checkpointing / --load_in_4bit")
+
+
+# ----------------------------------------------------------------------------- pairs, measured up front
+
+
+class Pairs(NamedTuple):
+    records: list  # the pairs (data.load_pairs)
+    where: list  # "file:line" of each, for messages
+    keys: list  # "abs file\tid": unique over files, the key of the reference cache
+    lengths: list  # (prompt tokens with the image, [tokens of each response + EOS])
+
+
+def measure_pairs(pairs, roots, bad, processor, fmt, responses, max_length, decode, rank, world, is_main):
+    """The pairs whose image decodes (decode: the real run decodes every image, so a file corrupt past its
+    header fails here and not hours in) and whose prompt fits max_length, with their token lengths. Each
+    rank measures its share and every rank sees every result (all_gather_object), so all drop the same
+    pairs; a bad one goes to `bad` (OnError) with its file:line."""
+    records, where, keys = pairs
+    image_extra = common.image_token_count(processor) - 1  # the image placeholder becomes this many more tokens
+
+    def measure(pair):
+        try:
+            if decode:
+                load_image(image_root(roots, pair.get("source")), pair["image"])
+            prompt_text = common.chat_prompt(processor, pair["prompt"], fmt)
+            n_prompt = len(processor.tokenizer(prompt_text).input_ids) + image_extra
+            if n_prompt >= max_length:
+                raise DataError(f"prompt with image takes {n_prompt} tokens, --max_length is {max_length}")
+            return n_prompt, [len(common.response_ids(processor.tokenizer, prompt_text, pair[r])) for r in responses], None
+        except DataError as e:
+            return 0, [], str(e)
+
+    measured = {i: measure(records[i]) for i in tqdm(range(rank, len(records), world), desc="check pairs",
+                                                     disable=not is_main)}
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, measured)
+        measured = {i: m for share in shares for i, m in share.items()}
+    try:
+        for i in sorted(i for i, m in measured.items() if m[2]):
+            bad(where[i], "unusable pair", measured[i][2])
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    good = [i for i in range(len(records)) if not measured[i][2]]
+    return Pairs([records[i] for i in good], [where[i] for i in good], [keys[i] for i in good],
+                 [measured[i][:2] for i in good])
+
+
+def responses_cut(lengths, max_length):
+    """How many responses max_length cuts (03 cuts a response at the end, never the image or prompt)."""
+    return sum(n_prompt + n > max_length for n_prompt, ns in lengths for n in ns)
+
+
+def print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step):
+    print(f"dry run: {len(pairs.records)} pairs in {len(args.data)} files ({bad.summary('pairs')}); every image root "
+          f"and header found; {steps_per_epoch} steps per epoch of {per_step} pairs, {total_steps} steps in all")
+    print_lengths("prompt tokens (image included)", [n for n, _ in pairs.lengths], args.max_length, "over --max_length")
+    for k, r in enumerate(responses):
+        print_lengths(f"{r} tokens (+EOS)", [ns[k] for _, ns in pairs.lengths])
+    print_lengths("packed sequence tokens", packed_lengths(pairs.lengths, args.max_length))
+    print(f"  responses cut at --max_length {args.max_length}: {responses_cut(pairs.lengths, args.max_length)}")
+    print(train_memory_estimate(args, pairs.lengths, responses))
+    print("nothing trained or written (--dry_run)")
+
+
+def packed_lengths(lengths, max_length):
+    """Tokens of each pair's packed sequence [image + prompt, responses...] from (prompt tokens,
+    [response tokens]), responses cut at max_length as 03 cuts them."""
+    return [n + sum(min(r, max_length - n) for r in rs) for n, rs in lengths]
+
+
+def train_memory_estimate(args, lengths, responses):
+    """03 --dry_run's line: peak GPU memory per process, estimated from the model's config (built on
+    the meta device: nothing loaded) for a micro-batch of --batch_size pairs at the p99 packed
+    length. Bytes: bf16 weights (NF4 language-model linears with --load_in_4bit), LoRA in fp32 with
+    its gradient and AdamW's two moments, activations ~52 h per token and layer (Megatron's 34 h of a
+    bf16 LLaMA layer + the LoRA inputs) or, checkpointed, 2 h per layer + one whole layer, the 4D mask,
+    and fp32 logits at the scored positions. A rough figure (+-30%): measure with bench/gpu_check.py."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(args.model)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    text = config.text_config
+    h, layers = text.hidden_size, text.num_hidden_layers
+    linears = [m for n, m in model.named_modules() if "language_model" in n and isinstance(m, torch.nn.Linear)]
+    n_linear = sum(m.weight.numel() for m in linears)
+    weights = (sum(p.numel() for p in model.parameters()) - n_linear) * 2 + n_linear * (0.5 if args.load_in_4bit else 2)
+    lora = 16 * sum(args.lora_r * (m.in_features + m.out_features) for m in linears)
+    packed = sorted(packed_lengths(lengths, args.max_length))
+    T = packed[int(0.99 * (len(packed) - 1))]
+    tokens = args.batch_size * T
+    acts = tokens * (layers * 2 * h + 52 * h) if args.gradient_checkpointing else tokens * layers * 52 * h
+    mask = args.batch_size * T * T * 2
+    scored = sorted(sum(min(r, args.max_length - n) for r in rs) for n, rs in lengths)
+    logits = args.batch_size * scored[int(0.99 * (len(scored) - 1))] * text.vocab_size * 4 * 3
+    gb = lambda x: f"{x / 2**30:.1f} GiB"
+    return (f"  estimated peak memory per GPU: {gb(weights + lora + acts + mask + logits)} (weights {gb(weights)}, "
+            f"LoRA + AdamW {gb(lora)}, activations {gb(acts)}, mask {gb(mask)}, logits {gb(logits)}) for "
+            f"{args.batch_size} pairs of the p99 packed length {T}"
+            + ("" if args.gradient_checkpointing else "; --gradient_checkpointing lowers the activations ~20x"))
+
+
+# ----------------------------------------------------------------------------- the order of the pairs, micro-batches
+
+
+def epoch_steps(n_pairs, epoch, seed, per_step, steps_per_epoch, sort_key=None):
+    """The epoch's pairs, shuffled with a seed (the same on every rank and on resume), as a list of steps
+    of per_step pair indices. With sort_key (--group_by_length: a length per pair) each window of 50 steps
+    is sorted by it and then the steps are shuffled, so a step's pairs have similar lengths and little of
+    the batch is padding."""
+    gen = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_pairs, generator=gen).tolist()
+    if sort_key is not None:
+        window = 50 * per_step
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lambda i: sort_key[i])]
+    steps = [order[s:s + per_step] for s in range(0, steps_per_epoch * per_step, per_step)]
+    if sort_key is not None:
+        steps = [steps[k] for k in torch.randperm(len(steps), generator=gen).tolist()]
+    return steps
+
+
+class MicroBatch(NamedTuple):
+    inputs: dict  # the model's inputs (common.pack_pairs), on the device
+    scored: tuple  # (index into the kept logits, token, output slot) per scored token
+    n_tokens: torch.Tensor  # scored tokens (+EOS) per output slot, on the device
+    indices: list  # the pairs, as indices into Pairs.records
+
+
+class PairBatches(torch.utils.data.Dataset):
+    """Item k: the packed micro-batch of the k-th list of pair indices, its responses `fields`, and with
+    `weak` also the same pairs' chosen answers alone (the conditional term gives them the weakened image).
+    Runs in the DataLoader's workers: decoding, the processor, packing."""
+
+    def __init__(self, records, roots, processor, max_length, fmt, dtype, chunks, fields, weak):
+        self.records, self.roots, self.processor, self.max_length = records, roots, processor, max_length
+        self.fmt, self.dtype, self.chunks, self.fields, self.weak = fmt, dtype, chunks, fields, weak
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def pack(self, indices, fields):
+        examples = [(load_image(image_root(self.roots, p.get("source")), p["image"]), p["prompt"], [p[f] for f in fields])
+                    for p in (self.records[i] for i in indices)]  # images checked up front
+        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype), "indices": indices}
+
+    def __getitem__(self, k):
+        return {"main": self.pack(self.chunks[k], self.fields),
+                "weak": self.pack(self.chunks[k], ("chosen",)) if self.weak else None}
+
+
+def micro_batches(dataset, num_workers, device):
+    """The dataset's micro-batches in order, as {"main": MicroBatch, "weak": MicroBatch or None}, prepared by
+    num_workers processes ahead of the step that needs them (pinned memory, non-blocking copies on CUDA)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator())  # its own: drawing its seed from the global RNG would shift LoRA dropout
+
+    def to_device(cpu):
+        inputs = {k: cpu[k].to(device, non_blocking=True) for k in
+                  ("input_ids", "position_ids", "attention_mask", "logits_to_keep", "pixel_values")}
+        return MicroBatch(inputs, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"])
+    for item in loader:
+        yield {k: to_device(v) if v else None for k, v in item.items()}
+
+
+# ----------------------------------------------------------------------------- the reference, once
+
+
+def reference_cache(path, keys, depends, fields, scores, n_batches, resume, rank, world, is_main):
+    """{pair key: {"id", field: log-prob, ..., "key"}} under the reference (it never changes, so once
+    before training). scores(): this rank's (pair indices, log-probs [len(fields), len(indices)]) per
+    micro-batch; every rank gets all of them (all_gather_object), rank 0 writes them to `path` once.
+    --resume reads them back; each record carries the hash of what the scores depend on, so a stale
+    file is never read."""
+    key = hashlib.sha256(json.dumps(depends).encode()).hexdigest()[:16]
+    if resume and os.path.exists(path):
+        cached = {r["id"]: r for r in read_jsonl(path) if r.get("key") == key and set(fields) <= r.keys()}
+        if cached.keys() >= set(keys):
+            if is_main:
+                print(f"reference log-probs: 0 pairs scored ({len(keys)} read from {path})")
+            return cached
+    t0, scored = time.time(), {}
+    for indices, ref in tqdm(scores(), total=n_batches, desc="reference log-probs", disable=not is_main):
+        for k, i in enumerate(indices):
+            scored[keys[i]] = {"id": keys[i], **dict(zip(fields, ref[:, k].tolist())), "key": key}
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, scored)
+        scored = {k: v for share in shares for k, v in share.items()}
+    if is_main:
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in scored.values()))
+        print(f"reference log-probs: {len(scored)} pairs scored in {time.time() - t0:.1f}s (cached in {path})")
+    return scored
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoints(output_dir):
+    """Complete checkpoints (renamed into place), oldest first."""
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]"))
+    return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def save_checkpoint(output_dir, step, model, optimizer, scheduler, args, keep):
+    """checkpoint-N: the adapter and one plain dict of optimizer, scheduler and step, written in a temp dir
+    and renamed, so a kill never leaves a half checkpoint; only the `keep` newest stay."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "args": vars(args)}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved before (a continued run)
+    os.replace(tmp, final)
+    done = checkpoints(output_dir)
+    for old in done[:max(0, len(done) - keep)]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """The step of checkpoint `path`, its adapter and state loaded (safetensors and weights_only: a
+    checkpoint file never runs code); a one-line error for a folder 03 did not write."""
+    try:
+        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter", "adapter_model.safetensors")))
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        sys.exit(f"error: {path}: not a checkpoint 03 wrote ({str(e).splitlines()[0]}); move it away to resume "
+                 "from the one before")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl and curves.png
+
+
+def keep_metrics_upto(path, step):
+    """On resume, drop log lines written after the checkpoint, so no step is logged twice."""
+    if os.path.exists(path):
+        rows = [r for r in read_jsonl(path, tolerate_partial_last=True) if r["step"] <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def metrics_row(window, n_steps, grad_accum, world, **row):
+    """A log step's row: the window's summed metrics averaged over its steps, micro-steps and all ranks
+    (one all-reduce, one copy to the host), after the fields given in `row`."""
+    names = sorted(window)
+    values = torch.stack([window[k] for k in names]).double() / (n_steps * grad_accum)
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return {**row, **dict(zip(names, values.tolist()))}
+
+
+def plot_curves(metrics_path, png):
+    """The paper's Fig. 7: summed log-probs of chosen (and rejected) answers over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(metrics_path, tolerate_partial_last=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("logps/chosen", "logps/rejected"):
+        if rows and key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("summed log-prob")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

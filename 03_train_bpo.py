@@ -283,6 +283,7 @@ def train(args):
               f"{args.output_dir}/curves.png; {runs.responses_cut(pairs.lengths, args.max_length)} responses cut at "
               f"--max_length {args.max_length}")
         print("final " + "  ".join(f"{k}={v:.4g}" for k, v in last.items() if "/" in k or k == "loss"))
+    del net  # DDP's reducer holds the process group: it goes first, not at the return after the group is gone
     dist_io.dist_cleanup()
 
 

@@ -212,7 +212,7 @@ def openai_backend(args, prompt, device):
 
     def ask(it):
         return remote.chat(client, args.api_model, [{"role": "user", "content": prompt.fill(it)}], args.temperature,
-                           args.max_new_tokens, tries=args.retries)
+                           args.max_new_tokens, tries=args.retries).text
 
     def rewrites(batch, k):
         for it, result in remote.map_concurrent(ask, batch, args.workers):

@@ -268,16 +268,18 @@ def main(argv=None):
         answers = [by_id[q["question_id"]] for q in questions]
 
     # ---- mentions: the rules on the text, or an LLM's list of present objects through the same rules
+    served = []  # the models an LLM extractor's endpoint says answered
     if args.extractor == "rules":
         found = [chair.mentions(a["answer"]) for a in tqdm(answers, desc="chair")]
     else:
         client = remote.openai_client(args.base_url, args.timeout, args.retries)
 
         def extract(call):
-            text = remote.chat(client, call["extractor"],
-                               [{"role": "user", "content": EXTRACT.replace("{description}", call["answer"])}],
-                               tries=args.retries)
-            return {"objects": [n.strip() for n in re.split(r"[,\n]", text) if n.strip() and n.strip().lower() != "none"]}
+            reply = remote.chat(client, call["extractor"],
+                                [{"role": "user", "content": EXTRACT.replace("{description}", call["answer"])}],
+                                tries=args.retries)
+            names = [n.strip() for n in re.split(r"[,\n]", reply.text) if n.strip() and n.strip().lower() != "none"]
+            return {"objects": names, "model": reply.model}
 
         calls = [{"question_id": a["question_id"], "extractor": args.extractor, "answer": a["answer"]} for a in answers]
         records, errors = remote.cached_map(os.path.join(args.out_dir, "extractions.jsonl"), calls, extract,
@@ -285,6 +287,7 @@ def main(argv=None):
         if errors:
             sys.exit(f"error: {len(errors)} extractions failed, e.g. {errors[0]}; rerun to retry them")
         found = [[m for name in r["objects"] for m in chair.mentions(name)] for r in records]
+        served = sorted({r.get("model") for r in records if r.get("model")})
 
     # ---- scores and per-response details
     truths = [truth[k] for k in keys]
@@ -293,7 +296,8 @@ def main(argv=None):
                     "mentions": fd, "mentioned": sorted({c for _, c in fd}),
                     "hallucinated": sorted({c for _, c in fd} - t), "ground_truth": sorted(t)}, ensure_ascii=False)
         + "\n" for a, fd, t in zip(answers, found, truths)))
-    scores = scoring.chair_scores(found, truths, [a["answer"] for a in answers])
+    scores = {**scoring.chair_scores(found, truths, [a["answer"] for a in answers]), "extractor": args.extractor,
+              **({"extractor_models": served} if args.extractor != "rules" else {})}
     dist_io.write_atomic(os.path.join(args.out_dir, "scores.json"), json.dumps(scores, indent=1))
     decoding = "" if args.answers else f", num_beams {args.num_beams}, max_new_tokens {args.max_new_tokens}"
     print(f"Object HalBench: {scores['n']} responses, {scores['n_with_objects']} of them name a COCO object "

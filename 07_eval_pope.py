@@ -23,18 +23,23 @@ import scoring
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dist_io.HelpFormatter)
     p.add_argument("--questions", action="extend", nargs="+", required=True,
-                   help='POPE question files, one split each (repeat the flag or list several): JSON lines {"question_id", '
-                        '"image", "text", "label": "yes"|"no"}, e.g. coco_pope_random.json')
-    p.add_argument("--image_dir", default=None, help="question images are relative to this (COCO val2014; needed to "
-                                                     "generate)")
+                   help='POPE question files, one split each (repeat the flag or list several): JSON lines '
+                        '{"question_id", "image", "text", "label": "yes"|"no"}, e.g. coco_pope_random.json; or '
+                        "LLaVA's one question file for every split (a category per question, no labels: give "
+                        "--annotation_dir)")
+    p.add_argument("--annotation_dir", default=None,
+                   help="with LLaVA's question file: the folder of POPE's coco_pope_<split>.json label files, read as "
+                        "LLaVA's eval_pope.py reads them (the labels of a split in file order)")
+    p.add_argument("--image_dir", default=None,
+                   help="question images are relative to this (COCO val2014; needed to generate)")
     p.add_argument("--out_dir", required=True, help="writes answers.jsonl, scores.json (reruns resume)")
     p.add_argument("--answers", default=None,
                    help='score existing answers, no model loaded: JSONL {"question_id", "text"} ("answer" is read as '
-                        '"text"), with "split" as well when several splits are given')
+                        '"text"), with "split" as well where a question id is in several splits (LLaVA\'s one '
+                        "answer file for all splits needs none)")
     p.add_argument("--prompt_suffix", default="\nAnswer the question using a single word or phrase.",
-                   help="appended to every question; the default is LLaVA-1.5's short-answer prompt, a newline and "
-                        "then 'Answer "
-                        "the question using a single word or phrase.'; '' asks the question alone")
+                   help="appended to every question (not twice: a question that ends with it already keeps it); the "
+                        "default is LLaVA-1.5's short-answer prompt; '' asks the question alone")
     benchmarks.add_model_args(p, max_new_tokens=128, why="LLaVA's POPE setting")
     return p.parse_args(argv)
 
@@ -47,50 +52,92 @@ def valid_id(qid):
     return isinstance(qid, (str, int)) and not isinstance(qid, bool)
 
 
-def read_questions(paths, prompt_suffix):
-    """(questions {key, split, question_id, image, question (+ suffix), label}, where {key: file:line}): one
-    split a file; DataError naming file:line."""
+def llava_labels(questions_path, records, annotation_dir):
+    """The label of each record of LLaVA's question file (its `category` is the split), as LLaVA's eval_pope.py
+    pairs them: a split's questions in file order with the lines of ANNOTATION_DIR/coco_pope_<split>.json, checked
+    here to show the same image; DataError naming the files and lines otherwise."""
+    if not annotation_dir:
+        raise dist_io.DataError(f"{questions_path}: LLaVA's question file (a category per question, no labels) needs "
+                                "--annotation_dir, the folder of POPE's coco_pope_<split>.json label files")
+    labels = {}
+    for split in dict.fromkeys(q.get("category") for _, q in records):
+        path = os.path.join(annotation_dir, f"coco_pope_{split}.json")
+        mine = [(line, q) for line, q in records if q.get("category") == split]
+        given = dist_io.read_json_or_jsonl(path)
+        if len(given) != len(mine):
+            raise dist_io.DataError(f"{path}: {len(given)} labels for the {len(mine)} {split!r} questions of "
+                                    f"{questions_path}")
+        for (line, q), (label_line, lab) in zip(mine, given):
+            if lab.get("image") not in (None, q.get("image")):
+                raise dist_io.DataError(f"{path}:{label_line}: image {lab.get('image')!r}, but the question it labels "
+                                        f"({questions_path}:{line}) shows {q.get('image')!r}")
+            labels[line] = lab.get("label")
+    return labels
+
+
+def read_questions(paths, prompt_suffix, annotation_dir=None):
+    """(questions {key, split, question_id, image, question (+ suffix), label}, where {key: file:line}): one split
+    a file, or LLaVA's question file with the labels of annotation_dir; DataError naming file:line."""
     questions, where = [], {}
     for path in paths:
-        split = os.path.splitext(os.path.basename(path))[0].removeprefix("coco_pope_")
-        if any(q["split"] == split for q in questions):
-            raise dist_io.DataError(f"{path}: split {split!r} is given twice")
+        records = dist_io.read_json_or_jsonl(path)
+        llava = bool(records) and "category" in records[0][1] and "label" not in records[0][1]
+        labels = llava_labels(path, records, annotation_dir) if llava else {}
+        file_split = os.path.splitext(os.path.basename(path))[0].removeprefix("coco_pope_")
+        if not llava and any(q["split"] == file_split for q in questions):
+            raise dist_io.DataError(f"{path}: split {file_split!r} is given twice")
         n_before = len(questions)
-        for line, q in dist_io.read_json_or_jsonl(path):
-            at = f"{path}:{line}"
+        for line, q in records:
+            at, split = f"{path}:{line}", q.get("category") if llava else file_split
             if not valid_id(q.get("question_id")) or not isinstance(q.get("image"), str) or not q["image"].strip() \
-                    or not isinstance(q.get("text"), str) or not common.question_text(q["text"]):
+                    or not isinstance(q.get("text"), str) or not common.question_text(q["text"]) \
+                    or not isinstance(split, str) or not split:
                 raise dist_io.DataError(f"{at}: a question needs question_id (a string or an integer), image and text "
-                                        f"(non-empty strings)")
-            if q.get("label") not in ("yes", "no"):
-                raise dist_io.DataError(f"{at}: label must be \"yes\" or \"no\", not {q.get('label')!r}")
+                                        f"(non-empty strings)" + (" and category" if llava else ""))
+            label = labels.get(line, q.get("label"))
+            if label not in ("yes", "no"):
+                raise dist_io.DataError(f"{at}: label must be \"yes\" or \"no\", not {label!r}")
             k = key(split, q["question_id"])
             if k in where:
                 raise dist_io.DataError(f"{at}: question_id {q['question_id']!r} appears twice (first at {where[k]})")
             where[k] = at
+            text = common.question_text(q["text"])
+            if prompt_suffix.strip() and not text.endswith(prompt_suffix.strip()):
+                text += prompt_suffix
             questions.append({"key": k, "split": split, "question_id": q["question_id"], "image": q["image"],
-                              "question": common.question_text(q["text"]) + prompt_suffix, "label": q["label"]})
+                              "question": text, "label": label})
         if len(questions) == n_before:
             raise dist_io.DataError(f"{path}: no questions")
     return questions, where
 
 
-def read_answers(path, where, splits):
-    """{key: text} of existing answers (JSONL {question_id, text}, with split when several are scored);
-    DataError naming file:line."""
+def read_answers(path, questions, where):
+    """{key: text} of existing answers (JSONL {question_id, text}, with split where an id is in several splits:
+    LLaVA's one answer file needs none, its ids are unique); DataError naming file:line. Warns where a split's
+    answers are not in its questions' order: LLaVA's eval_pope.py pairs them with the labels by position."""
+    splits_of = {}
+    for q in questions:
+        splits_of.setdefault(q["question_id"], []).append(q["split"])
     answer_of = {}
     for line, r in dist_io.read_json_or_jsonl(path):
         at = f"{path}:{line}"
-        text, split = r.get("text", r.get("answer")), r.get("split", splits[0] if len(splits) == 1 else None)
-        if not isinstance(text, str) or not valid_id(r.get("question_id")) or not isinstance(split, str):
-            raise dist_io.DataError(f"{at}: expected {{\"question_id\", \"text\"" +
-                                    (", \"split\"}" if len(splits) > 1 else "}") + " (text a string)")
-        k = key(split, r["question_id"])
+        text, qid = r.get("text", r.get("answer")), r.get("question_id")
+        split = r.get("split") or (splits_of[qid][0] if valid_id(qid) and len(splits_of.get(qid, [])) == 1 else None)
+        if not isinstance(text, str) or not valid_id(qid) or not isinstance(split, str):
+            raise dist_io.DataError(f"{at}: expected {{\"question_id\", \"text\"}}, and \"split\" where the id is in "
+                                    "several splits (text a string)")
+        k = key(split, qid)
         if k not in where:
-            raise dist_io.DataError(f"{at}: no question {r['question_id']!r} in split {split!r}")
+            raise dist_io.DataError(f"{at}: no question {qid!r} in split {split!r}")
         if k in answer_of:  # it would be scored twice
-            raise dist_io.DataError(f"{at}: question {r['question_id']!r} of split {split!r} is answered twice")
+            raise dist_io.DataError(f"{at}: question {qid!r} of split {split!r} is answered twice")
         answer_of[k] = text
+    order = {q["key"]: i for i, q in enumerate(questions)}
+    for split in dict.fromkeys(q["split"] for q in questions):
+        given = [order[k] for k in answer_of if json.loads(k)[0] == split]
+        if given != sorted(given):
+            print(f"warning: {path}: the {split!r} answers are not in the questions' order; scored by question_id "
+                  "(LLaVA's eval_pope.py would pair them with the labels by position)", file=sys.stderr)
     return answer_of
 
 
@@ -98,9 +145,9 @@ def main(argv=None):
     args = parse_args(argv)
     # ---- questions (one split a file) and answers: read as they are, or generated (resumable: answers.jsonl)
     try:
-        questions, where = read_questions(args.questions, args.prompt_suffix)
+        questions, where = read_questions(args.questions, args.prompt_suffix, args.annotation_dir)
         splits = list(dict.fromkeys(q["split"] for q in questions))
-        answer_of = read_answers(args.answers, where, splits) if args.answers else None
+        answer_of = read_answers(args.answers, questions, where) if args.answers else None
     except (dist_io.DataError, OSError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(args.out_dir, exist_ok=True)

@@ -76,12 +76,15 @@ def benchmark_answers(args, items, path, key, where, desc="answer", field="answe
     return {r[key]: r[field] for r in read_jsonl(path, tolerate_partial_last=True)}
 
 
-def print_scores(title, columns, name, mean, std, num_runs):
-    """The printed result: a title line, then a one-row Markdown table, `name` and, per columns
-    {key: heading}, the mean (± std over runs where there were several; n/a for None)."""
-    cell = lambda k: "n/a" if mean[k] is None else f"{mean[k]:.1f}" + (f" ± {std[k]:.1f}" if num_runs > 1 else "")
+def print_scores(title, columns, rows):
+    """The printed result: a title line, then a Markdown table, a row per (name, values, std over runs or
+    None) with, per columns {key: heading}, the value (± std where given; n/a for None)."""
+    def cell(values, std, k):
+        if values.get(k) is None:
+            return "n/a"
+        return f"{values[k]:.1f}" + (f" ± {std[k]:.1f}" if std and std.get(k) is not None else "")
     print(title)
     print("| Model | " + " | ".join(columns.values()) + " |")
     print("|---" * (len(columns) + 1) + "|")
-    print(f"| {name} | " + " | ".join(cell(k) for k in columns) + " |")
-
+    for name, values, std in rows:
+        print(f"| {name} | " + " | ".join(cell(values, std, k) for k in columns) + " |")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import sys
+from typing import NamedTuple
 
 from dist_io import JsonlAppender, read_jsonl
 
@@ -31,8 +32,13 @@ def openai_client(base_url=None, timeout=120.0, tries=5):
                   max_retries=max(0, tries - 1))
 
 
+class Reply(NamedTuple):
+    text: str
+    model: str  # the model the endpoint says answered (an alias resolves to a dated version)
+
+
 def chat(client, model, messages, temperature=0.0, max_tokens=None, tries=5):
-    """Text of one chat completion. Transport faults are the client's to retry; what it cannot see,
+    """One chat completion, as a Reply. Transport faults are the client's to retry; what it cannot see,
     a reply without choices or text or with a malformed body, is asked again, up to `tries` times.
     RemoteError says what went wrong last, never the key nor the server's error text (it may quote it)."""
     import openai
@@ -43,7 +49,7 @@ def chat(client, model, messages, temperature=0.0, max_tokens=None, tries=5):
                                                   max_tokens=max_tokens)
             text = resp.choices[0].message.content if resp.choices else None
             if isinstance(text, str):
-                return text
+                return Reply(text, str(getattr(resp, "model", None) or model))
             last = "response without choices or content"
         except (openai.APIResponseValidationError, ValueError, AttributeError, TypeError) as e:
             last = f"malformed response ({type(e).__name__})"

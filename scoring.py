@@ -20,15 +20,17 @@ MODIFIERS = {"baby", "adult", "passenger"}  # "baby elephant" is an elephant; "b
 
 
 def synonym_table(text, path="synonyms"):
-    """{phrase as a tuple of words: class} from lines `class, synonym, ...` (the class names itself);
-    DataError naming path:line for a line that is not lower-case words or a synonym of two classes."""
+    """{phrase as a tuple of words: class} from lines `class, synonym, ...` (the class names itself), the
+    published tables (CHAIR's, RLHF-V's synonyms_refine.txt) as they are: an entry twice in its class is
+    one entry, and case is kept, as CHAIR keeps it (it lower-cases the text, not the table, so RLHF-V's
+    `iPhone` never matches). DataError naming path:line for an empty entry or a synonym of two classes."""
     table = {}
     for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        names = [n.strip() for n in line.split(",")]
-        if not all(re.fullmatch(r"[a-z]+( [a-z]+)*", n) for n in names):
-            raise DataError(f"{path}:{line_no}: expected 'class, synonym, ...' in lower-case words")
+        names = [" ".join(n.split()) for n in line.split(",")]
+        if not all(names):
+            raise DataError(f"{path}:{line_no}: expected 'class, synonym, ...' (an entry is empty)")
         for n in names:
             if table.get(tuple(n.split()), names[0]) != names[0]:
                 raise DataError(f"{path}:{line_no}: {n!r} is already a synonym of {table[tuple(n.split())]!r}")
@@ -52,9 +54,10 @@ def _inflect():
 
 
 class Chair:
-    """CHAIR's object finder over a synonym table: words -> singular (unless the table knows the word:
-    "bus" stays) -> the longest known phrase first -> its class. `unknown` collects the ground-truth
-    names the table does not know (they can be neither hallucinated nor recalled)."""
+    """CHAIR's object finder over a synonym table: the lower-cased text's words (letters, a hyphen inside a
+    word keeps it whole, as CHAIR's nltk tokeniser does: "man-made" names no man) -> singular (unless the
+    table knows the word: "bus" stays) -> the longest known phrase first -> its class. `unknown` collects the
+    ground-truth names the table does not know (they can be neither hallucinated nor recalled)."""
 
     def __init__(self, table):
         self.table = table
@@ -64,7 +67,7 @@ class Chair:
 
     def mentions(self, text):
         """(phrase, class) of every object mention in the text, in order; a repeated mention counts again."""
-        words = [w if w in self.vocab else singular(w) for w in re.findall(r"[a-z]+", text.lower())]
+        words = [w if w in self.vocab else singular(w) for w in re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower())]
 
         def match(i):  # (length, class or None) of the longest phrase starting at word i
             for n in range(min(self.longest, len(words) - i), 0, -1):
@@ -204,14 +207,40 @@ def exact_score(ground_truth, answer):
     return best
 
 
+MMVET_RETRY = "\nPredict the correctness of the answer (digit): "  # what the official grader adds to a re-ask
+
+
+def mmvet_query(prompt, question, ground_truth, prediction):
+    """The official grader's query (MM-Vet's mm-vet_evaluator.py): the prompt, a newline, then `question |
+    ground truth | prediction | `, the ground truth's <AND> and <OR> padded with spaces, the prediction as
+    it is."""
+    padded = ground_truth.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    return prompt + "\n" + " | ".join([question, padded, prediction, ""])
+
+
 def parse_grade(text):
-    """The judge's grade if its reply starts with a number in [0, 1] (as MM-Vet's grader reads it), else None."""
-    head = text.strip().split(" ")[0].strip().rstrip(".,;") if text.strip() else ""
+    """A grade as the official grader reads a reply: the text before its first space, a number in [0, 1];
+    None otherwise."""
     try:
-        score = float(head)
+        score = float(text.split(" ")[0].strip())
     except ValueError:
         return None
     return score if 0.0 <= score <= 1.0 else None
+
+
+def mmvet_grade(ask, query, retries=5):
+    """The official grader's retry rule: ask(content, temperature) -> reply text, first at temperature 0;
+    an unreadable reply is asked again with MMVET_RETRY appended, the first retry still at 0 and each
+    later one 0.5 hotter; after the `retries`-th retry the grade is 0.0, that last reply unread.
+    Returns (grade, the replies, whether it failed)."""
+    replies, temperature = [ask(query, 0.0)], 0.0
+    for _ in range(retries):
+        score = parse_grade(replies[-1])
+        if score is not None:
+            return score, replies, False
+        replies.append(ask(query + MMVET_RETRY, temperature))
+        temperature += 0.5
+    return 0.0, replies, True
 
 
 def capability_scores(capabilities, grades):
@@ -259,6 +288,28 @@ def overlap_score(answer, reference, context):
     return 1 + 9 * (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
 
 
+def llava_parse_score(reply):
+    """LLaVA's eval_gpt_review_bench.py reading of a judge reply: the first line, commas turned into spaces,
+    split on single spaces, must be exactly two numbers; anything else is [-1, -1] ("8, 7" too: three parts)."""
+    parts = reply.split("\n")[0].replace(",", " ").split(" ")
+    try:
+        return [float(parts[0]), float(parts[1])] if len(parts) == 2 else [-1, -1]
+    except ValueError:
+        return [-1, -1]
+
+
+def llava_summary(tuples, category_of):
+    """What LLaVA's summarize_gpt_review.py prints for one run, from each question's [reference, model] tuple
+    ([-1, -1] where LLaVA could not read the review, averaged in as LLaVA does): per category present and
+    "all", the mean tuple with each mean rounded to 3 decimals, then the relative score rounded to 0.1."""
+    out = {}
+    for c in [c for c in LLAVA_CATEGORIES if c in category_of.values()] + ["all"]:
+        ts = [t for qid, t in tuples.items() if c in ("all", category_of[qid])]
+        ref = round(statistics.fmean(t[0] for t in ts), 3) if ts else 0
+        out[c] = round(round(statistics.fmean(t[1] for t in ts), 3) / ref * 100, 1) if ref else None
+    return out
+
+
 def relative_scores(reviews, category_of):
     """{category and "all": mean(model) / mean(reference) x 100, "abs": {...: [mean reference, mean
     model]}} over one run's reviews ({question id: {"scores": [reference, model], "failed"}}) that are not
@@ -279,8 +330,8 @@ def relative_scores(reviews, category_of):
 
 
 def mean_std(runs):
-    """(mean, sample standard deviation, 0.0 for one run) over runs of the same shape: dicts and
-    lists of numbers, elementwise; None wherever a run has None."""
+    """(mean, population standard deviation (as MM-Vet's grader reports it; 0.0 for one run)) over runs of
+    the same shape: dicts and lists of numbers, elementwise; None wherever a run has None."""
     def over(values, f):
         if any(v is None for v in values):
             return None
@@ -289,4 +340,4 @@ def mean_std(runs):
         if isinstance(values[0], list):
             return [over(list(column), f) for column in zip(*values)]
         return f(values)
-    return over(runs, statistics.fmean), over(runs, lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+    return over(runs, statistics.fmean), over(runs, statistics.pstdev)

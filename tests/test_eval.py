@@ -65,12 +65,22 @@ def test_chair_hand_computed(tmp_path):
         assert d["hallucinated"] == sorted(set(hallucinated))
     assert details[4]["ground_truth"] == ["bus", "car", "person"]
     scores = json.loads((out / "scores.json").read_text())
+    assert scores.pop("extractor") == "rules" and "extractor_models" not in scores
     # responses with a hallucination: 1, 2, 3 of 6; mentions 4+3+2+0+2+1 = 12, hallucinated 1+2+1 = 4;
     # ground truth 2+1+1+1+3+1 = 9 objects, of which mentioned 2+1+1+0+2+1 = 7; words 14+12+7+9+7+7 = 56
     # 5 of the 6 name an object, so Resp over those (RLHF-V's) is 3 of 5
     assert scores == pytest.approx({"chair_s": 50.0, "chair_s_refine": 60.0, "chair_i": 100 * 4 / 12,
                                     "recall": 100 * 7 / 9, "avg_len": 56 / 6, "n": 6, "n_with_objects": 5})
     assert (out / "answers.jsonl").exists()
+
+
+def test_chair_keeps_hyphenated_compounds_whole_with_the_shipped_table(tmp_path):
+    """05 with data/coco_synonyms.txt: "man-made" and "swan-shaped" are single words (as CHAIR's nltk tokeniser
+    keeps them), so they name no person and no bird; the boat is the one mention."""
+    cases = [("A man-made lake with a swan-shaped boat.", ["boat"], ["boat"], [])]
+    _, out = run_chair(tmp_path, cases)
+    d = json.loads((out / "details.jsonl").read_text())
+    assert [c for _, c in d["mentions"]] == ["boat"] and d["hallucinated"] == []
 
 
 def test_chair_custom_synonyms_and_bad_input(tmp_path):
@@ -95,6 +105,8 @@ def test_llm_extractor_is_cached(tmp_path):
         assert len(stub.requests) == 1  # the rerun read the cache
     d = json.loads((out / "details.jsonl").read_text())
     assert d["mentioned"] == ["cat", "couch"] and d["hallucinated"] == []  # the negated dog is not a mention
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["extractor"] == "gpt-stub" and scores["extractor_models"] == ["gpt-stub"]  # asked, and answered
     no_secret(proc, out)
 
 
@@ -114,7 +126,9 @@ def test_mmvet_exact_judge_and_capability_scores(tmp_path):
     # grades 0.5 (one of two <AND> parts), 1.0 (an <OR> alternative), 0.0, 1.0 (contained)
     # rec: v1_0, v1_1 -> 75; ocr: v1_0, v1_2 -> 25; math: v1_2, v1_3 -> 50; total 2.5 / 4 -> 62.5
     scores = json.loads((tmp_path / "d" / "scores.json").read_text())
-    assert scores == pytest.approx({"rec": 75.0, "ocr": 25.0, "math": 50.0, "total": 62.5})
+    assert {k: v for k, v in scores.items() if k in ("rec", "ocr", "math", "total", "know", "gen", "spat")} == \
+        pytest.approx({"rec": 75.0, "ocr": 25.0, "math": 50.0, "total": 62.5})
+    assert scores["runs"] == [62.5] and scores["std"] == 0.0 and scores["judge"] == "exact"
     assert "| Rec | OCR | Math | Total |" in proc.stdout
     assert json.loads((tmp_path / "d" / "answers.json").read_text()) == ANSWERS
 
@@ -133,34 +147,41 @@ def test_mmvet_bad_answers_file(tmp_path):
 
 
 def test_mmvet_judge_retries_failures_cache_and_runs(tmp_path):
+    """The official grader's retry rule (mm-vet_evaluator.py, read from its code): first at temperature 0; an
+    unreadable reply (the text before its first space is no number in [0, 1]) is re-asked with its suffix, the
+    first retry still at 0, each later one 0.5 hotter; after the last retry the grade is 0.0, that reply unread."""
     mm, ans = write_json(tmp_path / "mm.json", MMVET), write_json(tmp_path / "ans.json", ANSWERS)
     script = {"Which animals?": ["0.7"],                  # a clean score
               "How many cups?": ["Score: high", "0.4"],   # unparsable, then good
-              "What is the sum?": ["??", "??", "??"],     # persistent garbage: 0.0, failed
+              "What is the sum?": ["??", "??", "??", "0.9"],  # garbage on every read try: 0.0, failed
               "What is 2+2?": ["1.0"]}
 
-    def judge(body):  # the question is on the last row of the grader prompt
-        last = body["messages"][-1]["content"].splitlines()[-1]
-        q = next(q for q in script if last.startswith(q))
+    def judge(body):  # the question opens the query's last row, before the retry suffix if there is one
+        content = body["messages"][-1]["content"]
+        q = next(q for q in script if f"\n{q} | " in content)
         return script[q].pop(0)
 
     out = tmp_path / "d"
-    args = ["--mmvet_json", mm, "--answers", ans, "--out_dir", out, "--judge", "gpt-stub", "--grade_tries", "3",
+    args = ["--mmvet_json", mm, "--answers", ans, "--out_dir", out, "--judge", "gpt-stub", "--grade_retries", "3",
             "--workers", "2"]
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     with OpenAIStub(default=judge) as stub:
         proc = run_here("04_eval_mmvet.py", *args, "--base_url", stub.url, env=env, check=True)
-        assert len(stub.requests) == 1 + 2 + 3 + 1
+        assert len(stub.requests) == 1 + 2 + 4 + 1  # the third retry's "0.9" is never read
         assert stub.headers[0]["authorization"] == f"Bearer {SECRET}"
-        temps = [r["temperature"] for r in stub.requests if "What is the sum?" in r["messages"][-1]["content"]
-                 .splitlines()[-1]]
-        assert temps == [0.0, 0.5, 1.0]  # rising temperature on each retry
+        sums = [r for r in stub.requests if "\nWhat is the sum? | " in r["messages"][-1]["content"]]
+        assert [r["temperature"] for r in sums] == [0.0, 0.0, 0.5, 1.0]
+        assert all(r["max_tokens"] == 3 for r in stub.requests)
+        assert [r["messages"][-1]["content"].endswith("\nPredict the correctness of the answer (digit): ")
+                for r in sums] == [False, True, True, True]
         grades = {g["id"]: g for g in map(json.loads, (out / "grades.jsonl").read_text().splitlines())}
         assert {k: (g["score"], g["failed"]) for k, g in grades.items()} == {
             "v1_0": (0.7, False), "v1_1": (0.4, False), "v1_2": (0.0, True), "v1_3": (1.0, False)}
         # rec (0.7 + 0.4) / 2; ocr (0.7 + 0) / 2; math (0 + 1) / 2; total 2.1 / 4
         scores = json.loads((out / "scores.json").read_text())
-        assert scores == pytest.approx({"rec": 55.0, "ocr": 35.0, "math": 50.0, "total": 52.5})
+        assert {k: scores[k] for k in ("rec", "ocr", "math", "total")} == pytest.approx(
+            {"rec": 55.0, "ocr": 35.0, "math": 50.0, "total": 52.5})
+        assert scores["judge"] == "gpt-stub" and scores["judge_models"] == ["gpt-stub"]
         no_secret(proc, out)
 
         n = len(stub.requests)
@@ -171,9 +192,56 @@ def test_mmvet_judge_retries_failures_cache_and_runs(tmp_path):
         stub.default = lambda body: "0.5"
         run_here("04_eval_mmvet.py", *args, "--num_runs", "2", "--base_url", stub.url, env=env, check=True)
         assert len(stub.requests) == n + 4
-    runs = json.loads((out / "scores_runs.json").read_text())
-    assert runs["std"]["total"] == pytest.approx((1.25 ** 2 + 1.25 ** 2) ** 0.5)  # sample std of 52.5, 50 (n - 1 = 1)
-    assert json.loads((out / "scores.json").read_text())["total"] == pytest.approx(51.25)
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["total"] == pytest.approx(51.25) and scores["runs"] == pytest.approx([52.5, 50.0])
+    assert scores["std"] == pytest.approx(1.25)  # population std of 52.5 and 50, as the official grader's np.std
+
+
+def test_mmvet_official_query_to_the_character(tmp_path):
+    """With the user's copy of the official prompt, the query is the prompt, a newline, then `question | ground
+    truth with <AND>/<OR> padded | prediction as it is | ` (mm-vet_evaluator.py); a prompt with this repo's old
+    placeholders is refused."""
+    prompt = tmp_path / "official.txt"
+    prompt.write_text("Grade it.\n\nQuestion | Ground truth | Prediction | Correctness\n--- | --- | --- | ---\n")
+    mm = write_json(tmp_path / "mm.json", {"v1_0": {"imagename": "a.png", "capability": ["rec"],
+                                                    "question": "Which animals?", "answer": "cat<AND>dog<OR>pets"}})
+    ans = write_json(tmp_path / "ans.json", {"v1_0": "A cat\nand a dog."})
+    with OpenAIStub(default=lambda body: "1.0") as stub:
+        run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "d", "--judge",
+                 "gpt-stub", "--grader_prompt_file", prompt, "--base_url", stub.url, check=True)
+        sent = stub.requests[0]["messages"]
+    assert len(sent) == 1 and sent[0]["role"] == "user"
+    assert sent[0]["content"] == (prompt.read_text() + "\n" +
+                                  "Which animals? | cat <AND> dog <OR> pets | A cat\nand a dog. | ")
+    prompt.write_text("{question} | {ground_truth} | {answer} |")
+    proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--answers", ans, "--out_dir", tmp_path / "e",
+                    "--judge", "gpt-stub", "--grader_prompt_file", prompt, "--base_url", "http://127.0.0.1:9")
+    assert proc.returncode != 0 and "placeholder" in proc.stderr
+
+
+def test_mmvet_official_grade_file_scored_without_a_judge(tmp_path):
+    """An official grade file {id: {model, content, score: [a grade per run]}}: capabilities per run, their
+    mean, the population std of the run totals; bad files named by file:line."""
+    mm = write_json(tmp_path / "mm.json", MMVET)
+    grades = {"v1_0": {"model": ["gpt-4-0613"] * 2, "content": ["0.5", "1.0"], "score": [0.5, 1.0]},
+              "v1_1": {"model": ["gpt-4-0613"] * 2, "content": ["1.0", "1.0"], "score": [1.0, 1.0]},
+              "v1_2": {"model": ["gpt-4-0613"] * 2, "content": ["0.0", "0.0"], "score": [0.0, 0.0]},
+              "v1_3": {"model": ["gpt-4-0613"] * 2, "content": ["1.0", "0.0"], "score": [1.0, 0.0]}}
+    out = tmp_path / "d"
+    proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--grades", write_json(tmp_path / "g.json", grades),
+                    "--out_dir", out, check=True)
+    scores = json.loads((out / "scores.json").read_text())
+    # run 1: rec (0.5 + 1) / 2 = 75, ocr (0.5 + 0) / 2 = 25, math (0 + 1) / 2 = 50, total 2.5 / 4 = 62.5
+    # run 2: rec (1 + 1) / 2 = 100, ocr 50, math 0, total 2 / 4 = 50
+    assert {k: scores[k] for k in ("rec", "ocr", "math", "total")} == pytest.approx(
+        {"rec": 87.5, "ocr": 37.5, "math": 25.0, "total": 56.25})
+    assert scores["runs"] == pytest.approx([62.5, 50.0]) and scores["std"] == pytest.approx(6.25)
+    assert scores["judge_models"] == ["gpt-4-0613"] and not (out / "grades.jsonl").exists()
+    assert "56.2 ± 6.2" in proc.stdout or "56.3 ± 6.2" in proc.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n "v1_0": {"score": [0.5, 1.0]},\n "v1_1": {"score": [1.0]}\n}')
+    proc = run_here("04_eval_mmvet.py", "--mmvet_json", mm, "--grades", bad, "--out_dir", out)
+    assert proc.returncode != 0 and f"{bad}:3:" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mmvet_no_reply_is_not_cached(tmp_path):
@@ -202,7 +270,9 @@ def test_mmvet_on_toy_world(toy, tmp_path):
     assert sorted(g["id"] for g in grades) == sorted(questions)
     scores = json.loads((out / "scores.json").read_text())
     caps = {c for q in questions.values() for c in q["capability"]}
-    assert set(scores) == caps | {"total"} and all(0 <= v <= 100 for v in scores.values())
+    percent = {k: v for k, v in scores.items() if k not in ("std", "runs", "judge", "judge_models")}
+    assert set(percent) == caps | {"total"} and all(0 <= v <= 100 for v in percent.values())
+    assert scores["runs"] == [scores["total"]] and scores["std"] == 0.0 and scores["judge"] == "exact"
     proc = run_here("04_eval_mmvet.py", *args, check=True)  # a rerun resumes: nothing to answer or grade
     assert f"{len(questions)} already answered" in proc.stdout
     assert json.loads((out / "scores.json").read_text()) == scores
@@ -220,7 +290,8 @@ def test_halbench_on_toy_world(toy, tmp_path):
     details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
     assert len(details) == n and all({"mentioned", "hallucinated", "ground_truth"} <= set(d) for d in details)
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores) == {"chair_s", "chair_s_refine", "chair_i", "recall", "avg_len", "n", "n_with_objects"}
+    assert set(scores) == {"chair_s", "chair_s_refine", "chair_i", "recall", "avg_len", "n", "n_with_objects",
+                           "extractor"}
     assert scores["n"] == n and all(a["num_beams"] == 3 for a in answers)  # RLHF-V's 3 beams by default
     assert scores["recall"] > 0 and scores["avg_len"] > 0
     # the answers it wrote score the same through --answers, with no model loaded

@@ -89,6 +89,7 @@ def test_chair_s_refine_leaves_out_responses_that_name_no_object(tmp_path):
     objects = write_json(tmp_path / "objects.json", {f"im{i}.jpg": t for i, (_, t) in enumerate(cases)})
     proc = ok(run_here(HALBENCH, "--answers", answers, "--objects", objects, "--out_dir", tmp_path / "o"))
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert scores.pop("extractor") == "rules"
     # 2 hallucinated responses of 5; of the 3 that name an object; mentions 2+0+2+0+1 = 5, hallucinated 2;
     # ground truth 1+1+2+1+1 = 6, recalled 1+0+2+0+0 = 3; words 6+6+6+9+2 = 29
     assert scores == pytest.approx({"chair_s": 40.0, "chair_s_refine": 100 * 2 / 3, "n_with_objects": 3,
@@ -163,7 +164,7 @@ def test_published_base64_questions_end_to_end(toy, tmp_path):
                    for q in questions.read_text().splitlines())  # the base64 stays out
     scores = json.loads((out / "scores.json").read_text())
     assert scores["n"] == 3 and set(scores) == {"chair_s", "chair_s_refine", "chair_i", "recall", "avg_len", "n",
-                                                "n_with_objects"}
+                                                "n_with_objects", "extractor"}
     details = jsonl(out / "details.jsonl")
     assert [d["ground_truth"] for d in details] == [["dog", "person"], ["cup", "dining table"], ["cat", "couch"]]
     assert "3 already answered" in ok(run_here(HALBENCH, *args, "--num_beams", 2)).stdout

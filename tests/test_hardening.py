@@ -473,7 +473,7 @@ def test_chat_retries_each_transient_fault_with_backoff_and_jitter(monkeypatch):
     waits = fast_backoff(monkeypatch)
     with OpenAIStub(transport + bodies + ["0.7"]) as stub:
         client = remote.openai_client(stub.url, timeout=0.5, tries=len(transport) + 1)  # the Delay outlasts the timeout
-        assert remote.chat(client, "judge", MESSAGES, tries=len(bodies) + 1) == "0.7"
+        assert remote.chat(client, "judge", MESSAGES, tries=len(bodies) + 1).text == "0.7"
         assert len(stub.requests) == len(transport) + len(bodies) + 1  # every fault asked again, none given up
     # the client's exponential backoff with jitter, before each transport retry (malformed bodies are re-asked)
     factors = [w / min(0.5 * 2 ** k, 8.0) for k, w in enumerate(waits)]

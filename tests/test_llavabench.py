@@ -49,8 +49,8 @@ def scores(tmp_path):
 
 def approx_scores(expected):
     """scores.json as expected, numbers compared approximately (pytest.approx does not nest)."""
-    return {k: v if k == "judge" else {c: pytest.approx(p) for c, p in v.items()} if k == "abs" else pytest.approx(v)
-            for k, v in expected.items()}
+    return {k: v if k in ("judge", "judge_models") else {c: pytest.approx(p) for c, p in v.items()}
+            if k in ("abs", "llava_rounded") else pytest.approx(v) for k, v in expected.items()}
 
 
 def reviews(tmp_path):
@@ -74,21 +74,26 @@ def test_relative_scores_per_category_and_all_by_hand(tmp_path):
         assert len(stub.requests) == 4
     # conv: reference (8 + 6) / 2 = 7, model (6 + 6) / 2 = 6 -> 600 / 7; detail 5 / 10; complex 10 / 5;
     # all: the ratio of the means over all four, (6 + 6 + 5 + 10) / (8 + 6 + 10 + 5) = 27 / 29 (not a mean of ratios)
+    # LLaVA's rounding of the same means: 600 / 7 = 85.71 -> 85.7, 2700 / 29 = 93.10 -> 93.1
     assert scores(tmp_path) == approx_scores({
         "conv": 600 / 7, "detail": 50.0, "complex": 200.0, "all": 2700 / 29, "judge": "gpt-stub",
-        "abs": {"conv": [7.0, 6.0], "detail": [10.0, 5.0], "complex": [5.0, 10.0], "all": [7.25, 6.75]}})
+        "judge_models": ["gpt-stub"],
+        "abs": {"conv": [7.0, 6.0], "detail": [10.0, 5.0], "complex": [5.0, 10.0], "all": [7.25, 6.75]},
+        "llava_rounded": {"conv": 85.7, "detail": 50.0, "complex": 200.0, "all": 93.1}})
     assert "judge gpt-stub" in proc.stdout and "| Conv | Detail | Complex | All |" in proc.stdout
-    assert "| 85.7 | 50.0 | 200.0 | 93.1 |" in proc.stdout
+    assert "(exact) | 85.7 | 50.0 | 200.0 | 93.1 |" in proc.stdout
+    assert "(LLaVA's rounding) | 85.7 | 50.0 | 200.0 | 93.1 |" in proc.stdout
 
-    # a second run asks only for its own reviews; mean and sample std over the runs
+    # a second run asks only for its own reviews; mean and population std over the runs
     with OpenAIStub(default="5 5") as stub:
         run_here("06_eval_llavabench.py", *args, "--num_runs", 2, "--base_url", stub.url, env=KEY)
         assert len(stub.requests) == 4
     runs = json.loads((tmp_path / "out" / "scores_runs.json").read_text())
     assert [r["all"] for r in runs["runs"]] == pytest.approx([2700 / 29, 100.0])
     assert scores(tmp_path)["conv"] == pytest.approx((600 / 7 + 100) / 2)
-    assert runs["std"]["conv"] == pytest.approx((100 - 600 / 7) / 2 ** 0.5)  # |a - b| / sqrt(2) for two runs
-    assert runs["std"]["abs"]["complex"] == pytest.approx([0.0, 5 / 2 ** 0.5])
+    assert runs["std"]["conv"] == pytest.approx((100 - 600 / 7) / 2)  # |a - b| / 2 for two runs
+    assert runs["std"]["abs"]["complex"] == pytest.approx([0.0, 5 / 2])
+    assert scores(tmp_path)["llava_rounded"]["conv"] == pytest.approx(round((85.7 + 100.0) / 2, 1))
 
 
 PARSER_CASES = [  # the judge's replies to one question, in order, and what must be recorded
@@ -182,7 +187,10 @@ def test_overlap_judge_by_hand_and_answers_from_elsewhere(tmp_path):
     assert [got[i, 0]["scores"] for i in range(4)] == [pytest.approx(x) for x in [[10, 7], [10, 1], [10, 1 + 36 / 7], [10, 10]]]
     assert scores(tmp_path) == approx_scores({
         "conv": 40.0, "detail": 10 + 360 / 7, "complex": 100.0, "all": 100 * (19 + 36 / 7) / 40, "judge": "overlap",
-        "abs": {"conv": [10, 4], "detail": [10, 1 + 36 / 7], "complex": [10, 10], "all": [10, (19 + 36 / 7) / 4]}})
+        "judge_models": [],
+        "abs": {"conv": [10, 4], "detail": [10, 1 + 36 / 7], "complex": [10, 10], "all": [10, (19 + 36 / 7) / 4]},
+        # LLaVA's rounding: detail's model mean 6.142857 -> 6.143 -> 61.43 -> 61.4; all's 6.0357 -> 6.036 -> 60.4
+        "llava_rounded": {"conv": 40.0, "detail": 61.4, "complex": 100.0, "all": 60.4}})
     assert "judge overlap (offline word-overlap smoke test, not GPT-4" in proc.stdout
     # the scored answers are copied to out_dir as {question_id, text}, in question order
     assert dist_io.read_jsonl(tmp_path / "out" / "answers.jsonl") == ANSWERS
@@ -250,10 +258,46 @@ def test_llavabench_on_toy_world(toy, tmp_path):
     assert len(got) == n and all(r["judge"] == "overlap" and r["scores"][0] == 10 and 1 <= r["scores"][1] <= 10
                                  for r in got)
     s = json.loads((out / "scores.json").read_text())
-    assert set(s) == {"conv", "detail", "complex", "all", "abs", "judge"} and s["judge"] == "overlap"
+    assert set(s) == {"conv", "detail", "complex", "all", "abs", "judge", "judge_models", "llava_rounded"}
+    assert s["judge"] == "overlap" and set(s["llava_rounded"]) == {"conv", "detail", "complex", "all"}
     assert all(0 < s[c] <= 100 and s["abs"][c][0] == 10 for c in ("conv", "detail", "complex", "all"))
     assert s["all"] == pytest.approx(10 * s["abs"]["all"][1])  # the reference's mean is 10
     assert "judge overlap (offline" in proc.stdout
     again = run_here("06_eval_llavabench.py", *args, check=True)  # a rerun resumes: nothing to answer or review
     assert f"{n} already answered" in again.stdout and len(dist_io.read_jsonl(out / "reviews.jsonl")) == n
     assert json.loads((out / "scores.json").read_text()) == s
+
+
+def test_published_review_files_scored_as_llava_summarises_them(tmp_path):
+    """--reviews: LLaVA's review files (one per run, as eval_gpt_review_bench.py writes them) with no judge and no
+    model. The exact scores leave a review LLaVA could not read ([-1, -1]) out; LLaVA's rounding
+    (summarize_gpt_review.py: per file the mean tuple, each mean to 3 decimals, the score to 0.1; then the mean of
+    runs) averages it in, as LLaVA does. Worked by hand:
+      run 1: conv (8 + 7) / 2 = 7.5 vs (6 + 5) / 2 = 5.5 -> 73.3; detail [-1, -1] -> 100.0 in LLaVA's, n/a exact;
+             all: exact 5.5 / 7.5 = 73.33, LLaVA's 3.333 / 4.667 -> 71.4
+      run 2: conv 6.5 / 7.5 -> 86.7; detail 6 / 10 -> 60.0; all 19 / 25 -> 76.0"""
+    def review_file(path, tuples):
+        return write_jsonl(path, [{"id": i + 1, "question_id": i, "answer1_id": i, "answer2_id": f"a{i}",
+                                   "category": f"llava_bench_{c}", "content": f"{t[0]} {t[1]}\nbecause", "tuple": t}
+                                  for i, (c, t) in enumerate(zip(["conv", "conv", "detail"], tuples))])
+    runs = [review_file(tmp_path / "review_1.jsonl", [[8, 6], [7, 5], [-1, -1]]),
+            review_file(tmp_path / "review_2.jsonl", [[8, 7], [7, 6], [10, 6]])]
+    proc = run_here("06_eval_llavabench.py", "--reviews", *runs, "--out_dir", tmp_path / "out", check=True)
+    s = scores(tmp_path)
+    assert s["llava_rounded"] == {"conv": 80.0, "detail": 80.0, "all": 73.7}  # no complex question: no column
+    assert s["conv"] == pytest.approx((5.5 / 7.5 * 100 + 6.5 / 7.5 * 100) / 2)
+    assert s["detail"] is None  # run 1 has no readable detail review: no exact mean over both runs
+    assert s["all"] == pytest.approx((5.5 / 7.5 * 100 + 19 / 25 * 100) / 2)
+    assert "(exact)" in proc.stdout and "(LLaVA's rounding) | 80.0 | 80.0 | 73.7 |" in proc.stdout
+    # with the benchmark's questions: every question reviewed once a file, in its own category
+    qs = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": "a.png", "text": f"Q{i}?", "category": c}
+                                            for i, c in enumerate(["conv", "conv", "detail"])])
+    run_here("06_eval_llavabench.py", "--questions", qs, "--reviews", *runs, "--out_dir", tmp_path / "o", check=True)
+    assert json.loads((tmp_path / "o" / "scores.json").read_text())["llava_rounded"] == s["llava_rounded"]
+    short = review_file(tmp_path / "review_3.jsonl", [[8, 6], [7, 5]])
+    proc = run_here("06_eval_llavabench.py", "--questions", qs, "--reviews", short, "--out_dir", tmp_path / "p")
+    assert proc.returncode != 0 and f"{short}: no review of 1 questions" in proc.stderr
+    wrong = write_jsonl(tmp_path / "q2.jsonl", [{"question_id": i, "image": "a.png", "text": f"Q{i}?", "category": c}
+                                                for i, c in enumerate(["conv", "complex", "detail"])])
+    proc = run_here("06_eval_llavabench.py", "--questions", wrong, "--reviews", runs[0], "--out_dir", tmp_path / "p")
+    assert proc.returncode != 0 and f"{runs[0]}:2: question 1 is a complex question" in proc.stderr

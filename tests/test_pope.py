@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import run_here
+from conftest import run_here, script
 
 SPLITS = ["random", "popular", "adversarial"]
 METRICS = {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
@@ -225,3 +225,46 @@ def test_pope_on_toy(toy, tmp_path):
     # a settings change is refused rather than mixed into the cache
     other = run_here("07_eval_pope.py", *common[:-1], "\nAnswer the question using a single word or phrase.")
     assert other.returncode != 0 and "other settings" in other.stderr
+
+
+def test_llava_layout_question_file_annotation_dir_and_one_answer_file(tmp_path):
+    """LLaVA's POPE layout, as its eval_pope.py reads it: one question file with a category per question (ids
+    unique over it, no labels), POPE's coco_pope_<category>.json label files in an annotation folder (a
+    category's labels in file order), and one answer file for every category."""
+    ann = tmp_path / "coco"
+    ann.mkdir()
+    labels = {"random": ["yes", "no", "no"], "adversarial": ["yes", "no"]}
+    for split, labs in labels.items():
+        write_jsonl(ann / f"coco_pope_{split}.json", [{"question_id": i, "image": f"{split}{i}.jpg", "label": lab,
+                                                       "text": "Is there a cup in the image?"}
+                                                      for i, lab in enumerate(labs, 1)])
+    questions = [{"question_id": n, "image": f"{split}{i}.jpg", "category": split,
+                  "text": "Is there a cup in the image?\nAnswer the question using a single word or phrase."}
+                 for n, (split, i) in enumerate([("random", 1), ("random", 2), ("adversarial", 1), ("random", 3),
+                                                 ("adversarial", 2)], 101)]
+    qfile = write_jsonl(tmp_path / "llava_pope_test.jsonl", questions)
+    said = {101: "Yes", 102: "No", 103: "Yes", 104: "Yes", 105: "Yes"}  # as model_vqa_loader writes them
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": q, "prompt": "p", "text": t, "answer_id": "x",
+                                                        "model_id": "m", "metadata": {}} for q, t in said.items()])
+    out = tmp_path / "out"
+    proc = run_here("07_eval_pope.py", "--questions", qfile, "--annotation_dir", ann, "--answers", answers,
+                    "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads((out / "scores.json").read_text())
+    # random: labels yes, no, no -> read yes, no, yes: TP 1, TN 1, FP 1; adversarial: yes, no -> yes, yes: TP 1, FP 1
+    assert scores["random"] == pytest.approx({"accuracy": 200 / 3, "precision": 50.0, "recall": 100.0,
+                                              "f1": 200 / 3, "yes_ratio": 200 / 3, "n": 3})
+    assert scores["adversarial"] == pytest.approx({"accuracy": 50.0, "precision": 50.0, "recall": 100.0,
+                                                   "f1": 200 / 3, "yes_ratio": 100.0, "n": 2})
+    # the suffix LLaVA's file carries already is not appended again
+    read, _ = script("07_eval_pope.py").read_questions([qfile], "\nAnswer the question using a single word or phrase.",
+                                                       ann)
+    assert all(q["question"].count("single word or phrase") == 1 for q in read)
+    # a label file out of step with the questions is named; so is a missing --annotation_dir
+    write_jsonl(ann / "coco_pope_adversarial.json", [{"question_id": 1, "image": "adversarial2.jpg", "label": "no"},
+                                                     {"question_id": 2, "image": "adversarial1.jpg", "label": "yes"}])
+    proc = run_here("07_eval_pope.py", "--questions", qfile, "--annotation_dir", ann, "--answers", answers,
+                    "--out_dir", out)
+    assert proc.returncode != 0 and f"{ann / 'coco_pope_adversarial.json'}:1:" in proc.stderr
+    proc = run_here("07_eval_pope.py", "--questions", qfile, "--answers", answers, "--out_dir", out)
+    assert proc.returncode != 0 and "--annotation_dir" in proc.stderr and "Traceback" not in proc.stderr

@@ -33,3 +33,27 @@ def test_pope_scores_by_hand():
     assert s["recall"] == pytest.approx(100 * 2 / 3) and s["f1"] == pytest.approx(100 * 2 / 3)
     assert s["yes_ratio"] == pytest.approx(60.0) and s["n"] == 5
     assert scoring.pope_scores(tp=0, fp=0, tn=2, fn=2)["f1"] == 0.0  # nothing said yes: no division by zero
+
+
+def test_chair_keeps_hyphenated_compounds_whole():
+    """As CHAIR's nltk tokeniser: a hyphen inside a word keeps it one word, so compounds name no object."""
+    chair = scoring.Chair(scoring.synonym_table("person, man, woman, boy\nbird, swan\nboat\ndog\nhot dog"))
+    assert chair.mentions("A man-made lake with a swan-shaped boat.") == [("boat", "boat")]
+    assert chair.mentions("A well-dressed woman walks her dog-walker's dog.") == [("woman", "person"), ("dog", "dog")]
+    assert chair.mentions("A hot-dog stand; a hot dog.") == [("hot dog", "hot dog")]
+    assert chair.mentions("A three-year-old boy.") == [("boy", "person")]
+    assert chair.mentions("Swans near a man - and a boat.") == [("swan", "bird"), ("man", "person"), ("boat", "boat")]
+
+
+def test_published_synonym_tables_load_as_they_are(tmp_path):
+    """RLHF-V's synonyms_refine.txt and CHAIR's table repeat entries within a class and hold capitals (`iPhone`):
+    they load; CHAIR lower-cases the text and not the table, so the capitalised entry never matches; an entry
+    in two classes and an empty entry are refused with file:line."""
+    table = scoring.synonym_table("person, guy, man, guy\ncell phone, phone, iPhone\nsheep, lamb, ram, lamb")
+    chair = scoring.Chair(table)
+    assert chair.mentions("A guy holds an iPhone near a lamb.") == [("guy", "person"), ("lamb", "sheep")]
+    assert chair.mentions("A phone and two lambs.") == [("phone", "cell phone"), ("lamb", "sheep")]
+    with pytest.raises(scoring.DataError, match="syn:2: 'man' is already a synonym of 'person'"):
+        scoring.synonym_table("person, man\nstatue, man", "syn")
+    with pytest.raises(scoring.DataError, match="syn:1: .*empty"):
+        scoring.synonym_table("person, , man", "syn")

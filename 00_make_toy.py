@@ -254,15 +254,18 @@ def mmvet_questions(names, scenes, rng, prefix="v1"):
 
 
 def write_halbench(folder, names, scenes, train_scenes, pope_rng):
-    """A HalBench-style set (description prompts; objects present per image) and POPE's splits over its images."""
+    """A HalBench-style set (description prompts; objects present per image) and POPE's splits over its images
+    (returned: {split: records})."""
     (folder / "pope").mkdir(parents=True, exist_ok=True)
     with open(folder / "halbench.jsonl", "w") as f:
         for i, name in enumerate(names):
             f.write(json.dumps({"question_id": i, "image": name, "question": DESCRIBE[i % len(DESCRIBE)]}) + "\n")
     (folder / "halbench_objects.json").write_text(json.dumps({n: [o["name"] for o in s] for n, s in zip(names, scenes)},
                                                              indent=1))
-    for split, records in pope_splits(names, scenes, train_scenes, pope_rng).items():
+    splits = pope_splits(names, scenes, train_scenes, pope_rng)
+    for split, records in splits.items():
         (folder / "pope" / f"coco_pope_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return splits
 
 
 def write_study_sets(out, seed, train_scenes, n):
@@ -462,22 +465,44 @@ def synonym_lines():
     return [", ".join([o, PLURALS[o]] + SYNONYMS[o]) for o in OBJECTS]
 
 
+def clauses(text):
+    """{object: (count, colour)} of the first clause naming each object in a caption of the world's grammar
+    ("there is a cup at the top left , it is red ." / "there are two cups at ... , they are red .")."""
+    pos = "|".join(POSITIONS)
+    singular = {PLURALS[o]: o for o in OBJECTS}
+    found = {}
+    for m in re.finditer(rf"there is an? (\w+) at the (?:{pos}) , it is (\w+) \.|"
+                         rf"there are (\w+) (\w+) at the (?:{pos}) , they are (\w+) \.", " ".join(text.split())):
+        name, count, colour = (m[1], 1, m[2]) if m[1] else (singular.get(m[4]), NUMBERS.index(m[3])
+                                                            if m[3] in NUMBERS else None, m[5])
+        found.setdefault(name, (count, colour))
+    return found
+
+
 def prior_stats(captions, scenes, chair):
-    """CHAIR_s, recall and objects per caption (fractions) of captions against their scenes, and the rate at
-    which an absent object is named: the missing partner of a present trigger vs. any other absent object."""
-    rows = []
+    """CHAIR_s, recall and objects per caption (fractions) of captions against their scenes; the rate at which
+    an absent object is named: the missing partner of a present trigger vs. any other absent object; and of the
+    named objects that are present, the share whose colour and whose count the caption gets right."""
+    rows, named, colour_right, count_right = [], 0, 0, 0
     for cap, objs in zip(captions, scenes):
-        truth = {o["name"] for o in objs}
+        truth, said, told = {o["name"] for o in objs}, chair.classes(cap), clauses(cap)
         lures = {PARTNER[t] for t in truth if t in PARTNER}
-        rows.append(scoring.hallucination_counts(sorted(chair.classes(cap)), truth, lures, OBJECTS))
+        rows.append(scoring.hallucination_counts(sorted(said), truth, lures, OBJECTS))
+        for o in objs:
+            if o["name"] in said:
+                count, colour = told.get(o["name"], (None, None))
+                named, colour_right, count_right = named + 1, colour_right + (colour == o["colour"]), \
+                    count_right + (count == o["count"])
     counts = scoring.sum_counts(rows)
     rates = scoring.hallucination_rates(counts, scale=1)
     return {**{k: rates[k] for k in ("chair_s", "partner_rate", "other_absent_rate", "recall", "objects_per_caption")},
+            "colour_accuracy": colour_right / max(1, named), "count_accuracy": count_right / max(1, named),
             "n_partner_chances": counts["partner_chances"]}
 
 
-def prior_check(model, processor, imgs, scenes, prompts, seed):
-    """prior_stats of greedy captions at each of NOISE_STEPS (the features weakened), and the first five captions."""
+def prior_check(model, processor, names, imgs, scenes, prompts, pope, seed):
+    """prior_stats of greedy captions at each of NOISE_STEPS (the features weakened), the first five captions,
+    and the clean model's POPE (random and adversarial; rates as fractions) on the same images."""
     chair = scoring.Chair(scoring.synonym_table("\n".join(synonym_lines())))
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -489,7 +514,39 @@ def prior_check(model, processor, imgs, scenes, prompts, seed):
                 caps += common.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], max_new_tokens=64)
         rows.append({"noise_step": t, **prior_stats(caps, scenes, chair)})
         examples[str(t)] = caps[:5]
-    return rows, examples
+    image_of, yes_no = dict(zip(names, imgs)), {}
+    for split in ("random", "adversarial"):
+        recs, said = pope[split], []
+        for i in tqdm(range(0, len(recs), 64), desc=f"prior check POPE {split}"):
+            said += common.generate(model, processor, [image_of[r["image"]] for r in recs[i:i + 64]],
+                                    [r["text"] for r in recs[i:i + 64]], max_new_tokens=8)
+        scores = scoring.pope_metrics([r["label"] for r in recs], said)
+        yes_no[split] = {k: v if k == "n" else v / 100 for k, v in scores.items()}
+    return rows, examples, yes_no
+
+
+# what a base model worth judging the method on must show (floors) and should (goals); the build records each
+FLOORS = {"clean chair_s <= 0.35": lambda r, p: r[0]["chair_s"] <= 0.35,
+          "clean recall >= 0.85": lambda r, p: r[0]["recall"] >= 0.85,
+          "clean partner rate >= 3 x other absent": lambda r, p: r[0]["partner_rate"] >= 3 * r[0]["other_absent_rate"],
+          "partner rate at t=500 above clean": lambda r, p: r[1]["partner_rate"] > r[0]["partner_rate"],
+          "POPE random accuracy >= 0.75": lambda r, p: p["random"]["accuracy"] >= 0.75}
+GOALS = {"clean colour right >= 0.5": lambda r, p: r[0]["colour_accuracy"] >= 0.5,
+         "clean count right >= 0.5": lambda r, p: r[0]["count_accuracy"] >= 0.5,
+         "POPE random accuracy >= 0.85": lambda r, p: p["random"]["accuracy"] >= 0.85,
+         "POPE random yes-ratio in 0.40-0.65": lambda r, p: 0.40 <= p["random"]["yes_ratio"] <= 0.65}
+
+
+def checks(rows, pope):
+    """{"floors": {check: passed}, "goals": {check: passed}} of a prior check (rows at NOISE_STEPS, POPE)."""
+    return {kind: {name: bool(test(rows, pope)) for name, test in tests.items()}
+            for kind, tests in (("floors", FLOORS), ("goals", GOALS))}
+
+
+def failed_floors(path):
+    """The floors a built world's prior_check.json fails (make demo and make study print them)."""
+    with open(path) as f:
+        return [name for name, ok in json.load(f).get("checks", {}).get("floors", {}).items() if not ok]
 
 
 def main(argv=None):
@@ -552,7 +609,7 @@ def main(argv=None):
     (out / "train.json").write_text(json.dumps(train_records, indent=1))
     (out / "mmvet.json").write_text(json.dumps(mmvet, indent=1))
     # POPE over the HalBench images, its own random stream: nothing else moves
-    write_halbench(out, hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}"))
+    pope = write_halbench(out, hal_names, hal_scenes, train_scenes, random.Random(f"pope{args.seed}"))
     write_llavabench(out / "llavabench", args.seed)
     (out / "synonyms.txt").write_text("".join(line + "\n" for line in synonym_lines()))
     sets = {"train": (train_names, train_scenes), "halbench": (hal_names, hal_scenes), "mmvet": (mm_names, mm_scenes),
@@ -567,13 +624,25 @@ def main(argv=None):
     print(f"wrote {out} ({time.time() - t0:.0f} s); P(partner | trigger): {world['p_partner']}")
 
     # ---- measure the prior: clean and weakened captions of the HalBench images
-    rows, examples = prior_check(model, processor, hal_imgs, hal_scenes, hal_prompts, args.seed)
+    rows, examples, yes_no = prior_check(model, processor, hal_names, hal_imgs, hal_scenes, hal_prompts, pope,
+                                         args.seed)
+    verdicts = checks(rows, yes_no)
     (out / "prior_check.json").write_text(json.dumps({"noise_on": "features", "n_images": n["hal"], "rows": rows,
-                                                      "examples": examples}, indent=1))
-    print(f"{'step':>5} {'CHAIR_s':>8} {'partner':>8} {'other':>8} {'recall':>7} {'obj/cap':>8}")
+                                                      "pope": yes_no, "checks": verdicts, "examples": examples},
+                                                     indent=1))
+    print(f"{'step':>5} {'CHAIR_s':>8} {'partner':>8} {'other':>8} {'recall':>7} {'obj/cap':>8} {'colour':>7} "
+          f"{'count':>6}")
     for r in rows:
         print(f"{r['noise_step']:>5} {r['chair_s']:>8.3f} {r['partner_rate']:>8.3f} {r['other_absent_rate']:>8.3f} "
-              f"{r['recall']:>7.3f} {r['objects_per_caption']:>8.2f}")
+              f"{r['recall']:>7.3f} {r['objects_per_caption']:>8.2f} {r['colour_accuracy']:>7.3f} "
+              f"{r['count_accuracy']:>6.3f}")
+    print("POPE (clean): " + ", ".join(f"{k} accuracy {v['accuracy']:.3f} yes-ratio {v['yes_ratio']:.3f}"
+                                       for k, v in yes_no.items()))
+    for kind, results in verdicts.items():
+        print(f"{kind}: " + "; ".join(f"{name} {'pass' if ok else 'FAIL'}" for name, ok in results.items()))
+    if not all(verdicts["floors"].values()):
+        print(f"WARNING: this world fails a floor ({', '.join(failed_floors(out / 'prior_check.json'))}): its base "
+              "model is not one to judge the method on (docs/toy_world.md)")
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -1,8 +1,9 @@
 """Step 1: image-weakened negatives. For each ground-truth item the model answers from an image
 whose CLIP features are noised with forward diffusion, so its language prior takes over; the pair
-is (chosen = ground truth, rejected = that answer). A negative cut off by --max_new_tokens is never
-written (it would end mid-sentence, a cue DPO could learn without looking at the image): it is
-sampled again, up to --max_tries, then counted. Resumable by id, sharded under torchrun."""
+is (chosen = ground truth, rejected = that answer). --contrast_alpha samples as the authors'
+released script does instead (common.generate_contrastive). A negative cut off by --max_new_tokens
+is never written (it would end mid-sentence, a cue DPO could learn without looking at the image): it
+is sampled again, up to --max_tries, then counted. Resumable by id, sharded under torchrun."""
 import argparse
 import sys
 
@@ -25,6 +26,12 @@ def parse_args(argv=None):
     p.add_argument("--noise_on", choices=["features", "pixels"], default="features",
                    help="noise the projector input (paper) or the normalised pixels (authors' script)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the negatives")
+    p.add_argument("--contrast_alpha", type=float, default=0.0,
+                   help="0: sample from the weakened image (the paper's); A > 0: the authors' released sampler, "
+                        "logits (1 + A) clean - A weakened (they used A 1, beta 0.2, temperature 0.2, --noise_on "
+                        "pixels --noise_step 900)")
+    p.add_argument("--contrast_beta", type=float, default=0.2,
+                   help="released sampler: only tokens with clean probability >= beta x the clean maximum")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the negatives")
     p.add_argument("--max_new_tokens", type=int, default=512, help="length limit of a negative; one that reaches it "
                                                                    "is resampled")
@@ -67,7 +74,9 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # the noise draws
     meta = {"noise_step": args.noise_step, "noise_on": args.noise_on, "model": args.model,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, **fmt._asdict()}
+            "seed": args.seed, **fmt._asdict(),
+            **({"contrast_alpha": args.contrast_alpha, "contrast_beta": args.contrast_beta} if args.contrast_alpha
+               else {})}
     writer = dist_io.JsonlAppender(part)
     written = dropped = missing = cut_off = 0
     for i in tqdm(range(0, len(todo), args.batch_size), desc=f"pairs[{rank}]", disable=rank != 0 and world > 1):

@@ -74,7 +74,7 @@ demo: install $(TOY)/prior_check.json
 	# 04-07 on each model, in one process (experiments/evaluate.py: the imports are paid once, not twelve times)
 	$(BIN)/python experiments/evaluate.py $(foreach m,base sft bpo,$(call demo_evals,$(m)))
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"
-	$(BIN)/python experiments/demo_table.py base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo
+	$(BIN)/python experiments/demo_table.py --prior_check $(TOY)/prior_check.json base=$(RUN)/eval/base sft=$(RUN)/eval/sft bpo=$(RUN)/eval/bpo
 
 # the paper's claims in miniature: 2 worlds, 3 seeds, dev-selected settings, verdicts by experiments/rules.py;
 # resumable (finished steps are skipped)

@@ -7,6 +7,7 @@ import argparse
 import collections
 import contextlib
 import hashlib
+import math
 import warnings
 
 import torch
@@ -224,6 +225,56 @@ def generate(model, processor, images, prompts, fmt=LLAVA_15, max_new_tokens=512
     eos = model.generation_config.eos_token_id
     ended = torch.isin(out, torch.tensor(eos if isinstance(eos, list) else [eos], device=out.device)).any(1)
     return [t if e else None for t, e in zip(texts, ended.tolist())]
+
+
+def contrastive_logits(clean, weak, alpha, beta):
+    """The authors' released sampler (VCD's rule), per position: (1 + alpha) clean - alpha weak over the tokens
+    whose clean probability is at least beta times the clean maximum (logit >= log beta + max logit), -inf
+    elsewhere. It pushes the sample towards what the clean image adds, away from the prior."""
+    cutoff = math.log(beta) + clean.max(dim=-1, keepdim=True).values
+    return ((1 + alpha) * clean - alpha * weak).masked_fill(clean < cutoff, float("-inf"))
+
+
+@torch.no_grad()
+def generate_contrastive(model, processor, images, prompts, fmt, weakening, alpha, beta, temperature=1.0,
+                         top_p=1.0, max_new_tokens=512, keep_unfinished=True):
+    """generate's sampling with the authors' released rule: at every step contrastive_logits of the clean
+    image's and the weakened image's next-token logits (weakening: (noise step, "features"|"pixels", torch
+    generator), applied to the images once), then temperature and top-p, then a sample. Each branch keeps its
+    own KV cache; the batch is left-padded as generate's. Returns the texts (None for one cut off by
+    max_new_tokens, with keep_unfinished=False)."""
+    enc = encode(processor, [chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
+    ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+    pixels = enc["pixel_values"].to(model.device, model.dtype)
+    step, where, generator = weakening
+    with weaken_images(model, step, where, generator):
+        weak_embeds = image_embeds(model, ids, pixels)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    branches = [model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+                for embeds in (image_embeds(model, ids, pixels), weak_embeds)]
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=ids.device)
+    pad = processor.tokenizer.pad_token_id
+    done, out = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device), []
+    for _ in range(max_new_tokens):
+        scores = contrastive_logits(*(b.logits[:, -1].float() for b in branches), alpha, beta) / temperature
+        if top_p < 1.0:  # the smallest set of tokens whose probability reaches top_p
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            outside = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1) >= top_p
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(outside, float("-inf")))
+        token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out.append(token)
+        done |= torch.isin(token, eos)
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        branches = [model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                          cache=b.cache, use_cache=True) for b in branches]
+    tokens = torch.stack(out, dim=1)
+    texts = [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+    return texts if keep_unfinished else [t if d else None for t, d in zip(texts, done.tolist())]
 
 
 # ----------------------------------------------------------------------------- token convention and log-probs

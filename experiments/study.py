@@ -355,6 +355,12 @@ def run_all():
 
 
 failed = run_all()
+for world, toy in WORLDS.items():  # a world whose base model is too weak to judge the method on: said loudly
+    check = os.path.join(toy, "prior_check.json")
+    floors = json.load(open(check)).get("checks", {}).get("floors", {}) if os.path.exists(check) else {}
+    if not all(floors.values()):
+        print(f"WARNING: the {world} world ({toy}) fails {sum(not ok for ok in floors.values())} floor(s): "
+              f"{'; '.join(n for n, ok in floors.items() if not ok)}; read every verdict with that in mind")
 if not args.skip_report:
     r = subprocess.run([PY, os.path.join(HERE, "report.py"), "--toy", args.toy, "--control_toy", args.control_toy,
                         "--runs", RUNS, "--results", args.results, "--seeds", *map(str, args.seeds),

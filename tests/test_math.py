@@ -1,4 +1,5 @@
 """The math of common.py against independent computations."""
+import json
 import math
 import os
 
@@ -142,3 +143,37 @@ def test_dpo_loss_gradient_direction():
     # at zero margin d/dpc = -beta * sigmoid(0) = -0.05: raising chosen lowers the loss
     assert pc.grad.item() == pytest.approx(-0.05) and pr.grad.item() == pytest.approx(0.05)
     assert F.logsigmoid(torch.tensor(0.0)).item() == pytest.approx(-losses.item())
+
+
+def test_contrastive_logits_by_hand():
+    """The released sampler's rule (VCD's): (1 + a) clean - a weak, kept where the clean probability is at least
+    beta times the clean maximum (a logit within log beta of the best), -inf elsewhere."""
+    clean = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
+    weak = torch.tensor([[1.0, 2.0, 0.0, 0.0]])
+    got = common.contrastive_logits(clean, weak, alpha=1.0, beta=0.2)
+    # cutoff log 0.2 + 2 = 0.391: tokens 0 and 1 stay (2, 1), tokens 2 (0) and 3 (-3) go
+    assert got[0, :2].tolist() == [2 * 2.0 - 1.0, 2 * 1.0 - 2.0] and torch.isinf(got[0, 2:]).all()
+    p = torch.softmax(clean, -1)
+    assert ((p >= 0.2 * p.max()) == torch.isfinite(got)).all()  # the cut is on probabilities, as VCD's
+
+
+def test_contrastive_sampling_first_step_and_cache(toy, toy_model):
+    """generate_contrastive's first token at a near-zero temperature is the argmax of contrastive_logits over a
+    plain forward of the clean and of the weakened image; its cached decoding equals greedy generate at alpha 0."""
+    model, processor = toy_model
+    recs = json.load(open(toy / "train.json"))[:2]
+    images = [data.load_image(toy / "images", r["image"]) for r in recs]
+    prompts = ["Describe the image in detail."] * 2
+    enc = common.encode(processor, [common.chat_prompt(processor, p) for p in prompts], images, common.LLAVA_15)
+    with torch.no_grad():
+        clean = model(**enc).logits[:, -1]
+        with common.weaken_images(model, 900, "pixels", torch.Generator().manual_seed(5)):
+            weak = model(**enc).logits[:, -1]
+    want = common.contrastive_logits(clean, weak, 1.0, 0.2).argmax(-1)
+    texts = common.generate_contrastive(model, processor, images, prompts, common.LLAVA_15,
+                                        (900, "pixels", torch.Generator().manual_seed(5)), 1.0, 0.2,
+                                        temperature=1e-6, max_new_tokens=1)
+    assert texts == [processor.tokenizer.decode([t]).strip() for t in want.tolist()]
+    plain = common.generate(model, processor, images, prompts, max_new_tokens=20)
+    assert common.generate_contrastive(model, processor, images, prompts, common.LLAVA_15, (0, "features", None),
+                                       0.0, 1e-9, temperature=1e-6, max_new_tokens=20) == plain

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import common
 import data
 import dist_io
-from conftest import kill_after_lines, run_here, run_script, run_torchrun
+import scoring
+from conftest import kill_after_lines, run_here, run_script, run_torchrun, script
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
 
@@ -196,3 +197,35 @@ def test_precomputed_reference_trains_like_the_per_step_reference(toy, pairs, tm
                     dist_io.read_jsonl(tmp_path / "per_step" / "metrics.jsonl")):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_released_sampler_writes_pairs_and_resumes(toy, tmp_path):
+    """01 with the authors' released settings (contrastive sampling, pixels noised at step 900, temperature 0.2):
+    pairs in the same format, the sampler's settings in meta, and a rerun that has nothing left to do."""
+    out = tmp_path / "pairs.jsonl"
+    args = ("--samples_per_source", 8, "--batch_size", 4, "--contrast_alpha", 1, "--contrast_beta", 0.2,
+            "--temperature", 0.2, "--noise_on", "pixels", "--noise_step", 900)
+    build_pairs(toy, out, *args)
+    pairs = dist_io.read_jsonl(out)
+    assert pairs and all(p["meta"]["contrast_alpha"] == 1 and p["meta"]["noise_on"] == "pixels" for p in pairs)
+    assert all(p["rejected"] and p["rejected"] != p["chosen"] for p in pairs)
+    again = build_pairs(toy, out, *args)
+    assert "wrote 0 pairs this run" in again.stdout and len(dist_io.read_jsonl(out)) == len(pairs)
+
+
+def test_prior_check_reads_colours_counts_and_pope_by_hand(toy):
+    """00's prior check: the colour and count a caption gives each present object it names, against the scene;
+    the built world's prior_check.json holds them, POPE of the clean model and every floor and goal as pass/fail."""
+    toy_world = script("00_make_toy.py")
+    chair = scoring.Chair(scoring.synonym_table("\n".join(toy_world.synonym_lines())))
+    scene = [{"name": "cup", "colour": "red", "count": 1}, {"name": "knife", "colour": "blue", "count": 2},
+             {"name": "ball", "colour": "green", "count": 3}]
+    cap = ("there is a cup at the top left , it is red . there are three knives at the top right , they are blue . "
+           "there is a book at the bottom left , it is white .")
+    stats = toy_world.prior_stats([cap], [scene], chair)
+    # named and present: cup (red, 1: both right), knife (blue right, three wrong); the ball is not named
+    assert stats["colour_accuracy"] == 1.0 and stats["count_accuracy"] == 0.5 and stats["recall"] == 2 / 3
+    check = json.loads((toy / "prior_check.json").read_text())
+    assert {"colour_accuracy", "count_accuracy"} <= set(check["rows"][0])
+    assert set(check["pope"]) == {"random", "adversarial"} and 0 <= check["pope"]["random"]["accuracy"] <= 1
+    assert set(check["checks"]["floors"]) == set(toy_world.FLOORS) and set(check["checks"]["goals"]) == set(toy_world.GOALS)

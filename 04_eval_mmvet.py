@@ -40,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", required=True, help="writes answers.json, grades.jsonl, scores.json (reruns resume)")
     p.add_argument("--answers", default=None, help="grade an existing official answers JSON {id: answer}; no model "
                                                    "loaded")
-    p.add_argument("--judge", default="gpt-4-0613", help="grader model on the OpenAI API (or --base_url), or 'exact': "
-                   "offline normalised match of short answers, honouring <AND>/<OR>")
+    p.add_argument("--judge", default=None,
+                   help="grader model at --base_url (OpenAI, or any OpenAI-compatible server of an open model), or "
+                        "'exact': offline normalised match of short answers, honouring <AND>/<OR>. No default: the "
+                        "official grader, gpt-4-0613, is retired (docs/evaluation.md#judges)")
     p.add_argument("--base_url", default=None, help="OpenAI-compatible server of the judge (none: OpenAI)")
     p.add_argument("--grader_prompt_file", default=None,
                    help="your copy of the official grader's prompt (the `prompt` string of MM-Vet's "
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.grade_retries < 1 or args.num_runs < 1:
         p.error("--grade_retries and --num_runs must be at least 1")
+    if args.judge is None and not args.grades:
+        p.error("give --judge: a model your endpoint serves, or exact (offline); the official gpt-4-0613 is retired")
     return args
 
 

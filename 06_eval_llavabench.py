@@ -46,8 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--reviews", nargs="+", default=None, metavar="REVIEW_FILE",
                    help="score LLaVA's published review files as they are (one JSONL per run, as its "
                         "eval_gpt_review_bench.py writes them): no judge, no model, no answers")
-    p.add_argument("--judge", default="gpt-4-0613",
-                   help=f"judge model on the OpenAI API (or --base_url); LLaVA's gpt-4-0314 is retired. '{OFFLINE}': "
+    p.add_argument("--judge", default=None,
+                   help="judge model at --base_url (OpenAI, or any OpenAI-compatible server of an open model); no "
+                        f"default: LLaVA's gpt-4-0314 is retired (docs/evaluation.md#judges). '{OFFLINE}': "
                         "an offline smoke-test judge, not GPT-4 (1 + 9 x F1 of content words: precision against the "
                         "reference and context, recall of the reference), whose numbers are no LLaVA-Bench scores")
     p.add_argument("--base_url", default=None, help="OpenAI-compatible server of the judge (none: OpenAI)")
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.review_tries < 1 or args.num_runs < 1:
         p.error("--review_tries and --num_runs must be at least 1")
+    if args.judge is None and not args.reviews:
+        p.error(f"give --judge: a model your endpoint serves, or {OFFLINE} (offline); LLaVA's gpt-4-0314 is retired")
     missing = [f"--{k}" for k in ("questions", "context", "references", "rule") if not getattr(args, k)]
     if missing and not args.reviews:
         p.error(f"the following arguments are required: {', '.join(missing)} (or score published --reviews)")

@@ -41,7 +41,7 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
     processor = load_processor(name)
     if adapter:
         from peft import PeftModel
-        with _quiet_peft():
+        with quiet_peft():
             model = PeftModel.from_pretrained(model, adapter)
         if not load_in_4bit:
             model = model.merge_and_unload()
@@ -52,12 +52,12 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
 def with_lora(model, config):
     """The model with fresh LoRA adapters (peft's get_peft_model) as config says; they start as a no-op."""
     from peft import get_peft_model
-    with _quiet_peft():
+    with quiet_peft():
         return get_peft_model(model, config)
 
 
 @contextlib.contextmanager
-def _quiet_peft():
+def quiet_peft():
     # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a FutureWarning
     # on every run that no user can act on
     with warnings.catch_warnings():

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     p.add_argument("--log_every", type=int, default=1, help="a metrics row every N steps (averaged over them)")
     p.add_argument("--dry_run", action="store_true", help="check and measure everything, estimate memory, write nothing")
+    p.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also send metrics.jsonl's scalars to TensorBoard (OUTPUT_DIR/tensorboard/) or W&B, rank 0")
     # ---- the system
     p.add_argument("--precompute_ref", action=argparse.BooleanOptionalAction, default=True,
                    help="score the reference once before training (OUTPUT_DIR/ref_logps.jsonl), not every step")
@@ -194,6 +196,7 @@ def train(args):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if is_main:
         runs.keep_metrics_upto(metrics_path, step)  # drop log lines past the checkpoint we resumed
+    tracker = runs.Tracker(args.report_to if is_main else "none", args.output_dir, vars(args))
 
     def batches(chunks, fields):  # this rank's packed micro-batches of these lists of pair indices, in order
         dataset = runs.PairBatches(pairs.records, roots, processor, args.max_length, fmt, dtype, chunks, fields,
@@ -265,12 +268,14 @@ def train(args):
             window, n_window, t_window = {}, 0, time.time()
             if is_main:
                 dist_io.append_line(metrics_path, row)
+                tracker.log(row)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                                  if k in ("loss", "rewards/accuracies")})
         if is_main and args.save_every > 0 and step % args.save_every == 0 and step < total_steps:
             runs.save_checkpoint(args.output_dir, step, model, optimizer, scheduler, args, args.keep_checkpoints)
             runs.plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
     bar.close()
+    tracker.close()
 
     # ---- save: the adapter, the last checkpoint, the curves, the run marked finished, a summary
     if is_main:

@@ -47,7 +47,9 @@ $(VENV)/.installed: requirements.txt
 	# No GPU here: take the small CPU wheel first, so requirements.txt does not pull the CUDA build.
 	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/pip install -q "torch==2.13.0" || \
 	  $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/pip install -q -r requirements.txt pytest sentencepiece protobuf  # sentencepiece+protobuf: tests read LLaMA-2's tokenizer.model
+	# tests: sentencepiece + protobuf read LLaMA-2's tokenizer.model; pyarrow reads RLAIF-V's parquet, tensorboard is
+	# 03 --report_to's (both optional for a run)
+	$(BIN)/pip install -q -r requirements.txt pytest sentencepiece protobuf pyarrow tensorboard
 	touch $@
 
 test: install

@@ -337,6 +337,38 @@ def metrics_row(window, n_steps, grad_accum, world, **row):
     return {**row, **dict(zip(names, values.tolist()))}
 
 
+class Tracker:
+    """--report_to: each metrics row also to TensorBoard (event files under OUTPUT_DIR/tensorboard/) or to Weights &
+    Biases (project from WANDB_PROJECT, default "bpo"; WANDB_MODE=offline works without a network), from rank 0;
+    "none" does nothing. Either package is imported only when asked for."""
+
+    def __init__(self, kind, output_dir, config):
+        self.kind, self.writer = kind, None
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            elif kind == "wandb":
+                import wandb
+                self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT", "bpo"), dir=output_dir,
+                                         config=config, name=os.path.basename(os.path.abspath(output_dir)))
+        except ImportError as e:
+            sys.exit(f"error: --report_to {kind} needs its package ({e.name}): pip install {kind}")
+
+    def log(self, row):
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, row["step"])
+            self.writer.flush()
+        elif self.kind == "wandb":
+            self.writer.log(scalars, step=row["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close() if self.kind == "tensorboard" else self.writer.finish()
+
+
 def plot_curves(metrics_path, png):
     """The paper's Fig. 7: summed log-probs of chosen (and rejected) answers over steps."""
     import matplotlib

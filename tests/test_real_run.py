@@ -260,3 +260,32 @@ def test_qlora_keeps_the_rest_in_bf16(toy):
                                                                             if d != torch.bfloat16}
     source = open(os.path.join(os.path.dirname(__file__), "..", "03_train_bpo.py")).read()
     assert "prepare_model_for_kbit_training(" not in source
+
+
+def test_report_to_tensorboard_logs_metrics_jsonl_scalars(toy, two_sources, tmp_path):
+    """--report_to tensorboard: the event files under OUTPUT_DIR/tensorboard/ hold metrics.jsonl's scalars, step by
+    step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    base, files = two_sources
+    out = tmp_path / "run"
+    proc = train(toy, out, files.values(), [f"coco={base / 'coco'}", f"laion={base / 'laion'}"], "--max_steps", 2,
+                 "--report_to", "tensorboard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dist_io.read_jsonl(out / "metrics.jsonl")
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    for key in ("loss", "rewards/accuracies", "logps/chosen", "lr"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [r["step"] for r in rows] == [1, 2]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)
+
+
+def test_report_to_wandb_offline(toy, two_sources, tmp_path, monkeypatch):
+    """--report_to wandb, where wandb is installed, in offline mode: a local run directory, no network."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base, files = two_sources
+    proc = train(toy, tmp_path / "run", files.values(), [f"coco={base / 'coco'}", f"laion={base / 'laion'}"],
+                 "--max_steps", 1, "--report_to", "wandb")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(d.startswith("offline-run") for d in os.listdir(tmp_path / "run" / "wandb"))

@@ -136,9 +136,8 @@ def train(args):
     B = args.batch_size  # pairs per micro-batch; log-probs come as [B chosen..., B rejected...]
     per_step = B * world * args.grad_accum  # pairs per optimizer step, all ranks
     responses = ("chosen",) if args.loss == "sft" else ("chosen", "rejected")
-    for d in args.data:
-        if not os.path.isfile(d):
-            sys.exit(f"error: --data {d}: no such file")
+    missing = [d for d in args.data if not os.path.isfile(d)]  # every node needs the pairs (and the images)
+    dist_io.agree(not missing, f"--data {missing[0]}: no such file" if missing else "")
     settings = runs.run_settings(args, per_step, fmt)
     run, earlier = runs.open_run(args.output_dir, settings, args.resume, args.overwrite, args.dry_run)
 
@@ -169,6 +168,7 @@ def train(args):
                   f"{args.output_dir}/adapter")
         return
     dist_io.barrier()  # every rank has looked at the folder before rank 0 clears it and marks the run as begun
+    runs.check_shared_output_dir(args.output_dir, rank, world)  # before rank 0 writes any of the run
     if is_main:
         runs.begin_run(args.output_dir, run, earlier, args.overwrite)
 

@@ -48,6 +48,20 @@ def mean_over_ranks(values: dict) -> dict:
     return {k: v.item() for k, v in zip(keys, t)}
 
 
+def agree(ok, error):
+    """Every rank says whether it can go on; if one cannot, all stop with its one-line error (a rank that stopped
+    alone would leave the others waiting in a collective)."""
+    if not dist.is_initialized():
+        if not ok:
+            sys.exit(f"error: {error}")
+        return
+    said = [None] * dist.get_world_size()
+    dist.all_gather_object(said, (ok, error))
+    failed = [(rank, e) for rank, (good, e) in enumerate(said) if not good]
+    if failed:
+        sys.exit(f"error: rank {failed[0][0]}: {failed[0][1]}")
+
+
 def dist_cleanup():
     """Leaves the process group, after a barrier: with a collective still finishing, a gloo worker thread can
     wait for the GIL that the main thread holds while it joins that thread (a hang at exit, seen in 6 of 25

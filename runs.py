@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import common
 from data import image_root, load_image, print_lengths
-from dist_io import DataError, read_jsonl, write_atomic
+from dist_io import DataError, agree, read_jsonl, write_atomic
 
 RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with checkpoint-N/: a run's outputs
 
@@ -67,6 +67,27 @@ def begin_run(output_dir, run, earlier, overwrite):
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     os.makedirs(output_dir, exist_ok=True)
     write_atomic(os.path.join(output_dir, "run.json"), json.dumps(run, indent=1))
+
+
+def check_shared_output_dir(output_dir, rank, world):
+    """Under torchrun, every rank must see rank 0's output_dir (it resumes from rank 0's checkpoints): rank 0
+    writes a token there and every rank reads it back; a rank that cannot (another node, another disk) stops
+    the run on every rank before anything else is written."""
+    if world == 1:
+        return
+    path = os.path.join(output_dir, ".shared-check")
+    token = [f"{os.getpid()}-{time.time()}" if rank == 0 else None]
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        write_atomic(path, token[0])
+    dist.broadcast_object_list(token, src=0)
+    dist.barrier()
+    seen = open(path).read() if os.path.exists(path) else None
+    agree(seen == token[0], f"--output_dir {output_dir} is not the folder rank 0 wrote: put it on a filesystem "
+                            "that every node shares (03 resumes from rank 0's checkpoints)")
+    dist.barrier()
+    if rank == 0:
+        os.remove(path)
 
 
 def finish_run(output_dir, run, step):

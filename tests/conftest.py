@@ -69,6 +69,31 @@ def run_torchrun(name, *args, nproc=2, timeout=300):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_torchrun_nodes(name, *node_args, timeout=300):
+    """Runs a numbered script as len(node_args) torchrun "nodes" of one process each on this machine (gloo,
+    --nnodes N --node_rank r, rendezvous on 127.0.0.1), node r with the arguments node_args[r]; returns the
+    CompletedProcess of each node."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(node_args)),
+                               "--node_rank", str(r), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                               "--master_port", str(port), os.path.join(ROOT, name), *map(str, a)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+             for r, a in enumerate(node_args)]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError(f"{name} on {len(procs)} nodes hung for {timeout} s") from None
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def run_here(name, *args, env=None, check=False):
     """Runs a numbered script's main(argv) inside this process (env: variables set for the run), which saves
     the seconds of importing torch and transformers again; the same code path as run_script otherwise.

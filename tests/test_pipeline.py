@@ -12,7 +12,7 @@ import common
 import data
 import dist_io
 import scoring
-from conftest import kill_after_lines, run_here, run_script, run_torchrun, script
+from conftest import kill_after_lines, run_here, run_script, run_torchrun, run_torchrun_nodes, script
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
 
@@ -229,3 +229,23 @@ def test_prior_check_reads_colours_counts_and_pope_by_hand(toy):
     assert {"colour_accuracy", "count_accuracy"} <= set(check["rows"][0])
     assert set(check["pope"]) == {"random", "adversarial"} and 0 <= check["pope"]["random"]["accuracy"] <= 1
     assert set(check["checks"]["floors"]) == set(toy_world.FLOORS) and set(check["checks"]["goals"]) == set(toy_world.GOALS)
+
+
+def test_two_nodes_train_as_one_node_of_two_processes(toy, pairs, tmp_path):
+    """Two torchrun "nodes" of one process each (--nnodes 2 --node_rank 0/1, rendezvous on 127.0.0.1) train the
+    adapter one node of two processes trains; a node whose --output_dir is not the folder rank 0 wrote (as on a
+    disk the nodes do not share) stops the run on every node with a one-line error."""
+    args = ["--model", toy / "model", "--data", pairs, "--image_root", toy / "images", "--lora_r", 8,
+            "--lora_alpha", 16, "--lora_dropout", 0, "--lr", 1e-3, "--max_steps", 2, "--save_every", 0, "--seed", 0,
+            "--batch_size", 2]
+    one = run_torchrun("03_train_bpo.py", *args, "--output_dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    nodes = run_torchrun_nodes("03_train_bpo.py", [*args, "--output_dir", tmp_path / "two"],
+                               [*args, "--output_dir", tmp_path / "two"])
+    assert all(n.returncode == 0 for n in nodes), nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+    assert_same_weights(adapter(tmp_path / "two"), adapter(tmp_path / "one"), atol=1e-6)
+    apart = run_torchrun_nodes("03_train_bpo.py", [*args, "--output_dir", tmp_path / "a"],
+                               [*args, "--output_dir", tmp_path / "b"])
+    assert all(n.returncode != 0 for n in apart)
+    assert all("rank 1: --output_dir" in n.stderr and "filesystem that every node shares" in n.stderr for n in apart)
+    assert not (tmp_path / "a" / "run.json").exists()  # nothing of the run written

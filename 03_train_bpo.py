@@ -52,8 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed of the LoRA init, the shuffle and dropout")
     # ---- the data
     p.add_argument("--data", action="append", required=True, help="pairs JSONL (repeat to train on several)")
-    p.add_argument("--image_root", action="append", required=True, metavar="DIR|NAME=DIR",
+    p.add_argument("--image_root", action="append", default=[], metavar="DIR|NAME=DIR",
                    help="image paths are relative to this: one DIR, or NAME=DIR per pair `source`")
+    p.add_argument("--data_format", choices=data.PAIR_FORMATS, default="auto",
+                   help="bpo (01/02's), trl (conversational, image paths), rlaifv (parquet, image bytes), llava "
+                        "(conversations + rejected_conversations); auto: from each file")
     p.add_argument("--max_length", type=int, default=2048, help="tokens per sequence incl. image; responses cut at the end")
     p.add_argument("--group_by_length", action="store_true", help="batch pairs of similar length (less padding)")
     dist_io.add_on_error_arg(p, "fail", "pair")
@@ -144,7 +147,7 @@ def train(args):
     # ---- data: every pair validated and measured up front, so a bad one fails (or is skipped) before hours of training
     bad = dist_io.OnError(args.on_error, quiet=not is_main)
     try:
-        loaded = data.load_pairs(args.data, roots, bad)
+        loaded = data.load_pairs(args.data, roots, bad, args.data_format)
     except (dist_io.DataError, OSError) as e:
         sys.exit(f"error: {e}")
     processor = common.load_processor(args.model)

@@ -103,14 +103,25 @@ def input_format(args):
     return InputFormat(args.chat_format, args.pad_square)
 
 
-def chat_prompt(processor, question, fmt=LLAVA_15, image=True):
-    """The text of one (image +) question turn, ending where the answer starts. The question is
-    stripped of surrounding white space, as LLaVA's preprocessing does."""
-    question = question.strip()
+def chat_prompt(processor, question, fmt=LLAVA_15, image=True, history=()):
+    """The text of a conversation ending where the answer to `question` starts: the earlier turns
+    `history` ([question, answer] pairs, the image in the first) and then the question. Questions and
+    answers are stripped of surrounding white space, as LLaVA's preprocessing does. Vicuna-v1 joins the
+    turns as LLaVA's conv_vicuna_v1: `SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:`."""
+    turns = [(q.strip(), a.strip()) for q, a in history] + [(question.strip(), None)]
     if fmt.chat_format == "vicuna_v1":
-        return f"{VICUNA_SYSTEM} USER: " + (f"{processor.image_token}\n" if image else "") + f"{question} ASSISTANT:"
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        text = VICUNA_SYSTEM + " "
+        for k, (q, a) in enumerate(turns):
+            text += "USER: " + (f"{processor.image_token}\n" if image and k == 0 else "") + q + " ASSISTANT:"
+            text += f" {a}{processor.tokenizer.eos_token}" if a is not None else ""
+        return text
+    messages = []
+    for k, (q, a) in enumerate(turns):
+        messages.append({"role": "user", "content": ([{"type": "image"}] if image and k == 0 else [])
+                         + [{"type": "text", "text": q}]})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def pad_square(image, processor):
@@ -293,12 +304,12 @@ def response_ids(tokenizer, prompt_text, response):
     return ids + [tokenizer.eos_token_id]
 
 
-def build_sequences(processor, image, prompt, responses, max_length, fmt=LLAVA_15):
+def build_sequences(processor, image, prompt, responses, max_length, fmt=LLAVA_15, history=()):
     """Encodes one image + prompt and its responses under the token convention (the prompt tokenised
     in one call, as at inference; the response and EOS scored). Returns (pixel_values
     [1,...], list of (input_ids, labels), n_truncated). Responses longer than max_length allows are
     cut at the end; the image and prompt tokens are never cut."""
-    prompt_text = chat_prompt(processor, prompt, fmt)
+    prompt_text = chat_prompt(processor, prompt, fmt, history=history)
     enc = encode(processor, [prompt_text], [image], fmt)
     prompt_ids = enc["input_ids"][0].tolist()
     room = max_length - len(prompt_ids)
@@ -373,13 +384,13 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
 
 
 def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float32):
-    """One packed micro-batch of CPU tensors from examples (image, prompt, [responses]): per example one
+    """One packed micro-batch of CPU tensors from examples (image, prompt, [responses], earlier turns): per example one
     sequence [image + prompt, responses...] (pack_responses), padded (packed_batch). A dict of the model's
     inputs (input_ids, position_ids, attention_mask, logits_to_keep, pixel_values), `scored`, and
     `n_tokens`: the scored tokens (+EOS) per output slot."""
     pixels, packs = [], []
-    for image, prompt, responses in examples:
-        pv, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt)
+    for image, prompt, responses, history in examples:
+        pv, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt, history)
         pixels.append(pv)
         packs.append(pack_responses(seqs))
     input_ids, position_ids, mask, keep, scored = packed_batch(packs, processor.tokenizer.pad_token_id, dtype)

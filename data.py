@@ -2,6 +2,8 @@
 preference pairs, images and their roots; every bad record named by file:line (dist_io.DataError),
 or skipped and counted under --on_error skip."""
 import collections
+import functools
+import io
 import os
 import random
 import sys
@@ -187,44 +189,194 @@ def load_image(image_root, rel):
     alpha 0) and 16-bit samples are scaled to 8 bits (a plain convert clips them to white). DataError
     naming the file for a path outside the root, a missing, unreadable or truncated file, or a
     decompression bomb."""
-    import numpy as np
     from PIL import Image
     path = check_image(image_root, rel)
     try:
         with Image.open(path) as im:
-            if im.mode.startswith("I"):  # 16-bit (or wider) integer samples
-                samples = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
-                return Image.fromarray(samples.astype(np.uint8)).convert("RGB")
-            if "A" in im.mode or "transparency" in im.info:
-                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
-            return im.convert("RGB")
+            return _as_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+
+
+def _as_rgb(im):
+    import numpy as np
+    from PIL import Image
+    if im.mode.startswith("I"):  # 16-bit (or wider) integer samples
+        samples = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(samples.astype(np.uint8)).convert("RGB")
+    if "A" in im.mode or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- preference pairs (03)
 
 
 PAIR_FIELDS = ("id", "image", "prompt", "chosen", "rejected")
+PAIR_FORMATS = ("auto", "bpo", "trl", "rlaifv", "llava")
 
 
-def load_pairs(paths, roots, bad):
-    """Every pair of the pair files, validated before any training: fields, chosen != rejected, an id
-    once per file (01's and 02's pairs share ids), the image's root (roots: parse_image_roots, by the
-    pair's `source`), path and header. `<image>` is
-    stripped from prompts (the chat format puts the image in once). Returns (pairs, where, keys):
-    where[i] = "file:line" of pairs[i] for messages, keys[i] = "abs file\tid", unique over files.
-    A bad pair raises DataError naming file:line, or goes to `bad` (see OnError)."""
+def detect_format(path):
+    """A pair file's format from the file: parquet is RLAIF-V's; a record with `rejected_conversations` is
+    LLaVA-style (POVID); one with message lists or `images` is TRL's conversational format; else this
+    project's own (bpo)."""
+    if str(path).endswith(".parquet"):
+        return "rlaifv"
+    records = read_json_or_jsonl(path, OnError("skip", quiet=True))
+    first = records[0][1] if records else {}
+    if "rejected_conversations" in first:
+        return "llava"
+    if "images" in first or isinstance(first.get("prompt"), list):
+        return "trl"
+    return "bpo"
+
+
+def _text(content):
+    """The text of a TRL message's content: a string, or a list of parts ({"type": "text", "text"} ...)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(c, dict) for c in content):
+        return "".join(c.get("text", "") for c in content if c.get("type") == "text")
+    raise DataError("a message's content must be a string or a list of parts")
+
+
+def _from_trl(rec, n):
+    """TRL's conversational vision format: {"images": [path], "prompt": [messages], "chosen": [messages],
+    "rejected": [messages]}; the prompt's earlier user/assistant turns are the history."""
+    images = rec.get("images")
+    if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
+        raise DataError("'images' must be a list of one image path (LLaVA-1.5 takes one image)")
+    msgs = rec.get("prompt")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise DataError("'prompt' must be a non-empty list of messages")
+    roles = [m.get("role") for m in msgs]
+    if roles != ["user", "assistant"] * (len(msgs) // 2) + ["user"]:
+        raise DataError(f"'prompt' must alternate user and assistant messages and end with the user's "
+                        f"(got {roles}; a system message is the input format's own)")
+    turns = [_text(m.get("content")) for m in msgs]
+    answers = {}
+    for k in ("chosen", "rejected"):
+        m = rec.get(k)
+        if not isinstance(m, list) or len(m) != 1 or not isinstance(m[0], dict) or m[0].get("role") != "assistant":
+            raise DataError(f"'{k}' must be a list of one assistant message")
+        answers[k] = _text(m[0].get("content"))
+    return {"id": str(rec.get("id", f"row{n}")), "image": images[0], "prompt": turns[-1],
+            "history": [[turns[i], turns[i + 1]] for i in range(0, len(turns) - 1, 2)], **answers}
+
+
+def _from_llava(rec, n):
+    """LLaVA-style preference records (POVID's): `conversations` and `rejected_conversations`, the same human
+    turns, the last gpt turn the chosen and the rejected answer; the earlier turns are the history."""
+    conv, rej = rec.get("conversations"), rec.get("rejected_conversations")
+    ok = lambda c: isinstance(c, list) and len(c) >= 2 and len(c) % 2 == 0 and all(
+        isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
+        for i, t in enumerate(c))
+    if not ok(conv) or not ok(rej) or len(conv) != len(rej):
+        raise DataError("'conversations' and 'rejected_conversations' must be human/gpt turns of the same length")
+    if [t["value"] for t in conv[0::2]] != [t["value"] for t in rej[0::2]]:
+        raise DataError("'rejected_conversations' asks other questions than 'conversations'")
+    values = [common.question_text(t["value"]) if i % 2 == 0 else t["value"] for i, t in enumerate(conv)]
+    return {"id": str(rec.get("id", f"row{n}")), "image": rec.get("image"), "prompt": values[-2],
+            "history": [[values[i], values[i + 1]] for i in range(0, len(values) - 2, 2)],
+            "chosen": conv[-1]["value"], "rejected": rej[-1]["value"]}
+
+
+def _parquet_records(path):
+    """(row, record) of RLAIF-V's parquet (image {"bytes"}, question, chosen, rejected), the image left in the
+    file: the record holds {"parquet": path, "row": n} and pair_image reads its bytes when needed."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "image"])
+    for n, rec in enumerate(table.to_pylist()):
+        yield n, {"id": str(rec.get("idx", f"row{n}")), "image": {"parquet": os.path.abspath(path), "row": n},
+                  "prompt": rec.get("question"), "chosen": rec.get("chosen"), "rejected": rec.get("rejected")}
+
+
+@functools.lru_cache(maxsize=4)
+def _parquet_group(path, group):
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).read_row_group(group, columns=["image"]).column("image").to_pylist()
+
+
+def _parquet_image_bytes(path, row):
+    import pyarrow.parquet as pq
+    meta = pq.ParquetFile(path).metadata
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if row < n:
+            cell = _parquet_group(path, g)[row]
+            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            if not isinstance(data, bytes):
+                raise DataError(f"{path}: row {row}: the image has no bytes")
+            return data
+        row -= n
+    raise DataError(f"{path}: no row {row}")
+
+
+def pair_image(pair, roots):
+    """A pair's RGB image: a file under its source's image root, or the bytes in a parquet row (RLAIF-V's)."""
+    if isinstance(pair["image"], dict):
+        return image_from_bytes(_parquet_image_bytes(pair["image"]["parquet"], pair["image"]["row"]))
+    return load_image(image_root(roots, pair.get("source")), pair["image"])
+
+
+def image_from_bytes(data):
+    """An encoded image (PNG, JPEG, ...) as RGB, composited and scaled as load_image does; DataError otherwise."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _as_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def read_pairs(path, data_format, bad):
+    """(where, record in this project's pair form: id, image, prompt, chosen, rejected, history) of a pair file
+    in any PAIR_FORMATS, file:line (parquet: file:row N) for messages; a record the format cannot be read as
+    goes to `bad`."""
+    fmt = detect_format(path) if data_format == "auto" else data_format
+    if fmt == "rlaifv":
+        for n, rec in _parquet_records(path):
+            yield f"{path}:row {n}", {**rec, "source": os.path.basename(path)}
+        return
+    for line, rec in read_json_or_jsonl(path, bad):
+        if fmt == "bpo":
+            yield f"{path}:{line}", rec
+            continue
+        try:
+            pair = (_from_trl if fmt == "trl" else _from_llava)(rec, line)
+        except DataError as e:
+            bad(f"{path}:{line}", f"not a {fmt} record", str(e))
+            continue
+        yield f"{path}:{line}", {**pair, "source": rec.get("source", os.path.splitext(os.path.basename(path))[0])}
+
+
+def load_pairs(paths, roots, bad, data_format="auto"):
+    """Every pair of the pair files (any PAIR_FORMATS; one --data_format for all, or detected per file),
+    validated before any training: fields, chosen != rejected, an id once per file (01's and 02's pairs
+    share ids), the image's root (roots: parse_image_roots, by the pair's `source`), path and header (a
+    parquet image: its bytes decode). `<image>` is stripped from prompts (the chat format puts the image in
+    once). Returns (pairs, where, keys): where[i] = "file:line" of pairs[i] for messages, keys[i] = "abs
+    file\tid", unique over files. A bad pair raises DataError naming file:line, or goes to `bad` (see
+    OnError)."""
     pairs, where, keys, seen = [], [], [], {}
     for path in paths:
-        for line, rec in read_json_or_jsonl(path, bad):
-            at = f"{path}:{line}"
+        for at, rec in read_pairs(path, data_format, bad):
             if isinstance(rec.get("prompt"), str):
                 rec["prompt"] = common.question_text(rec["prompt"])
-            missing = [k for k in PAIR_FIELDS if not isinstance(rec.get(k), str) or not rec[k].strip()]
+            missing = [k for k in PAIR_FIELDS if k != "image" and (not isinstance(rec.get(k), str) or not rec[k].strip())]
+            if not isinstance(rec.get("image"), dict) and (not isinstance(rec.get("image"), str) or not rec["image"]):
+                missing.insert(1, "image")
             if missing:
                 bad(at, "missing, empty or non-string field", ", ".join(missing))
+                continue
+            history = rec.get("history", [])
+            if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 and
+                                                        all(isinstance(x, str) for x in t) for t in history):
+                bad(at, "wrong type", "'history' must be a list of [question, answer] pairs")
                 continue
             if rec["chosen"].strip() == rec["rejected"].strip():
                 bad(at, "chosen and rejected are identical")
@@ -233,7 +385,10 @@ def load_pairs(paths, roots, bad):
                 bad(at, "duplicate id", f"{rec['id']!r}, first at {seen[path, rec['id']]}")
                 continue
             try:  # root, path, presence and header: cheap enough for every pair (decoding 170k images is not)
-                check_image(image_root(roots, rec.get("source")), rec["image"])
+                if isinstance(rec["image"], dict):
+                    pair_image(rec, roots)
+                else:
+                    check_image(image_root(roots, rec.get("source")), rec["image"])
             except DataError as e:
                 bad(at, "unreadable image", str(e))
                 continue

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import common
-from data import image_root, load_image, print_lengths
+from data import pair_image, print_lengths
 from dist_io import DataError, agree, read_jsonl, write_atomic
 
 RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with checkpoint-N/: a run's outputs
@@ -125,8 +125,8 @@ def measure_pairs(pairs, roots, bad, processor, fmt, responses, max_length, deco
     def measure(pair):
         try:
             if decode:
-                load_image(image_root(roots, pair.get("source")), pair["image"])
-            prompt_text = common.chat_prompt(processor, pair["prompt"], fmt)
+                pair_image(pair, roots)
+            prompt_text = common.chat_prompt(processor, pair["prompt"], fmt, history=pair.get("history", ()))
             n_prompt = len(processor.tokenizer(prompt_text).input_ids) + image_extra
             if n_prompt >= max_length:
                 raise DataError(f"prompt with image takes {n_prompt} tokens, --max_length is {max_length}")
@@ -243,7 +243,7 @@ class PairBatches(torch.utils.data.Dataset):
         return len(self.chunks)
 
     def pack(self, indices, fields):
-        examples = [(load_image(image_root(self.roots, p.get("source")), p["image"]), p["prompt"], [p[f] for f in fields])
+        examples = [(pair_image(p, self.roots), p["prompt"], [p[f] for f in fields], p.get("history", ()))
                     for p in (self.records[i] for i in indices)]  # images checked up front
         return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype), "indices": indices}
 

@@ -217,14 +217,10 @@ PAIR_FIELDS = ("id", "image", "prompt", "chosen", "rejected")
 PAIR_FORMATS = ("auto", "bpo", "trl", "rlaifv", "llava")
 
 
-def detect_format(path):
-    """A pair file's format from the file: parquet is RLAIF-V's; a record with `rejected_conversations` is
-    LLaVA-style (POVID); one with message lists or `images` is TRL's conversational format; else this
-    project's own (bpo)."""
-    if str(path).endswith(".parquet"):
-        return "rlaifv"
-    records = read_json_or_jsonl(path, OnError("skip", quiet=True))
-    first = records[0][1] if records else {}
+def detect_format(first):
+    """A pair file's format from its first record: one with `rejected_conversations` is LLaVA-style (POVID);
+    one with message lists or `images` is TRL's conversational format; else this project's own (bpo).
+    (A .parquet file is RLAIF-V's.)"""
     if "rejected_conversations" in first:
         return "llava"
     if "images" in first or isinstance(first.get("prompt"), list):
@@ -301,11 +297,16 @@ def _parquet_group(path, group):
     return pq.ParquetFile(path).read_row_group(group, columns=["image"]).column("image").to_pylist()
 
 
-def _parquet_image_bytes(path, row):
+@functools.lru_cache(maxsize=None)
+def _parquet_group_sizes(path):
     import pyarrow.parquet as pq
     meta = pq.ParquetFile(path).metadata
-    for g in range(meta.num_row_groups):
-        n = meta.row_group(g).num_rows
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
+def _parquet_image_bytes(path, row):
+    """A row's image bytes, read with the rest of its row group (the last few groups are kept)."""
+    for g, n in enumerate(_parquet_group_sizes(path)):
         if row < n:
             cell = _parquet_group(path, g)[row]
             data = cell.get("bytes") if isinstance(cell, dict) else cell
@@ -337,12 +338,13 @@ def read_pairs(path, data_format, bad):
     """(where, record in this project's pair form: id, image, prompt, chosen, rejected, history) of a pair file
     in any PAIR_FORMATS, file:line (parquet: file:row N) for messages; a record the format cannot be read as
     goes to `bad`."""
-    fmt = detect_format(path) if data_format == "auto" else data_format
-    if fmt == "rlaifv":
+    if data_format == "rlaifv" or data_format == "auto" and str(path).endswith(".parquet"):
         for n, rec in _parquet_records(path):
             yield f"{path}:row {n}", {**rec, "source": os.path.basename(path)}
         return
-    for line, rec in read_json_or_jsonl(path, bad):
+    records = read_json_or_jsonl(path, bad)
+    fmt = detect_format(records[0][1] if records else {}) if data_format == "auto" else data_format
+    for line, rec in records:
         if fmt == "bpo":
             yield f"{path}:{line}", rec
             continue

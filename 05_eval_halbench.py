@@ -71,10 +71,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def valid_id(qid):
-    return isinstance(qid, (str, int)) and not isinstance(qid, bool)
-
-
 def as_coco_id(value):
     """A COCO image id from an image_id (an integer or a string of digits), or None."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -99,7 +95,7 @@ def read_questions(path):
             except (binascii.Error, ValueError) as e:
                 raise dist_io.DataError(f"{at}: image is not base64 ({e})") from None
             q = {"question_id": index, **{k: v for k, v in q.items() if k != "image"}}
-        elif not valid_id(q.get("question_id")) or not isinstance(q.get("image"), str) or not q["image"].strip() \
+        elif not dist_io.valid_id(q.get("question_id")) or not isinstance(q.get("image"), str) or not q["image"].strip() \
                 or not isinstance(q.get("question"), str) or not common.question_text(q["question"]):
             raise dist_io.DataError(f"{at}: a question needs question_id (a string or an integer), image and question "
                                     f"(non-empty strings)")
@@ -118,14 +114,14 @@ def read_answers(path, questions, questions_path):
     question gives the image an answer lacks."""
     by_id, by_image_id = {q["question_id"]: q for q in questions}, {}
     for q in questions:
-        if valid_id(q.get("image_id")):
+        if dist_io.valid_id(q.get("image_id")):
             by_image_id.setdefault(str(q["image_id"]), []).append(q)
     answers, at_of, seen = [], [], {}
     for line, r in dist_io.read_json_or_jsonl(path):
         at = f"{path}:{line}"
         text = r.get("answer", r.get("text"))
-        by_image = valid_id(r.get("image_id")) and not r.get("image")
-        if not isinstance(text, str) or not (by_image or valid_id(r.get("question_id"))):
+        by_image = dist_io.valid_id(r.get("image_id")) and not r.get("image")
+        if not isinstance(text, str) or not (by_image or dist_io.valid_id(r.get("question_id"))):
             raise dist_io.DataError(f'{at}: expected {{"question_id", "image", "answer"}} or RLAIF-V\'s '
                                     f'{{"question_id", "image_id", "text"}}')
         if not by_image:
@@ -160,7 +156,7 @@ def truth_key(rec, coco):
     file name, else its image_id as a string. None when it has none of these."""
     image = os.path.basename(rec.get("image") or "")
     if not coco:
-        return image or (str(rec["image_id"]) if valid_id(rec.get("image_id")) else None)
+        return image or (str(rec["image_id"]) if dist_io.valid_id(rec.get("image_id")) else None)
     coco_id, named = as_coco_id(rec.get("image_id")), re.search(r"(?:^|_)(\d+)\.[A-Za-z]+$", image)
     return coco_id if coco_id is not None else int(named.group(1)) if named else None
 

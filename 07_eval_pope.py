@@ -48,10 +48,6 @@ def key(split, question_id):  # question ids restart in every split
     return json.dumps([split, question_id])
 
 
-def valid_id(qid):
-    return isinstance(qid, (str, int)) and not isinstance(qid, bool)
-
-
 def llava_labels(questions_path, records, annotation_dir):
     """The label of each record of LLaVA's question file (its `category` is the split), as LLaVA's eval_pope.py
     pairs them: a split's questions in file order with the lines of ANNOTATION_DIR/coco_pope_<split>.json, checked
@@ -89,7 +85,7 @@ def read_questions(paths, prompt_suffix, annotation_dir=None):
         n_before = len(questions)
         for line, q in records:
             at, split = f"{path}:{line}", q.get("category") if llava else file_split
-            if not valid_id(q.get("question_id")) or not isinstance(q.get("image"), str) or not q["image"].strip() \
+            if not dist_io.valid_id(q.get("question_id")) or not isinstance(q.get("image"), str) or not q["image"].strip() \
                     or not isinstance(q.get("text"), str) or not common.question_text(q["text"]) \
                     or not isinstance(split, str) or not split:
                 raise dist_io.DataError(f"{at}: a question needs question_id (a string or an integer), image and text "
@@ -122,8 +118,8 @@ def read_answers(path, questions, where):
     for line, r in dist_io.read_json_or_jsonl(path):
         at = f"{path}:{line}"
         text, qid = r.get("text", r.get("answer")), r.get("question_id")
-        split = r.get("split") or (splits_of[qid][0] if valid_id(qid) and len(splits_of.get(qid, [])) == 1 else None)
-        if not isinstance(text, str) or not valid_id(qid) or not isinstance(split, str):
+        split = r.get("split") or (splits_of[qid][0] if dist_io.valid_id(qid) and len(splits_of.get(qid, [])) == 1 else None)
+        if not isinstance(text, str) or not dist_io.valid_id(qid) or not isinstance(split, str):
             raise dist_io.DataError(f"{at}: expected {{\"question_id\", \"text\"}}, and \"split\" where the id is in "
                                     "several splits (text a string)")
         k = key(split, qid)

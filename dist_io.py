@@ -184,6 +184,11 @@ def read_json_or_jsonl(path, bad=None):
     return out
 
 
+def valid_id(value):
+    """A record id as benchmark files give them: a string or an integer (not a bool)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
 def read_json(path):
     """A JSON file's value; DataError naming the line of a byte that is not UTF-8 or of invalid JSON."""
     try:

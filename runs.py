@@ -386,8 +386,10 @@ class Tracker:
             self.writer.log(scalars, step=row["step"])
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close() if self.kind == "tensorboard" else self.writer.finish()
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.writer.finish()
 
 
 def plot_curves(metrics_path, png):

@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    help="score the reference once before training (OUTPUT_DIR/ref_logps.jsonl), not every step")
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: far less memory")
+    p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
+                   help="the pairs of a micro-batch in one row, no padding: FlexAttention with a block mask on CUDA, "
+                        "one attention per pair elsewhere (--no-padding_free: right-padded rows, a dense mask)")
     p.add_argument("--num_workers", type=int, default=4 if torch.cuda.is_available() else 0,
                    help="processes preparing the next micro-batches (0: in the training process)")
     return p.parse_args(argv)
@@ -178,6 +181,8 @@ def train(args):
     # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
     model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
     model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
+    if args.padding_free:
+        common.use_packed_attention(model)
     if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
@@ -203,7 +208,7 @@ def train(args):
 
     def batches(chunks, fields):  # this rank's packed micro-batches of these lists of pair indices, in order
         dataset = runs.PairBatches(pairs.records, roots, processor, args.max_length, fmt, dtype, chunks, fields,
-                                   weak=bool(args.conditional_weight))
+                                   weak=bool(args.conditional_weight), flat=args.padding_free)
         return runs.micro_batches(dataset, args.num_workers, device)
 
     # ---- reference: log-probs under the adapter-disabled model, once (it never changes)
@@ -243,9 +248,12 @@ def train(args):
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
             with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
-                loss, metrics = batch_loss(net, model, next(loader), responses, ref_cache, pairs.keys, pairs.records,
-                                           args)
+                item = next(loader)
+                loss, metrics = batch_loss(net, model, item, responses, ref_cache, pairs.keys, pairs.records, args)
                 (loss / args.grad_accum).backward()
+            main = item["main"]  # the tokens a micro-batch runs through the model, and how many are padding
+            metrics["tokens/real"] = torch.tensor(float(main.n_real), device=device)
+            metrics["tokens/padding"] = torch.tensor(float(main.inputs["input_ids"].numel() - main.n_real), device=device)
             window = {k: window.get(k, 0) + v for k, v in metrics.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         # gradients are all-reduced, so every rank sees the same norm and all stop together; one host sync a step

@@ -6,6 +6,7 @@ runs.py (03's run directory), remote.py (endpoints), scoring.py (every scoring r
 import argparse
 import collections
 import contextlib
+import functools
 import hashlib
 import math
 import warnings
@@ -383,20 +384,108 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
     return input_ids, position_ids, mask, keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
-def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float32):
+def flat_batch(packs):
+    """pack_responses' outputs concatenated into one row, no padding (03's --attention flex): input_ids and
+    position_ids [1, T] (each pack's positions its own), `doc` [1, T] (the pack of each token) and `seg` [1, T]
+    (0: prompt, i: response i) from which block_mask builds the attention on the device, `keep` and `scored`
+    as packed_batch's (slot = response_index * B + pack)."""
+    B = len(packs)
+    ids, pos, doc, seg, preds, toks, slots = [], [], [], [], [], [], []
+    for b, (p_ids, p_pos, p_seg, scored) in enumerate(packs):
+        for pred, tok, i in scored:
+            preds.append(len(ids) + pred), toks.append(tok), slots.append(i * B + b)
+        ids += p_ids
+        pos += p_pos
+        seg += p_seg
+        doc += [b] * len(p_ids)
+    keep = torch.zeros((1, len(ids)), dtype=torch.bool)
+    keep[0, preds] = True
+    index = (keep.flatten().cumsum(0) - 1)[torch.tensor(preds)]
+    as_row = lambda x: torch.tensor([x], dtype=torch.long)
+    return as_row(ids), as_row(pos), as_row(doc), as_row(seg), keep, (index, torch.tensor(toks), torch.tensor(slots))
+
+
+def block_mask(doc, seg):
+    """The attention of a flat_batch row as FlexAttention's BlockMask (no dense [T, T] tensor reaches the
+    kernel, which skips the blocks no token sees): a token sees the earlier tokens of its own pack's prompt and
+    of its own response."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    d, s = doc[0], seg[0]
+
+    def sees(b, h, q, k):
+        return (k <= q) & (d[q] == d[k]) & ((s[k] == 0) | (s[k] == s[q]))
+    return create_block_mask(sees, B=None, H=None, Q_LEN=d.numel(), KV_LEN=d.numel(), device=d.device)
+
+
+def pack_masks(doc, seg):
+    """The same attention, pack by pack: [(start, end, boolean mask [end - start, end - start])], for devices where
+    FlexAttention has no backward (CPU): each pack's attention is its own small SDPA, so the cost grows with the
+    packs' lengths, not with the row's."""
+    bounds = torch.cumsum(torch.unique_consecutive(doc[0], return_counts=True)[1], 0).tolist()
+    masks = []
+    for start, end in zip([0] + bounds[:-1], bounds):
+        s = seg[0, start:end]
+        n = end - start
+        causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+        masks.append((start, end, causal & ((s[None, :] == 0) | (s[None, :] == s[:, None]))))
+    return masks
+
+
+def flat_attention(doc, seg):
+    """The model's attention arguments for a flat_batch row on its device: a BlockMask for FlexAttention on CUDA,
+    pack_masks elsewhere (packed_attention_forward reads either)."""
+    return dict(attention_mask=block_mask(doc, seg)) if doc.is_cuda else dict(pack_masks=pack_masks(doc, seg))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, pack_masks=None,
+                             **kwargs):
+    """transformers' attention interface ("bpo_packed", set by use_packed_attention) for flat_batch rows: with a
+    BlockMask, compiled FlexAttention (CUDA's fused kernel); with pack_masks, one SDPA per pack. Returns (output
+    [1, T, H, D], no weights)."""
+    gqa = key.shape[1] != query.shape[1]
+    if pack_masks is None:
+        out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=m,
+                                                        scale=scaling, enable_gqa=gqa) for a, b, m in pack_masks], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model, on=True):
+    """The language model's attention through packed_attention_forward (on=False: back to SDPA); the vision
+    tower keeps its own."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("bpo_packed", packed_attention_forward)
+    model.set_attn_implementation({"text_config": "bpo_packed" if on else "sdpa"})
+
+
+def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float32, flat=False):
     """One packed micro-batch of CPU tensors from examples (image, prompt, [responses], earlier turns): per example one
-    sequence [image + prompt, responses...] (pack_responses), padded (packed_batch). A dict of the model's
-    inputs (input_ids, position_ids, attention_mask, logits_to_keep, pixel_values), `scored`, and
-    `n_tokens`: the scored tokens (+EOS) per output slot."""
+    sequence [image + prompt, responses...] (pack_responses), padded (packed_batch) or, flat, all in one row
+    without padding (flat_batch). A dict of the model's inputs (input_ids, position_ids, logits_to_keep,
+    pixel_values; attention_mask, or doc and seg for flat_attention on the device), `scored`, `n_tokens`: the
+    scored tokens (+EOS) per output slot, and `n_real`: the tokens of the packs (input_ids' size less padding)."""
     pixels, packs = [], []
     for image, prompt, responses, history in examples:
         pv, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt, history)
         pixels.append(pv)
         packs.append(pack_responses(seqs))
-    input_ids, position_ids, mask, keep, scored = packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
+    if flat:
+        input_ids, position_ids, doc, seg, keep, scored = flat_batch(packs)
+        attention = dict(doc=doc, seg=seg)
+    else:
+        input_ids, position_ids, mask, keep, scored = packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
+        attention = dict(attention_mask=mask)
     n_out = len(examples[0][2]) * len(examples)
-    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, logits_to_keep=keep,
-                pixel_values=torch.cat(pixels), scored=scored, n_tokens=torch.bincount(scored[2], minlength=n_out))
+    return dict(input_ids=input_ids, position_ids=position_ids, **attention, logits_to_keep=keep,
+                pixel_values=torch.cat(pixels), scored=scored, n_tokens=torch.bincount(scored[2], minlength=n_out),
+                n_real=sum(len(p[0]) for p in packs))
 
 
 def image_embeds(model, input_ids, pixel_values, weaken=()):
@@ -437,8 +526,9 @@ def response_logps(net, model, inputs, scored, n_out, embeds=None):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if embeds is None:
             embeds = image_embeds(model, inputs["input_ids"], inputs["pixel_values"])
-        logits = net(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
-                     logits_to_keep=inputs["logits_to_keep"], use_cache=False).logits
+        attention = {k: inputs[k] for k in ("attention_mask", "pack_masks") if k in inputs}
+        logits = net(inputs_embeds=embeds, position_ids=inputs["position_ids"], logits_to_keep=inputs["logits_to_keep"],
+                     use_cache=False, **attention).logits
     return packed_logps(logits, scored, n_out), embeds
 
 

@@ -178,8 +178,8 @@ def train_memory_estimate(args, lengths, responses):
     the meta device: nothing loaded) for a micro-batch of --batch_size pairs at the p99 packed
     length. Bytes: bf16 weights (NF4 language-model linears with --load_in_4bit), LoRA in fp32 with
     its gradient and AdamW's two moments, activations ~52 h per token and layer (Megatron's 34 h of a
-    bf16 LLaMA layer + the LoRA inputs) or, checkpointed, 2 h per layer + one whole layer, the 4D mask,
-    and fp32 logits at the scored positions. A rough figure (+-30%): measure with bench/gpu_check.py."""
+    bf16 LLaMA layer + the LoRA inputs) or, checkpointed, 2 h per layer + one whole layer, the 4D mask
+    (--no-padding_free), and fp32 logits at the scored positions. A rough figure (+-30%): measure with bench/gpu_check.py."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(args.model)
     with torch.device("meta"):
@@ -194,7 +194,7 @@ def train_memory_estimate(args, lengths, responses):
     T = packed[int(0.99 * (len(packed) - 1))]
     tokens = args.batch_size * T
     acts = tokens * (layers * 2 * h + 52 * h) if args.gradient_checkpointing else tokens * layers * 52 * h
-    mask = args.batch_size * T * T * 2
+    mask = 0 if args.padding_free else args.batch_size * T * T * 2  # a BlockMask is a few kB
     scored = sorted(sum(min(r, args.max_length - n) for r in rs) for n, rs in lengths)
     logits = args.batch_size * scored[int(0.99 * (len(scored) - 1))] * text.vocab_size * 4 * 3
     gb = lambda x: f"{x / 2**30:.1f} GiB"
@@ -228,6 +228,7 @@ class MicroBatch(NamedTuple):
     scored: tuple  # (index into the kept logits, token, output slot) per scored token
     n_tokens: torch.Tensor  # scored tokens (+EOS) per output slot, on the device
     indices: list  # the pairs, as indices into Pairs.records
+    n_real: int  # the packs' own tokens; input_ids.numel() - n_real is padding
 
 
 class PairBatches(torch.utils.data.Dataset):
@@ -235,9 +236,9 @@ class PairBatches(torch.utils.data.Dataset):
     `weak` also the same pairs' chosen answers alone (the conditional term gives them the weakened image).
     Runs in the DataLoader's workers: decoding, the processor, packing."""
 
-    def __init__(self, records, roots, processor, max_length, fmt, dtype, chunks, fields, weak):
+    def __init__(self, records, roots, processor, max_length, fmt, dtype, chunks, fields, weak, flat=False):
         self.records, self.roots, self.processor, self.max_length = records, roots, processor, max_length
-        self.fmt, self.dtype, self.chunks, self.fields, self.weak = fmt, dtype, chunks, fields, weak
+        self.fmt, self.dtype, self.chunks, self.fields, self.weak, self.flat = fmt, dtype, chunks, fields, weak, flat
 
     def __len__(self):
         return len(self.chunks)
@@ -245,7 +246,8 @@ class PairBatches(torch.utils.data.Dataset):
     def pack(self, indices, fields):
         examples = [(pair_image(p, self.roots), p["prompt"], [p[f] for f in fields], p.get("history", ()))
                     for p in (self.records[i] for i in indices)]  # images checked up front
-        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype), "indices": indices}
+        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype, self.flat),
+                "indices": indices}
 
     def __getitem__(self, k):
         return {"main": self.pack(self.chunks[k], self.fields),
@@ -262,8 +264,11 @@ def micro_batches(dataset, num_workers, device):
 
     def to_device(cpu):
         inputs = {k: cpu[k].to(device, non_blocking=True) for k in
-                  ("input_ids", "position_ids", "attention_mask", "logits_to_keep", "pixel_values")}
-        return MicroBatch(inputs, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"])
+                  ("input_ids", "position_ids", "attention_mask", "logits_to_keep", "pixel_values") if k in cpu}
+        if "doc" in cpu:  # a padding-free row: its attention built on the device
+            inputs.update(common.flat_attention(cpu["doc"].to(device), cpu["seg"].to(device)))
+        return MicroBatch(inputs, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"],
+                          cpu["n_real"])
     for item in loader:
         yield {k: to_device(v) if v else None for k, v in item.items()}
 

@@ -40,6 +40,21 @@ def test_packed_batch_by_hand():
     assert torch.allclose(got, torch.stack(want).float(), atol=1e-6)
 
 
+def test_flat_batch_by_hand():
+    # the same two pairs as above, in one row: no padding, positions per pack, doc and seg for the block mask
+    packs = [common.pack_responses([([1, 2, 3, 4, 5], [I, I, I, 4, 5]), ([1, 2, 3, 6], [I, I, I, 6])]),
+             common.pack_responses([([7, 8, 9], [I, I, 9]), ([7, 8, 10, 11], [I, I, 10, 11])])]
+    input_ids, position_ids, doc, seg, keep, scored = common.flat_batch(packs)
+    assert input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    assert position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 2, 3]]
+    assert doc.tolist() == [[0] * 6 + [1] * 5] and seg.tolist() == [[0, 0, 0, 1, 1, 2, 0, 0, 1, 2, 2]]
+    assert keep[0].nonzero().flatten().tolist() == [2, 3, 7, 9]
+    logits = torch.randn(4, 12, dtype=torch.float64)
+    ls = F.log_softmax(logits, -1)
+    want = [ls[0, 4] + ls[1, 5], ls[2, 9], ls[0, 6], ls[2, 10] + ls[3, 11]]
+    assert torch.allclose(common.packed_logps(logits, scored, 4), torch.stack(want).float(), atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def lora_model(toy):
     """The toy model with LoRA on the language model, B initialised away from zero so the adapter
@@ -90,12 +105,26 @@ def _packed_logps(model, processor, pixels, seqs):
     return common.packed_logps(logits, scored, 2 * len(seqs))
 
 
-def test_packed_logps_and_lora_grads_equal_plain_forward(toy, lora_model):
+def _flat_logps(model, processor, pixels, seqs):
+    """The padding-free path: one row, each pack's attention its own (CPU: FlexAttention has no backward here)."""
+    input_ids, position_ids, doc, seg, keep, scored = common.flat_batch([common.pack_responses(s) for s in seqs])
+    embeds = common.image_embeds(model, input_ids, pixels)
+    common.use_packed_attention(model)
+    try:
+        logits = model(inputs_embeds=embeds, position_ids=position_ids, logits_to_keep=keep,
+                       **common.flat_attention(doc, seg)).logits
+    finally:
+        common.use_packed_attention(model, on=False)
+    return common.packed_logps(logits, scored, 2 * len(seqs))
+
+
+@pytest.mark.parametrize("fast_path", [_packed_logps, _flat_logps], ids=["padded", "flat"])
+def test_packed_logps_and_lora_grads_equal_plain_forward(toy, lora_model, fast_path):
     model, processor = lora_model
     pixels, seqs = _pairs(toy, processor)
     weights = torch.randn(2 * len(seqs))  # a random linear loss, so every log-prob's gradient counts
     results = []
-    for path in (_plain_logps, _packed_logps):
+    for path in (_plain_logps, fast_path):
         model.zero_grad()
         logps = path(model, processor, pixels, seqs)
         (weights * logps).sum().backward()
@@ -111,3 +140,20 @@ def test_packed_logps_and_lora_grads_equal_plain_forward(toy, lora_model):
     for name, g in plain_grads.items():
         assert g.abs().sum() > 0, name
         assert torch.allclose(fast_grads[name], g, rtol=1e-3, atol=1e-6), name
+
+
+def test_block_mask_and_pack_masks_are_the_same_attention():
+    """FlexAttention with block_mask (eager: CPU has no fused kernel) = one SDPA per pack with pack_masks = a dense
+    mask written from the rule (same pack, causal, key in the prompt or in the query's response), float64."""
+    from torch.nn.attention.flex_attention import flex_attention
+    doc = torch.tensor([[0] * 9 + [1] * 7])
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 1, 1, 1, 2, 2]])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+    dense = torch.tensor([[doc[0, j] == doc[0, i] and j <= i and (seg[0, j] == 0 or seg[0, j] == seg[0, i])
+                           for j in range(16)] for i in range(16)])
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    flex = flex_attention(q, k, v, block_mask=common.block_mask(doc, seg))
+    per_pack, _ = common.packed_attention_forward(None, q, k, v, None, pack_masks=common.pack_masks(doc, seg))
+    assert torch.allclose(flex, want, atol=1e-12)
+    assert torch.allclose(per_pack.transpose(1, 2), want, atol=1e-12)

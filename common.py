@@ -223,14 +223,16 @@ def pair_weakening(key, meta, noise_step=-1, noise_on=None):
 def generate(model, processor, images, prompts, fmt=LLAVA_15, max_new_tokens=512, do_sample=False,
              temperature=1.0, top_p=1.0, num_beams=1, keep_unfinished=True):
     """One batch of answers, left-padded; prompts are plain questions. With keep_unfinished=False an
-    answer that reached max_new_tokens without EOS (cut mid-sentence) comes back as None."""
+    answer that reached max_new_tokens without EOS (cut mid-sentence) comes back as None. A static KV cache
+    (allocated once for prompt + max_new_tokens; on CUDA transformers then compiles the decode step): the same
+    tokens as the dynamic cache's, faster on CPU too (bench/README.md)."""
     enc = encode(processor, [chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id,
-                         num_beams=num_beams, **sampling)[:, enc["input_ids"].shape[1]:]
+                         num_beams=num_beams, cache_implementation="static", **sampling)[:, enc["input_ids"].shape[1]:]
     texts = [s.strip() for s in processor.batch_decode(out, skip_special_tokens=True)]
     if keep_unfinished:
         return texts

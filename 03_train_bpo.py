@@ -181,8 +181,7 @@ def train(args):
     # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
     model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
     model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
-    if args.padding_free:
-        common.use_packed_attention(model)
+    common.use_packed_attention(model, on=args.padding_free)  # set either way: a model handed in may have had it
     if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run

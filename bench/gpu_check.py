@@ -66,6 +66,7 @@ TINY = dict(lm_hidden=64, lm_layers=2, lm_mlp=172, lm_heads=1, vocab=1000, visio
 DEFAULTS = dict(image_size=336, question_tokens=40, answer_tokens=150, answer_spread=10, batch_size=4, steps=10,
                 warmup=3, gen_tokens=150, gen_batch_sizes=[1, 8, 32])
 SIDES = {"ours": "03 default: reference once, charged to {epochs} epochs",
+         "ours_padded": "03 --no-padding_free: right-padded rows, a dense mask (reference once)",
          "ours_every_step": "03 --no-precompute_ref: reference every step",
          "trl": "TRL {trl} DPOTrainer"}
 A40_GIB = 44.5  # an A40's 46068 MiB less the CUDA context and some room
@@ -115,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="scratch folder (None: a new temporary one, removed at the end)")
     p.add_argument("--out", default=None, help="write the results as JSON here too")
     p.add_argument("--seed", type=int, default=0, help="model init, pairs, order")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's dense bf16 peak for the share-of-peak column (None: bench/limits.py's table by "
+                        "GPU name)")
     args = p.parse_args(argv)
     preset = TINY if args.tiny else {}
     for k, v in SEVEN_B.items():
@@ -310,6 +314,7 @@ def run_03(flags, model, out, dry_run=False):
 def measure_ours(args, side, checkpointing, model, device, common_flags, scratch):
     out = os.path.join(scratch, f"{side}_{checkpointing}")
     flags = common_flags + (["--no-precompute_ref"] if side == "ours_every_step" else []) \
+        + (["--no-padding_free"] if side == "ours_padded" else []) \
         + (["--gradient_checkpointing"] if checkpointing == "on" else [])
     text, _ = run_03(flags, model, out, dry_run=True)  # 03 --dry_run's estimated peak, beside the measured one
     found = re.search(r"estimated peak memory per GPU: ([0-9.]+) GiB", text)
@@ -322,7 +327,7 @@ def measure_ours(args, side, checkpointing, model, device, common_flags, scratch
     seconds = [args.batch_size / r["samples_per_s"] for r in rows]
     found = re.search(r"reference log-probs: (\d+) pairs scored in ([0-9.]+)s", text)
     ref_pairs, ref_s = (int(found.group(1)), float(found.group(2))) if found else (0, 0.0)
-    if side == "ours":
+    if side in ("ours", "ours_padded"):
         assert found, f"03 printed no reference pass:\n{text[-1500:]}"
     return {"seconds_per_step": seconds, "reference_pass_s": ref_s, "reference_pairs": ref_pairs,
             "alloc_before_gib": base, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
@@ -487,8 +492,10 @@ def main(argv=None):
     # ---- the table
     names = row_names(args, trl_version)
     cols = ["run", "samples/s", "median step s", "peak GiB alloc. / reserved", "fits 48 GB", "x TRL (median steps)",
-            "limit",
-            "of limit", "paper's run, 8 GPUs (h)", "notes"]
+            "limit", "of limit", "model TFLOP/s", "of bf16 peak", "paper's run, 8 GPUs (h)", "notes"]
+    peak = args.peak_tflops or limits.peak_tflops(gpu)
+    lm_params = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
+    share = lambda tflops: f"{100 * tflops / peak:.0f}%" if peak else "–"
     lines = [f"\n{gpu}, {shape}" + (f" -- {note}" if note else "") + f"; batch {args.batch_size}, LoRA r {args.lora_r} "
              f"on every linear of the language model; {args.steps} measured steps after {args.warmup}; P = {P:.0f}, "
              f"R = {R:.0f}; paper's run = {limits.PAPER_EPOCHS} epochs of {limits.PAPER_PAIRS} pairs on "
@@ -502,7 +509,7 @@ def main(argv=None):
             k += 1
             r = results.get((side, c))
             if r is None:
-                lines.append(f"| {name} | | | | | | | | | {errors.get((side, c), 'not run')} |")
+                lines.append(f"| {name} | | | | | | | | | | | {errors.get((side, c), 'not run')} |")
                 table.append({"run": name, "error": errors.get((side, c))})
                 continue
             sps = steady(args, r)
@@ -517,37 +524,44 @@ def main(argv=None):
                 lim = limits.limit(P, R, side, args.epochs, c == "on")
             hours = limits.full_run_hours(sps)
             median = statistics.median(r["seconds_per_step"][args.warmup:])
+            # model FLOPs of the training steps alone (the reference pass is charged to the epochs in samples/s)
+            flops = lambda passes: limits.flops_per_pair(P, R, side, passes, lm_params, args.lm_layers, args.lm_hidden)
+            tflops = flops(limits.step_passes(P, R, side, c == "on")) * args.batch_size / median / 1e12
             notes = []
             if r.get("reference_pairs"):
-                notes.append(f"reference pass {r['reference_pass_s']:.1f}s for {r['reference_pairs']} pairs")
+                ref_tflops = r["reference_pairs"] / r["reference_pass_s"] * flops(P + 2 * R) / 1e12
+                notes.append(f"reference pass {r['reference_pass_s']:.1f}s for {r['reference_pairs']} pairs "
+                             f"({ref_tflops:.0f} TFLOP/s, {share(ref_tflops)} of peak)")
             if r.get("dry_run_estimate_gb") is not None:
                 notes.append(f"03 --dry_run estimated {r['dry_run_estimate_gb']:.1f} GB")
             lines.append(f"| {name} | {sps:.3g} | {median:.3f} | {mem} | {fits} | "
                          + (f"{ratio:.2f} ({ratio_median:.2f}) | {lim:.2f} | {100 * ratio / lim:.0f}% | " if ratio
                             else "| | | ")
-                         + f"{hours:.1f} | {'; '.join(notes)} |")
+                         + f"{tflops:.3g} | {share(tflops)} | {hours:.1f} | {'; '.join(notes)} |")
             table.append({"run": name, "samples_per_s": sps, "median_step_s": median, **r, "x_trl": ratio,
+                          "model_tflops": tflops, "peak_share": tflops / peak if peak else None,
                           "x_trl_median_steps": ratio_median, "limit": lim,
                           "paper_run_hours": hours, "fits_48gb": fits})
     base = results.get(("gen", args.gen_batch_sizes[0])) if args.gen_batch_sizes else None
     for b, name in zip(args.gen_batch_sizes, names[k:]):
         r = results.get(("gen", b))
         if r is None:
-            lines.append(f"| {name} | | | | | | | | | {errors.get(('gen', b), 'not run')} |")
+            lines.append(f"| {name} | | | | | | | | | | | {errors.get(('gen', b), 'not run')} |")
             table.append({"run": name, "error": errors.get(("gen", b))})
             continue
         x = f"x{r['samples_per_s'] / base['samples_per_s']:.1f} batch {args.gen_batch_sizes[0]}; " if base else ""
         hours = limits.PAPER_PAIRS / (r["samples_per_s"] * limits.PAPER_GPUS) / 3600
-        lines.append(f"| {name} | {r['samples_per_s']:.3g} | | | | | | | {hours:.1f} | {x}{r['new_tokens_per_s']:.0f} "
+        lines.append(f"| {name} | {r['samples_per_s']:.3g} | | | | | | | | | {hours:.1f} | {x}{r['new_tokens_per_s']:.0f} "
                      f"new tokens/s; {args.gen_tokens} new tokens each; hours = {limits.PAPER_PAIRS} negatives, "
                      "one try |")
         table.append({"run": name, **r, "paper_negatives_hours": hours})
-    lines.append(f"| {names[-1]} | | | | | | | | {limits.PAPER_HOURS:.0f} | the paper's reported training time |")
+    lines.append(f"| {names[-1]} | | | | | | | | | | {limits.PAPER_HOURS:.0f} | the paper's reported training time |")
     table.append({"run": names[-1], "paper_run_hours": limits.PAPER_HOURS})
     print("\n".join(lines))
     print(f"\nfits 48 GB: reserved peak < {A40_GIB} GiB (an A40: 46068 MiB). x TRL: samples/s over TRL's at the same "
           "checkpointing, from mean step times (from median ones); limit: bench/limits.py's token passes; of limit: "
-          "x TRL / limit (goal >= 85%). Paper's run: measured per-pair time x 2 x 170k / 8; an A40 has ~1/6.6 of an "
+          "x TRL / limit (goal >= 85%). Model TFLOP/s: bench/limits.py's flops_per_pair of the training step (real tokens, "
+          "no reference pass) x pairs / median step; of bf16 peak: over the device's dense bf16 peak. Paper's run: measured per-pair time x 2 x 170k / 8; an A40 has ~1/6.6 of an "
           "H200's dense bf16 peak (149.7 vs 989 TFLOP/s).")
     result = {"args": vars(args), "device": gpu, "n_params": n_params, "P": P, "R": R, "note": note, "rows": table,
               "errors": {str(k): v for k, v in errors.items()}, "wall_s": time.time() - T0}

@@ -16,7 +16,7 @@ left out (the first two favour ours; the last one favours neither). Measured rat
 much of it a run realised.
 """
 
-SIDES = ("trl", "ours", "ours_every_step")
+SIDES = ("trl", "ours", "ours_every_step", "ours_padded")  # ours_padded: ours' token passes, and padding
 PAPER_PAIRS, PAPER_EPOCHS, PAPER_GPUS, PAPER_HOURS = 170_000, 2, 8, 17.0  # the paper's run (bench/README.md)
 
 
@@ -29,7 +29,34 @@ def token_passes(P, R, side, epochs=2, checkpointing=False):
     if side == "trl":
         return train * 2 * (P + R) + 2 * (P + R)
     packed = P + 2 * R
-    return train * packed + (packed / epochs if side == "ours" else packed)
+    return train * packed + (packed if side == "ours_every_step" else packed / epochs)
+
+
+def step_passes(P, R, side, checkpointing=False):
+    """Token passes per pair of one training step (a reference forward only where the step runs one: TRL and
+    --no-precompute_ref; 03's default scores the reference in a pass of its own, P + 2R a pair)."""
+    return token_passes(P, R, side, float("inf"), checkpointing)
+
+
+def flops_per_pair(P, R, side, passes, lm_params, layers, hidden):
+    """Model FLOPs per pair of `passes` token passes, counted from the shapes and token counts (not from a
+    profiler): 2 per language-model weight per token pass, plus attention's scores and weighted sum, 4 x layers x
+    hidden per (query, key) pair a causal forward attends: TRL's sequence [P, answer] P^2/2 + R(P + R/2), two a
+    pair; ours, one packed row [P, chosen, rejected] P^2/2 + 2R(P + R/2). The frozen vision tower (~1% at 7B)
+    and padding are left out: padding is work, not model FLOPs."""
+    if side == "trl":
+        tokens, attended = 2 * (P + R), 2 * (P * P / 2 + R * (P + R / 2))
+    else:
+        tokens, attended = P + 2 * R, P * P / 2 + 2 * R * (P + R / 2)
+    return 2 * lm_params * passes + passes / tokens * 4 * layers * hidden * attended
+
+
+# dense bf16 peak TFLOP/s (no sparsity) by a GPU name's part: the share of peak in bench/gpu_check.py's table
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A40": 149.7, "A6000": 154.8}
+
+
+def peak_tflops(device_name):
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
 def limit(P, R, side, epochs=2, checkpointing=False):

@@ -80,6 +80,9 @@ p.add_argument("--epochs", type=int, default=2,
                     "this many epochs of the pairs, the pass included (the paper trains 2 epochs)")
 p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda if available")
 p.add_argument("--seed", type=int, default=0, help="model init, pairs, shuffling (both sides)")
+p.add_argument("--turns", choices=["first", "all"], default="first",
+               help="02's turns: first = the detailed captions (similar lengths); all = captions and short answers "
+                    "mixed (padding's worst case)")
 args = p.parse_args()
 
 import torch  # noqa: E402
@@ -163,7 +166,7 @@ if os.path.exists(pairs_path):
 need = args.steps * args.batch_size
 run("pairs", ["02_inject_errors.py", "--backend", "rules", "--vocab", os.path.join(toy, "world.json"),
               "--data", f"toy={os.path.join(toy, 'train.json')}", "--samples_per_source", 2 * need,
-              "--seed", args.seed, "--out", pairs_path])
+              "--turns", args.turns, "--seed", args.seed, "--out", pairs_path])
 pairs = dist_io.read_jsonl(pairs_path)
 assert len(pairs) >= need, f"02 wrote {len(pairs)} pairs, fewer than {need}"
 pairs = pairs[:need]  # exactly one epoch, so that 03's reference pass scores only these
@@ -185,6 +188,8 @@ sides = {  # tag: (name in the table, command)
                                                 "--no-precompute_ref"]),
     "ours_default": (f"ours (03), default: reference once, {args.epochs} epochs",
                      [*ours_args, "--output_dir", os.path.join(work, "ours_default")]),
+    "ours_padded": (f"ours (03) --no-padding_free: padded rows, reference once, {args.epochs} epochs",
+                    [*ours_args, "--output_dir", os.path.join(work, "ours_padded"), "--no-padding_free"]),
     "trl": (f"TRL {version('trl')}", ["bench/trl_side.py", "--model", model_dir, "--pairs", pairs_path,
                                       "--image_root", image_root, "--output_dir", os.path.join(work, "trl"),
                                       "--result", trl_json, "--steps", args.steps, "--batch_size", args.batch_size,
@@ -312,7 +317,7 @@ print(f"\nlimits (bench/limits.py) from these pairs: prefix P = {P:.1f} tokens, 
 print("| side | samples/s ours/TRL (median steps) | limit | of the limit (median steps) | peak memory ours/TRL |\n"
       "|---|---|---|---|---|")
 for tag, name, ours in zip([t for t in sides if t != "trl"], list(table)[:-1], ours_sides):
-    lim = limits.limit(P, R, "ours" if tag == "ours_default" else "ours_every_step", args.epochs)
+    lim = limits.limit(P, R, "ours_every_step" if tag == "ours" else "ours", args.epochs)
     ratio = ours["samples_per_s"] / trl["samples_per_s"]
     ratio_median = ours["samples_per_s_median"] / trl["samples_per_s_median"]
     ratios.update({f"{name}: samples/s ours/TRL": ratio, f"{name}: limit": lim, f"{name}: of the limit": ratio / lim,

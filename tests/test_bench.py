@@ -44,6 +44,22 @@ def test_limits_hand_values():
         limits.token_passes(1, 1, "ours_default")
 
 
+def test_flops_hand_values():
+    # the issue's figure: 4 pairs of P = 650, R = 150 through a 6.7B LM (32 x 4096), forward + input-gradient backward
+    P, R, N, L, h = 650, 150, 6.7e9, 32, 4096
+    passes = limits.step_passes(P, R, "ours")
+    assert passes == 2 * 950  # the reference is not in 03's default step
+    attended = P * P / 2 + 2 * R * (P + R / 2)  # prefix with itself, each answer with the prefix and itself
+    want = 2 * N * passes + 2 * 4 * L * h * attended
+    assert limits.flops_per_pair(P, R, "ours", passes, N, L, h) == pytest.approx(want)
+    assert 4 * want == pytest.approx(1.05e14, rel=0.05)  # ~1.05e14 a step, as the issue counts it
+    # TRL's two sequences attend less in total (no response sees the other) but run more token passes
+    trl = limits.flops_per_pair(P, R, "trl", limits.step_passes(P, R, "trl"), N, L, h)
+    assert trl == pytest.approx(2 * N * 6 * 800 + 3 * 4 * L * h * 2 * (P * P / 2 + R * (P + R / 2)))
+    assert limits.step_passes(P, R, "ours_every_step") == 3 * 950 and limits.step_passes(P, R, "ours", True) == 3 * 950
+    assert limits.peak_tflops("NVIDIA H200") == 989.0 and limits.peak_tflops("CPU") is None
+
+
 def test_full_run_hours():
     # 1 pair/s per GPU: 2 x 170k pairs on 8 GPUs = 42500 s
     assert limits.full_run_hours(1.0) == pytest.approx(2 * 170_000 / 8 / 3600)
@@ -61,8 +77,8 @@ def test_gpu_check_sizes_and_rows():
     assert tiny.lm_layers == 3 and tiny.lm_hidden == gpu_check.TINY["lm_hidden"]  # an explicit flag wins
     assert "3 of its 32 language-model layers" in gpu_check.size_note(tiny)
     names = gpu_check.row_names(full)
-    assert len(names) == len(set(names)) == 3 * 2 + 3 + 1  # 3 sides x checkpointing off/on, 3 batch sizes, the paper
-    assert sum(n.startswith("TRL") for n in names) == 2 and sum("checkpointing on" in n for n in names) == 3
+    assert len(names) == len(set(names)) == 4 * 2 + 3 + 1  # 4 sides x checkpointing off/on, 3 batch sizes, the paper
+    assert sum(n.startswith("TRL") for n in names) == 2 and sum("checkpointing on" in n for n in names) == 4
     assert names[-1].startswith("paper")
 
 

@@ -39,10 +39,13 @@ os.makedirs(OUT, exist_ok=True)
 SEEDS = args.seeds
 WORLD = World(os.path.join(args.toy, "world.json"))
 METHODS = ["sft", "bpo", "bpo_cond", "bpo_anchor", "ipo", "bpo_lnorm"]
-ABLATIONS = ["bpo_weak", "bpo_inj", "bpo_clean"]
+ABLATIONS = ["bpo_weak", "bpo_inj", "bpo_clean", "bpo_released"]
+SIZE_ARMS = {f"{m}_n{n}": (m, n) for n in rules.FIG8_SIZES for m in ("sft", "bpo")}
 LABEL = {"base": "base (LLaVA analogue)", "sft": "SFT (same positives)", "bpo": "BPO (both negatives)",
          "bpo_weak": "BPO (weakened image only)", "bpo_inj": "BPO (injected only)",
-         "bpo_clean": "BPO (clean-image samples)", "say_less": "base, captions cut (say less)", **rules.VARIANTS}
+         "bpo_clean": "BPO (clean-image samples)", "bpo_released": "BPO (the released sampler's negatives)",
+         "say_less": "base, captions cut (say less)", **rules.VARIANTS,
+         **{a: f"{'SFT' if m == 'sft' else 'BPO'}, {n} items" for a, (m, n) in SIZE_ARMS.items()}}
 
 
 def jsonl(path):
@@ -62,7 +65,7 @@ def selection_record(method):
 
 def selected(arm):
     """The dev-chosen {lr, step} of an arm (ablations: BPO's); None while the study has not chosen it."""
-    record = selection_record(arm if arm in METHODS else "bpo")
+    record = selection_record(arm if arm in METHODS else SIZE_ARMS[arm][0] if arm in SIZE_ARMS else "bpo")
     return record and record["chosen"]
 
 
@@ -152,9 +155,10 @@ def stat(metric, cols):
     return SETS[metric][1](cols.sum(0))
 
 
-def say_less_items(world, k):
-    """The base model's captions cut to their first k object sentences (k = 0: uncut)."""
-    d = edir(world, "base", None, 0, "hal")
+def say_less_items(world, k, arm="base", seed=None):
+    """A model's HalBench captions (the base model's, or an arm's at its selected checkpoint) cut to their first k
+    object sentences (k = 0: uncut)."""
+    d = edir(world, arm, seed, 0 if arm == "base" else selected(arm)["step"], "hal")
     rows = sorted(jsonl(os.path.join(d, "details.jsonl")), key=lambda r: r["question_id"])
     answers = {r["question_id"]: r["answer"] for r in jsonl(os.path.join(d, "answers.jsonl"))}
     cols = []
@@ -171,7 +175,16 @@ def curve(world, arm, seed):
         return [(k, items(world, "say_less", None, k, "hal")) for k in (1, 2, 3, 4, 0)]
     pts = [(0, items(world, "base", None, 0, "hal"))]
     pts += [(st, items(world, arm, seed, st, "hal")) for st in rules.CURVE_STEPS]
-    return [(st, c) for st, c in pts if c is not None]
+    pts = [(st, c) for st, c in pts if c is not None]
+    if selected(arm) and os.path.exists(os.path.join(edir(world, arm, seed, selected(arm)["step"], "hal"),
+                                                     "details.jsonl")):  # below: its own captions cut
+        pts += [(f"cut{k}", cut_items(world, arm, seed, k)) for k in rules.CUT_SENTENCES]
+    return pts
+
+
+@functools.lru_cache(maxsize=None)
+def cut_items(world, arm, seed, k):
+    return say_less_items(world, k, arm, seed)
 
 
 # ----------------------------------------------------------------------------- metrics and comparisons
@@ -258,7 +271,7 @@ def mean_sd(xs, nd=1):
 rows = []
 COLS = ["mmvet", "llavabench", "resp", "obj", "recall", "partner", "pope_adv_f1", "clear_partner", "clear_recall",
         "clear_pope_adv_f1"]
-ARMS = {"prior": ["base"] + METHODS + ABLATIONS, "control": ["base", "sft", "bpo"]}
+ARMS = {"prior": ["base"] + METHODS + ABLATIONS + list(SIZE_ARMS), "control": ["base", "sft", "bpo"]}
 for world, arms in ARMS.items():
     for arm in arms:
         if arm != "base" and selected(arm) is None:
@@ -316,6 +329,8 @@ def summary(world, arm, metric):
 
 # ----------------------------------------------------------------------------- verdicts
 
+with open(os.path.join(args.toy, "prior_check.json")) as f, open(os.path.join(args.control_toy, "prior_check.json")) as g:
+    match_table, control_matched = rules.control_match(json.load(f), json.load(g))
 verdicts = []
 for c in rules.CLAIMS:
     cells, ivs = {}, {}
@@ -323,7 +338,37 @@ for c in rules.CLAIMS:
         ivs[m] = compare(m, c["a"], c["b"])
         cells[m] = rules.cell(m, ivs[m])
     v = rules.claim_verdict({m: cells[m] for m in c["primary"]})
+    if c["id"] == "mechanism" and not control_matched:
+        v = "inconclusive: control not matched"
     verdicts.append({**c, "cells": cells, "intervals": ivs, "verdict": v})
+
+
+def log_change(arm, seed, key):
+    """Fig. 7: a logged log-prob's mean over the last rules.FIG7_WINDOW rows minus the first's (None: no log)."""
+    path = os.path.join(RUNS, "prior", f"s{seed}", f"{arm}_lr{selected(arm)['lr']:g}" if seed == 0 else arm,
+                        "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    xs = [r[key] for r in jsonl(path) if key in r]
+    w = rules.FIG7_WINDOW
+    return float(np.mean(xs[-w:]) - np.mean(xs[:w])) if len(xs) >= 2 * w else None
+
+
+fig7 = {name: [log_change(arm, s, key) for s in SEEDS] for name, arm, key in
+        (("bpo_chosen", "bpo", "logps/chosen"), ("bpo_rejected", "bpo", "logps/rejected"),
+         ("sft_target", "sft", "logps/chosen"))} if selected("bpo") and selected("sft") else {}
+fig7_verdict = ("n/a" if not fig7 or any(x is None for v in fig7.values() for x in v) else
+                rules.fig7_verdict(fig7["bpo_chosen"], fig7["bpo_rejected"], fig7["sft_target"]))
+fig8 = []
+for n in rules.FIG8_SIZES + [args.pairs]:
+    a, b = ("bpo", "sft") if n == args.pairs else (f"bpo_n{n}", f"sft_n{n}")
+    ivs = {m: compare(m, a, b) for m in ("mmvet", "resp")}
+    fig8.append({"items": n, "a": a, "b": b, "intervals": ivs, "cells": {m: rules.cell(m, iv) for m, iv in ivs.items()}})
+fig8_verdict = rules.claim_verdict({str(r["items"]): r["cells"]["mmvet"] for r in fig8})
+rule = rules.RELEASED_RULE
+released = {m: compare(m, "bpo_released", "bpo_weak") for m in rule["primary"] + rule["secondary"]}
+released_verdict = ("differ" if any(iv is not None and (iv[1] > 0 or iv[2] < 0)
+                                    for m, iv in released.items() if m in rule["primary"]) else "no difference shown")
 variants = []
 for arm, label in rules.VARIANTS.items():
     rule = rules.VARIANT_RULE
@@ -333,7 +378,10 @@ for arm, label in rules.VARIANTS.items():
                               ivs[rule["guard"]])
     variants.append({"arm": arm, "label": label, "cells": cells, "intervals": ivs, "verdict": v})
 with open(os.path.join(OUT, "verdicts.json"), "w") as f:
-    json.dump({"claims": verdicts, "variants": variants}, f, indent=1)
+    json.dump({"claims": verdicts, "variants": variants, "control_match": match_table,
+               "control_matched": control_matched, "fig7": {"changes": fig7, "verdict": fig7_verdict},
+               "fig8": {"sizes": fig8, "verdict": fig8_verdict},
+               "released_sampler": {"intervals": released, "verdict": released_verdict}}, f, indent=1)
 
 # matched recall: every curve arm's metrics at BPO's recall (its selected checkpoint), with intervals
 bpo_recalls = [value("prior", "bpo", s, "recall") for s in SEEDS]
@@ -375,6 +423,24 @@ try:
     fig.suptitle("Hallucination against recall along training (step 0 = base), mean of seeds; say less = base cut")
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, "matched_recall.png"), dpi=110)
+    # Fig. 7: the log-probs along training, mean and spread (min-max) over seeds
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm, key, name in (("bpo", "logps/chosen", "BPO chosen"), ("bpo", "logps/rejected", "BPO rejected"),
+                           ("sft", "logps/chosen", "SFT target")):
+        runs_of = [os.path.join(RUNS, "prior", f"s{s}", f"{arm}_lr{selected(arm)['lr']:g}" if s == 0 else arm,
+                                "metrics.jsonl") for s in SEEDS] if selected(arm) else []
+        logs = [[(r["step"], r[key]) for r in jsonl(x) if key in r] for x in runs_of if os.path.exists(x)]
+        n = min((len(x) for x in logs), default=0)
+        if n:
+            ys = np.asarray([[v for _, v in x[:n]] for x in logs])
+            steps = [st for st, _ in logs[0][:n]]
+            ax.plot(steps, ys.mean(0), label=name)
+            ax.fill_between(steps, ys.min(0), ys.max(0), alpha=0.2)
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("summed log-prob of the response (nats)")
+    ax.legend(fontsize=8)
+    ax.set_title("Fig. 7 analogue (prior world, selected runs, every seed)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, "fig7_logps.png"), dpi=110)
 except ImportError:
     print("matplotlib missing: no plot", file=sys.stderr)
 
@@ -476,6 +542,58 @@ for arm in ARMS["control"]:
     W(f"| {LABEL[arm]} | {summary('prior', arm, 'partner')} | {summary('control', arm, 'partner')} | {mean_sd(ex)} | "
       f"{summary('prior', arm, 'recall')} / {summary('control', arm, 'recall')} | "
       f"{summary('prior', arm, 'clear_partner')} | {summary('prior', arm, 'clear_recall')} |")
+W(f"\nIs the control matched? (rule: its base model within {rules.CONTROL_MATCH_POINTS:g} points of the prior world's on "
+  f"each row, both from prior_check.json; if not, the mechanism verdict is 'inconclusive: control not matched')\n")
+W("| base model | prior world | control world | within |")
+W("|---|---|---|---|")
+for m, (a, b, ok) in match_table.items():
+    W(f"| {m.replace('_', ' ')} (%) | {a:.1f} | {b:.1f} | {'yes' if ok else '**no**'} |")
+W(f"\nControl matched: **{'yes' if control_matched else 'no'}**.\n")
+W("\n## Fig. 7 analogue: what BPO and SFT do to the log-probs\n")
+W("![log-probs along training](fig7_logps.png)\n")
+W(f"Rule (`rules.fig7_verdict`): the change of a log-prob is its mean over the last {rules.FIG7_WINDOW} logged steps "
+  "minus its first; reproduced when in every seed BPO's rejected log-prob falls by more than its chosen one changes "
+  "and SFT's target rises.\n")
+W("| log-prob | change per seed | mean |")
+W("|---|---|---|")
+for name, xs in fig7.items():
+    W(f"| {name.replace('_', ' ')} | " + ", ".join("–" if x is None else f"{x:+.2f}" for x in xs) +
+      f" | {mean_sd(xs, 2)} |")
+W(f"\nVerdict: **{fig7_verdict}**.\n")
+W("\n## Fig. 8 analogue: BPO against SFT as the data grows (step-matched)\n")
+W("Rule: one cell per size on toy MM-Vet (a claim's cell rule); reproduced when every size is 'yes'. Every size "
+  f"trains {rules.TRAIN_STEPS} steps at each method's dev-selected learning rate and is read at its selected step.\n")
+W("| items per seed | BPO MM-Vet | SFT MM-Vet | BPO - SFT MM-Vet (cell) | BPO Resp | SFT Resp | BPO - SFT Resp (cell) |")
+W("|---|---|---|---|---|---|---|")
+for r in fig8:
+    iv, c = r["intervals"], r["cells"]
+    W(f"| {r['items']} | {summary('prior', r['a'], 'mmvet')} | {summary('prior', r['b'], 'mmvet')} | "
+      f"{fmt_iv(iv['mmvet'])} ({c['mmvet']}) | {summary('prior', r['a'], 'resp')} | {summary('prior', r['b'], 'resp')} | "
+      f"{fmt_iv(iv['resp'])} ({c['resp']}) |")
+W(f"\nVerdict: **{fig8_verdict}**.\n")
+W("\n## The authors' released sampler against the paper's\n")
+W(f"Released: `01_build_pairs.py {' '.join(map(str, rules.RELEASED_FLAGS))}` (contrastive, pushes the sample toward "
+  f"the clean image); the paper's: features noised at t = {args.noise_step}, plain sampling. The negatives themselves "
+  "(captions among them, the world's reader; 01's raw outputs before selection):\n")
+W("| sampler | seed | caption negatives | well-formed | CHAIR_s | partner | other absent | recall | items the arm trains on |")
+W("|---|---|---|---|---|---|---|---|---|")
+for kind, name in (("weak", "paper's (weakened features)"), ("released", "released script's")):
+    for seed in SEEDS:
+        path = os.path.join(RUNS, "prior", f"s{seed}", "pairs", "select.json")
+        if os.path.exists(path):
+            sel = json.load(open(path))
+            st = sel["stats"].get(kind)
+            if st:
+                W(f"| {name} | {seed} | {st['captions']} | {100 * st['well_formed']:.0f}% | {100 * st['chair_s']:.1f} | "
+                  f"{100 * st['partner_rate']:.1f} | {100 * st['other_absent_rate']:.1f} | {100 * st['recall']:.1f} | "
+                  f"{sel.get('n_items_of', {}).get(kind, '–')} |")
+W(f"\nWhat each trains (BPO on one kind alone; rule: 'differ' when a primary cell's interval, "
+  f"{' and '.join(rules.RELEASED_RULE['primary'])}, excludes 0):\n")
+W("| metric | released | paper's | released - paper's [95%] |")
+W("|---|---|---|---|")
+for m, iv in released.items():
+    W(f"| {rules.METRICS[m][0]} | {summary('prior', 'bpo_released', m)} | {summary('prior', 'bpo_weak', m)} | {fmt_iv(iv)} |")
+W(f"\nVerdict: **{released_verdict}**.\n")
 W("\n## Beyond the paper: objectives that make the model use the image (issue 14)\n")
 W(f"Rule: {rules.VARIANT_TEXT}.\n")
 W("| variant | POPE adv. F1 vs DPO | partner at matched recall vs DPO | MM-Vet vs DPO | Resp at matched recall | "

@@ -61,7 +61,10 @@ WORLDS = {"prior": args.toy, "control": args.control_toy}
 METHODS = {"sft": ["--loss", "sft"], "bpo": [],
            "bpo_cond": ["--conditional_weight", 1, "--noise_step", args.noise_step], "bpo_anchor": ["--anchor_weight", 1],
            "ipo": ["--loss", "ipo"], "bpo_lnorm": ["--length_normalize"]}
-ABLATIONS = {"bpo_weak": ["weak"], "bpo_inj": ["inj"], "bpo_clean": ["clean"]}  # BPO on one kind of negative
+# BPO on one kind of negative; bpo_released: negatives from the authors' released sampler (rules.RELEASED_FLAGS)
+ABLATIONS = {"bpo_weak": ["weak"], "bpo_inj": ["inj"], "bpo_clean": ["clean"], "bpo_released": ["released"]}
+# Fig. 8: SFT and BPO on the first N shared items (the largest size is the main arms': not trained twice)
+SIZE_ARMS = {f"{m}_n{n}": (m, n) for n in rules.FIG8_SIZES for m in ("sft", "bpo")}
 CONTROL_ARMS = ["sft", "bpo"]
 TEST_SETS = ["hal", "mmvet", "pope", "llava", "clear_hal", "clear_pope"]
 FULL_POPE = ["sft", "bpo"]  # and the base model: POPE's three splits and the clear-glyph sets
@@ -100,8 +103,13 @@ def selection_path(method):
     return os.path.join(RUNS, "selection", f"{method}.json")
 
 
+def method_of(arm):
+    """The dev-searched method whose selection an arm uses: its own, its size arm's method, else BPO's."""
+    return arm if arm in METHODS else SIZE_ARMS[arm][0] if arm in SIZE_ARMS else "bpo"
+
+
 def selected(method):
-    with open(selection_path(method)) as f:
+    with open(selection_path(method_of(method))) as f:
         return json.load(f)["chosen"]
 
 
@@ -182,22 +190,26 @@ job("noise_probe", os.path.join(RUNS, "noise_probe.json"),
 def select_pairs(world, seed, kinds):
     """The shared items of a seed: every kind's negative present; a caption's weakened and clean negatives
     must parse as captions of the world's grammar (a QA negative only has to differ from the answer, which 01
-    and 02 ensure). Writes KIND.jsonl per kind, restricted to the same --pairs ids, and select.json."""
+    and 02 ensure). Writes KIND.jsonl per kind, restricted to the same --pairs ids, KIND_nN.jsonl of the first
+    N of them (Fig. 8), and select.json. The released sampler's negatives do not restrict the shared items
+    (its arm trains on those of them it has: near-greedy samples often equal the answer, and 01 drops those)."""
     d = os.path.join(RUNS, world, f"s{seed}", "pairs")
     w = World(os.path.join(WORLDS[world], "world.json"))
     raw = {k: [json.loads(line) for line in open(os.path.join(d, f"raw_{k}.jsonl"))] for k in kinds}
     by_id = {k: {r["id"]: r for r in v} for k, v in raw.items()}
     caption_item = lambda r: r["prompt"].strip() in w.describe_prompts
-    ok = [i for i in by_id["weak"] if all(i in by_id[k] for k in kinds)
-          and all(w.well_formed(by_id[k][i]["rejected"]) for k in kinds if k != "inj" and caption_item(by_id[k][i]))]
+    shared = [k for k in kinds if k != "released"]
+    ok = [i for i in by_id["weak"] if all(i in by_id[k] for k in shared)
+          and all(w.well_formed(by_id[k][i]["rejected"]) for k in shared if k != "inj" and caption_item(by_id[k][i]))]
     ok.sort()
     random.Random(seed).shuffle(ok)
     if len(ok) < args.pairs:
         print(f"warning: {world} seed {seed}: only {len(ok)} items with usable negatives of every kind", file=sys.stderr)
     ids = ok[:args.pairs]
     for k in kinds:
-        with open(os.path.join(d, f"{k}.jsonl"), "w") as f:
-            f.writelines(json.dumps(by_id[k][i]) + "\n" for i in ids)
+        for suffix, subset in [("", ids)] + [(f"_n{n}", ids[:n]) for n in rules.FIG8_SIZES]:
+            with open(os.path.join(d, f"{k}{suffix}.jsonl"), "w") as f:
+                f.writelines(json.dumps(by_id[k][i]) + "\n" for i in subset if i in by_id[k])
     stats = {}
     for k, rows in raw.items():
         caps = [r for r in rows if caption_item(r)]
@@ -205,6 +217,7 @@ def select_pairs(world, seed, kinds):
         stats[k] = {**w.stats([r["rejected"] for r in caps], truths), "n_items": len(rows), "captions": len(caps)}
     with open(os.path.join(d, "select.json"), "w") as f:
         json.dump({"n_items": len(ids), "n_captions": sum(caption_item(by_id["weak"][i]) for i in ids),
+                   "n_items_of": {k: sum(i in by_id[k] for i in ids) for k in kinds},
                    "usable_share": len(ok) / max(1, len(by_id["weak"])), "stats": stats}, f, indent=1)
 
 
@@ -215,13 +228,13 @@ def negatives(world, seed):
             "--turns", "all", "--seed", seed]
     gen = ["--model", os.path.join(toy, "model"), "--image_root", os.path.join(toy, "images"), "--max_new_tokens", 72,
            "--batch_size", 32, *data]
-    kinds = ["weak", "inj"] + (["clean"] if world == "prior" else [])
+    kinds = ["weak", "inj"] + (["clean", "released"] if world == "prior" else [])
+    sampling = {"weak": ["--noise_step", args.noise_step], "clean": ["--noise_step", 0], "released": rules.RELEASED_FLAGS}
     deps = []
     for k in kinds:
         out = os.path.join(d, f"raw_{k}.jsonl")
         cmd = (script("02_inject_errors.py", "--backend", "rules", "--vocab", os.path.join(toy, "world.json"), *data,
-                      "--out", out) if k == "inj" else
-               script("01_build_pairs.py", *gen, "--out", out, "--noise_step", args.noise_step if k == "weak" else 0))
+                      "--out", out) if k == "inj" else script("01_build_pairs.py", *gen, "--out", out, *sampling[k]))
         deps.append(job(f"pairs:{world}:{k}:s{seed}", out + ".done", sh(cmd, out + ".done"), deps=[world_jobs[world]]))
     return job(f"select:{world}:s{seed}", os.path.join(d, "select.json"),
                fn=lambda: select_pairs(world, seed, kinds), deps=deps)
@@ -235,7 +248,7 @@ def train_job(world, arm, seed, flags, kinds, deps, lr=None):
     tag = f"{arm}_lr{lr:g}" if lr is not None else arm
 
     def cmd():
-        chosen = lr if lr is not None else selected(arm if arm in METHODS else "bpo")["lr"]
+        chosen = lr if lr is not None else selected(arm)["lr"]
         out = run_dir(world, arm, seed, lr)
         return script("03_train_bpo.py", "--model", os.path.join(toy, "model"), *data, "--image_root",
                       os.path.join(toy, "images"), "--output_dir", out, "--overwrite", *args.train.split(),
@@ -274,10 +287,11 @@ sel_jobs = {}
 for world in WORLDS:
     for seed in args.seeds:
         sel = negatives(world, seed)
-        arms = list(METHODS) + list(ABLATIONS) if world == "prior" else CONTROL_ARMS
+        arms = list(METHODS) + list(ABLATIONS) + list(SIZE_ARMS) if world == "prior" else CONTROL_ARMS
         for arm in arms:
-            flags = METHODS.get(arm, [])
-            kinds = ABLATIONS.get(arm, ["weak", "inj"])
+            flags = METHODS.get(method_of(arm), []) if arm not in ABLATIONS else []
+            kinds = ABLATIONS.get(arm, [f"weak_n{SIZE_ARMS[arm][1]}", f"inj_n{SIZE_ARMS[arm][1]}"] if arm in SIZE_ARMS
+                                  else ["weak", "inj"])
             if world == "prior" and arm in METHODS and seed == 0:  # the dev search
                 dev_evals = []
                 for lr in rules.DEV_LRS:
@@ -290,17 +304,17 @@ for world in WORLDS:
                                     deps=dev_evals + base_dev)
                 trained = sel_jobs[arm]
             else:
-                need = sel_jobs.get(arm if arm in METHODS else "bpo")
+                need = sel_jobs.get(method_of(arm))
                 trained = train_job(world, arm, seed, flags, kinds, [sel, need] if need else [sel])
             curve = world == "prior" and arm in METHODS
             # every arm: HalBench, MM-Vet, POPE adversarial; base, SFT and BPO all POPE splits and the clear-glyph
             # sets; the trained methods of the prior world LLaVA-Bench too
-            sets = ["hal", "mmvet", "pope" if arm in FULL_POPE else "pope_adv"]
+            sets = ["hal", "mmvet"] + ([] if arm in SIZE_ARMS else ["pope" if arm in FULL_POPE else "pope_adv"])
             sets += ["clear_hal", "clear_pope"] if arm in FULL_POPE else []
             sets += ["llava"] if world == "prior" and arm in METHODS else []
 
             def plan(a=arm, s=seed, w=world, curve=curve, sets=sets):
-                out, chosen = run_dir(w, a, s), selected(a if a in METHODS else "bpo")["step"]
+                out, chosen = run_dir(w, a, s), selected(a)["step"]
                 # HalBench at every checkpoint: the matched-recall curve (the chosen step is one of them)
                 todo = [(st, "hal", adapter_at(out, st)) for st in rules.CURVE_STEPS] if curve else []
                 return todo + [("selected", k, adapter_at(out, chosen)) for k in sets if not (curve and k == "hal")]
@@ -364,7 +378,8 @@ for world, toy in WORLDS.items():  # a world whose base model is too weak to jud
 if not args.skip_report:
     r = subprocess.run([PY, os.path.join(HERE, "report.py"), "--toy", args.toy, "--control_toy", args.control_toy,
                         "--runs", RUNS, "--results", args.results, "--seeds", *map(str, args.seeds),
-                        "--pairs", str(args.pairs), "--noise_step", str(args.noise_step), "--train", args.train],
+                        "--pairs", str(args.pairs), "--noise_step", str(args.noise_step), "--train", args.train,
+                        *(["--smoke"] if args.smoke else [])],
                        cwd=ROOT, env=ENV)
     if r.returncode:
         sys.exit("error: report failed")

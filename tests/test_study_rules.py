@@ -69,3 +69,23 @@ def test_bootstrap_resamples_seeds():
     point, low, high = rules.bootstrap(lambda si, idx: float(per_seed[si].mean()), 3, 10, seed=0)
     assert point == pytest.approx(1.0)
     assert low < 0.5 and high > 1.5  # seed spread enters the interval
+
+
+def check(recall, other, pope):
+    return {"rows": [{"recall": recall, "other_absent_rate": other}], "pope": {"random": {"accuracy": pope}}}
+
+
+def test_control_match_is_within_three_points_on_each():
+    table, ok = rules.control_match(check(0.90, 0.03, 0.80), check(0.88, 0.05, 0.78))
+    assert ok and table["recall"][:2] == pytest.approx((90.0, 88.0))
+    table, ok = rules.control_match(check(0.90, 0.03, 0.80), check(0.90, 0.03, 0.765))  # POPE 3.5 points off
+    assert not ok and not table["pope_random_accuracy"][2] and table["recall"][2]
+
+
+def test_fig7_verdict():
+    # rejected falls more than chosen in every seed, SFT's target rises in every seed
+    assert rules.fig7_verdict([-0.1, 0.0, 0.1], [-2.0, -1.0, -3.0], [1.0, 0.5, 2.0]) == "reproduced"
+    assert rules.fig7_verdict([-0.1, 0.0, 0.1], [-2.0, 0.2, -3.0], [1.0, 0.5, 2.0]) == "inconclusive"  # one seed up
+    assert rules.fig7_verdict([-3.0, -3.0, -3.0], [-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]) == "not reproduced"
+    assert rules.fig7_verdict([0.0], [-1.0], [-0.5]) == "not reproduced"  # SFT's target falls
+    assert rules.fig7_verdict([], [], []) == "n/a"

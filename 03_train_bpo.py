@@ -251,8 +251,9 @@ def train(args):
                 loss, metrics = batch_loss(net, model, item, responses, ref_cache, pairs.keys, pairs.records, args)
                 (loss / args.grad_accum).backward()
             main = item["main"]  # the tokens a micro-batch runs through the model, and how many are padding
+            padding = main.inputs["input_ids"].numel() - main.n_real
             metrics["tokens/real"] = torch.tensor(float(main.n_real), device=device)
-            metrics["tokens/padding"] = torch.tensor(float(main.inputs["input_ids"].numel() - main.n_real), device=device)
+            metrics["tokens/padding"] = torch.tensor(float(padding), device=device)
             window = {k: window.get(k, 0) + v for k, v in metrics.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         # gradients are all-reduced, so every rank sees the same norm and all stop together; one host sync a step

@@ -387,7 +387,7 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
 
 
 def flat_batch(packs):
-    """pack_responses' outputs concatenated into one row, no padding (03's --attention flex): input_ids and
+    """pack_responses' outputs concatenated into one row, no padding (03's --padding_free): input_ids and
     position_ids [1, T] (each pack's positions its own), `doc` [1, T] (the pack of each token) and `seg` [1, T]
     (0: prompt, i: response i) from which block_mask builds the attention on the device, `keep` and `scored`
     as packed_batch's (slot = response_index * B + pack)."""

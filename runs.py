@@ -179,7 +179,8 @@ def train_memory_estimate(args, lengths, responses):
     length. Bytes: bf16 weights (NF4 language-model linears with --load_in_4bit), LoRA in fp32 with
     its gradient and AdamW's two moments, activations ~52 h per token and layer (Megatron's 34 h of a
     bf16 LLaMA layer + the LoRA inputs) or, checkpointed, 2 h per layer + one whole layer, the 4D mask
-    (--no-padding_free), and fp32 logits at the scored positions. A rough figure (+-30%): measure with bench/gpu_check.py."""
+    (--no-padding_free), and fp32 logits at the scored positions. A rough figure (+-30%): measure with
+    bench/gpu_check.py."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(args.model)
     with torch.device("meta"):

@@ -209,10 +209,22 @@ def interp_at(points, recall):
     return None
 
 
-def matched(world, arm, seed, metric, recall, idx):
-    """arm's `metric` interpolated at `recall` on its curve, items idx."""
-    pts = [(stat("recall", c[idx]), stat(metric, c[idx])) for _, c in curve(world, arm, seed)]
-    return interp_at(pts, recall)
+def curve_points(world, arm, seed, metric, idx):
+    """[(recall, metric)] of an arm's curve, items idx."""
+    return [(stat("recall", c[idx]), stat(metric, c[idx])) for _, c in curve(world, arm, seed)]
+
+
+def at_matched_recall(world, a, sa, b, sb, metric, idx):
+    """(a's metric, b's metric) at the recall rules.matched_point picks; (None, None) where there is none."""
+    recall = value(world, a, sa, "recall", idx)
+    pa, pb = curve_points(world, a, sa, metric, idx), curve_points(world, b, sb, metric, idx)
+    if recall is None or not pa or not pb:
+        return None, None
+    span = lambda pts: (min(r for r, _ in pts), max(r for r, _ in pts))
+    point = rules.matched_point(recall, span(pa), span(pb))
+    if point is None:
+        return None, None
+    return (value(world, a, sa, metric, idx) if point == recall else interp_at(pa, point)), interp_at(pb, point)
 
 
 def n_items(metric):
@@ -232,10 +244,7 @@ def diff_fn(metric, a, b):
         for i in si:
             sa, sb = seed_of(a, SEEDS, i), seed_of(b, SEEDS, i)
             if "@" in metric:
-                m = metric.split("@")[0]
-                rec = value("prior", a, sa, "recall", idx)
-                va = value("prior", a, sa, m, idx)
-                vb = None if rec is None else matched("prior", b, sb, m, rec, idx)
+                va, vb = at_matched_recall("prior", a, sa, b, sb, metric.split("@")[0], idx)
             elif metric == "excess_partner":  # prior world minus control world, same images
                 pa, ca = value("prior", a, sa, "partner", idx), value("control", a, sa, "partner", idx)
                 pb, cb = value("prior", b, sb, "partner", idx), value("control", b, sb, "partner", idx)
@@ -394,7 +403,7 @@ def at_star(arm, metric):
         return None
 
     def f(si, idx):
-        vs = [matched("prior", arm, seed_of(arm, SEEDS, i), metric, r_star, idx) for i in si]
+        vs = [interp_at(curve_points("prior", arm, seed_of(arm, SEEDS, i), metric, idx), r_star) for i in si]
         return None if any(v is None for v in vs) else float(np.mean(vs))
     return rules.bootstrap(f, len(SEEDS), n_hal)
 

@@ -76,11 +76,24 @@ VARIANT_TEXT = ("a variant 'helps' when both primary cells are 'yes' against pla
 # a's recall fell below b's lowest checkpoint; the cut extends every curve down, as the say-less baseline's);
 # the say-less baseline's is the base model's captions cut to 1..4 object sentences. The comparison point is
 # arm a's recall at its selected checkpoint; arm b's metric there is interpolated linearly between its two
-# points that bracket it (never extrapolated: outside b's range the cell is "n/a", which counts as not "yes").
+# points that bracket it (never extrapolated). Changed before the third study: when a's recall is outside b's
+# curve (in the second study it was above b's highest point in some cells, which read n/a), the point moves to
+# the nearest recall that both curves reach, and both metrics are interpolated there; only curves that share no
+# recall give "n/a" (counts as not "yes").
 CUT_SENTENCES = (1, 2, 3)
 MATCHED_TEXT = ("arm b's curve (metric against recall: its checkpoints, step 0 = base, and its selected checkpoint's "
                 f"captions cut to {list(CUT_SENTENCES)} object sentences) is interpolated at arm a's recall at its "
-                "selected checkpoint, inside each bootstrap replicate; outside b's range of recall the cell is n/a")
+                "selected checkpoint, inside each bootstrap replicate; where b's curve does not reach that recall, "
+                "both curves are interpolated at the nearest recall they both reach; n/a only if they share none")
+
+
+def matched_point(recall, a_range, b_range):
+    """The recall a matched-recall cell compares at (rule above): a's own when b's curve reaches it, else the nearest
+    recall inside both curves' ranges ((low, high) each); None when the ranges do not overlap."""
+    low, high = max(a_range[0], b_range[0]), min(a_range[1], b_range[1])
+    if low > high:
+        return None
+    return recall if b_range[0] <= recall <= b_range[1] else min(max(recall, low), high)
 
 # The control world isolates the prior only if its base model is as good as the prior world's otherwise: base
 # models within CONTROL_MATCH_POINTS percentage points on each of CONTROL_MATCH (prior_check.json of each world,

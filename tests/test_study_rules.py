@@ -89,3 +89,14 @@ def test_fig7_verdict():
     assert rules.fig7_verdict([-3.0, -3.0, -3.0], [-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]) == "not reproduced"
     assert rules.fig7_verdict([0.0], [-1.0], [-0.5]) == "not reproduced"  # SFT's target falls
     assert rules.fig7_verdict([], [], []) == "n/a"
+
+
+def test_matched_point_moves_inside_both_curves():
+    # a's own recall where b's curve reaches it
+    assert rules.matched_point(70.0, (40.0, 75.0), (50.0, 90.0)) == 70.0
+    # above b's highest point: b's highest, which a's curve also reaches
+    assert rules.matched_point(95.0, (40.0, 95.0), (50.0, 90.0)) == 90.0
+    # below b's lowest: b's lowest
+    assert rules.matched_point(45.0, (40.0, 80.0), (50.0, 90.0)) == 50.0
+    # curves with no recall in common: no point
+    assert rules.matched_point(45.0, (40.0, 48.0), (50.0, 90.0)) is None

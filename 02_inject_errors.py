@@ -180,10 +180,15 @@ def rules_backend(args, prompt, device):
     table = load_vocab(args.vocab)
     phrase_re = re.compile(r"\b(" + "|".join(map(re.escape, sorted(table, key=len, reverse=True))) + r")\b", re.I)
 
-    def substitute(text, rng):
-        """Swaps up to --edits vocabulary phrases (yes/no only as the answer's first word); returns
-        (rewrite, changes). Capitals and a preceding a/an follow the new word."""
-        spans = [m for m in phrase_re.finditer(text) if table[m.group(0).lower()][0] != "answers" or m.start() == 0]
+    def substitute(text, rng, question=""):
+        """Swaps up to --edits vocabulary phrases (yes/no only as an answer: the first word, or a word before a
+        stop or comma, as "Yes, there is ..." or the toy's "plate yes ."; not "there is no cup"), never one the
+        question names (that error would contradict the question, not the image); returns (rewrite, changes).
+        Capitals and a preceding a/an follow the new word."""
+        asked = {m.group(0).lower() for m in phrase_re.finditer(question)}
+        spans = [m for m in phrase_re.finditer(text) if m.group(0).lower() not in asked and (
+                 table[m.group(0).lower()][0] != "answers" or m.start() == 0
+                 or re.match(r"\s*([.,!?]|$)", text[m.end():]))]
         changes = []
         for m in sorted(rng.sample(spans, min(args.edits, len(spans))), key=lambda m: -m.start()):  # right to left
             old = m.group(0)
@@ -198,7 +203,7 @@ def rules_backend(args, prompt, device):
 
     def rewrites(batch, k):
         for it in batch:
-            text, changes = substitute(it["answer"], random.Random(f"{args.seed}/{it['id']}/{k}"))
+            text, changes = substitute(it["answer"], random.Random(f"{args.seed}/{it['id']}/{k}"), it["prompt"])
             yield it, text, None if changes else "nothing to change", {
                 "backend": "rules", "vocab": os.path.basename(args.vocab), "seed": args.seed, "changes": changes}
 

@@ -37,7 +37,7 @@ demo_evals = \
     --rule $(TOY)/llavabench/rule.json --image_dir $(TOY)/llavabench/images --out_dir $(RUN)/eval/$(1)/llavabench \
     --judge overlap --max_new_tokens 96 --batch_size 32" \
   --command "07_eval_pope.py $(demo_model) --questions $(TOY)/pope/coco_pope_adversarial.json --image_dir $(TOY)/images \
-    --out_dir $(RUN)/eval/$(1)/pope --prompt_suffix '' --max_new_tokens 8 --batch_size 64"
+    --out_dir $(RUN)/eval/$(1)/pope --prompt_suffix '' --max_new_tokens 20 --batch_size 64"
 
 .PHONY: demo test test-fast study install clean
 install: $(VENV)/.installed

@@ -151,7 +151,7 @@ def eval_command(world, name, step, key, adapter):
         f = os.path.join(toy, "pope" if key != "clear_pope" else os.path.join("clear", "pope"))
         splits = ["random", "popular", "adversarial"] if key == "pope" else ["adversarial"]
         return script("07_eval_pope.py", *a, "--questions", *[os.path.join(f, f"coco_pope_{s}.json") for s in splits],
-                      "--image_dir", images, "--prompt_suffix", "", "--max_new_tokens", 4, "--batch_size", 64)[1:]
+                      "--image_dir", images, "--prompt_suffix", "", "--max_new_tokens", 20, "--batch_size", 64)[1:]
     lb = os.path.join(toy, "llavabench")
     return script("06_eval_llavabench.py", *a, "--questions", os.path.join(lb, "questions.jsonl"),
                   "--context", os.path.join(lb, "context.jsonl"), "--references", os.path.join(lb, "answers_gpt4.jsonl"),

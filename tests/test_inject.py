@@ -79,7 +79,12 @@ def test_rules_all_turns_count_failures_and_resume(toy, tmp_path):
     assert not {r["id"] for r in recs} & set(unchangeable)  # a failure is never written as a pair
     # short answers change too: a yes/no flips, a count moves, a colour changes
     changed = {r["chosen"]: r["rejected"] for r in recs}
-    assert changed.get("yes .") == "no ." and changed.get("no .") == "yes ."
+    # an existence answer ("the image has cup and fork , plate no .") never swaps the object the question asks
+    # about; its yes/no flips in some
+    exist = {c: r for c, r in changed.items() if re.fullmatch(r"the image has [\w ]+ , \w+ (yes|no) \.", c)}
+    asked = lambda answer: answer.split(" , ")[-1].split()[0]
+    assert exist and all(asked(r) == asked(c) for c, r in exist.items())
+    assert any(r.split()[-2] != c.split()[-2] for c, r in exist.items())
     again = inject(*args)
     assert summary(again)[:2] == (0, failed) and f"{len(sampled)} items, {written} already done" in again.stdout
     assert len(check_pairs(out)) == written
@@ -88,14 +93,18 @@ def test_rules_all_turns_count_failures_and_resume(toy, tmp_path):
 def test_rules_coco_vocabulary(tmp_path):
     data = tmp_path / "coco.json"
     answers = ["There is an apple on the wooden table.", "No, the man is standing to the left of two dogs.",
-               "A cat sleeps under a bench.", "People walk past a building."]
-    json.dump([{"id": i, "image": f"{i}.jpg", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+               "A cat sleeps under a bench.", "People walk past a building.", "Yes, there is an apple and no cup."]
+    questions = ["Q?"] * 4 + ["Is there an apple?"]
+    json.dump([{"id": i, "image": f"{i}.jpg", "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                                                 {"from": "gpt", "value": a}]}
-               for i, a in enumerate(answers)], open(data, "w"))
+               for i, (q, a) in enumerate(zip(questions, answers))], open(data, "w"))
     out = tmp_path / "pairs.jsonl"
     inject("--backend", "rules", "--data", f"coco={data}", "--out", out, "--edits", 9)  # default vocab: COCO
     got = {r["chosen"]: r for r in check_pairs(out)}
-    assert len(got) == 4
+    assert len(got) == 5
+    # the asked-about apple stays, the answer flips, the "no" of "no cup" is not an answer
+    asked = got[answers[4]]["rejected"]
+    assert asked.startswith("No, there is an apple and no ") and not asked.endswith(" cup."), asked
     apple = got[answers[0]]["rejected"]
     assert re.fullmatch(r"There is a (banana|pear) on the (metal|plastic) (desk|counter)\.", apple), apple
     assert re.fullmatch(r"Yes, the (woman|boy) is sitting to the right of three cats\.", got[answers[1]]["rejected"])

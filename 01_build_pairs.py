@@ -78,6 +78,7 @@ def main(argv=None):
             **({"contrast_alpha": args.contrast_alpha, "contrast_beta": args.contrast_beta} if args.contrast_alpha
                else {})}
     writer = dist_io.JsonlAppender(part)
+    no_pair = dist_io.JsonlAppender(f"{args.out}.no_pair.part{rank}")  # dropped and cut off: done, not drawn again
     written = dropped = missing = cut_off = 0
     for i in tqdm(range(0, len(todo), args.batch_size), desc=f"pairs[{rank}]", disable=rank != 0 and world > 1):
         batch, images = [], []
@@ -105,23 +106,26 @@ def main(argv=None):
         for it, rejected in zip(batch, negatives):
             if rejected is None:
                 cut_off += 1
+                no_pair.write({"id": it["id"], "why": "cut off"})
             elif not rejected or rejected.split() == it["answer"].split():
                 dropped += 1  # an empty negative, or the ground truth itself, teaches nothing
+                no_pair.write({"id": it["id"], "why": "empty or identical"})
             else:
                 writer.write({"id": it["id"], "image": it["image"], "prompt": it["prompt"], "chosen": it["answer"],
                               "rejected": rejected, "source": it["source"], "method": "image_weakened", "meta": meta})
                 written += 1
     writer.close()
+    no_pair.close()
 
     # ---- merge the part files into --out (rank 0, after everyone is done)
     dist_io.barrier()
     counts = dist_io.mean_over_ranks({"written": written, "dropped": dropped, "missing": missing, "cut_off": cut_off})
     if rank == 0:
-        n_out = dist_io.merge_parts(args.out)
+        n_out, n_no_pair = dist_io.merge_parts(args.out), dist_io.merge_parts(f"{args.out}.no_pair")
         n = {k: round(v * world) for k, v in counts.items()}
         print(f"wrote {n['written']} pairs this run ({n_out} in {args.out}); dropped {n['dropped']} empty or "
               f"identical negatives and {n['cut_off']} cut off by --max_new_tokens {args.max_tries} times; "
-              f"skipped {n['missing']} unreadable images")
+              f"skipped {n['missing']} unreadable images; {n_no_pair} items without a pair listed in {args.out}.no_pair")
         print(bad_records.summary("bad ground-truth records"))
     dist_io.dist_cleanup()
 

@@ -289,9 +289,10 @@ def existing_ids(*paths):
 
 def pending_items(items, out, rank, world):
     """(this rank's share of the items whose id is in neither `out` nor a part file `out.partR` left
-    by a run cut short, the part file this rank appends to, how many items are done). Every rank
-    reads the done ids before any rank writes (barrier), so all ranks shard the same list."""
-    done = existing_ids(out, *glob.glob(f"{out}.part*"))
+    by a run cut short, nor in `out.no_pair` (items a finished try left without a record, so a rerun
+    does not draw them again), the part file this rank appends to, how many items are done). Every
+    rank reads the done ids before any rank writes (barrier), so all ranks shard the same list."""
+    done = existing_ids(out, *glob.glob(f"{out}.part*"), f"{out}.no_pair", *glob.glob(f"{out}.no_pair.part*"))
     barrier()
     todo = [it for it in items if it["id"] not in done]
     return todo[rank::world], f"{out}.part{rank}", len(items) - len(todo)

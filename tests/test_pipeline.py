@@ -1,4 +1,5 @@
 """The numbered scripts end to end on the quick toy world: 01 -> 03, resume, DDP."""
+import glob
 import json
 import os
 import re
@@ -72,15 +73,22 @@ def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
         f.write('{"id": "toy/half-written')  # as if the kill had landed mid-line
     rerun = run_here(*args, check=True).stdout
     ids = [r["id"] for r in dist_io.read_jsonl(out)]
+    no_pair = [r["id"] for r in dist_io.read_jsonl(f"{out}.no_pair")]
     expected = {it["id"] for it in data.sample_per_source(data.load_items("toy", toy / "train.json")[0], 40, 0)}
-    assert len(ids) == len(set(ids)) and set(ids) <= expected and not os.path.exists(part)
-    # the rerun tries every item not in the file, so each missing one is an empty or identical negative, or one
-    # cut off, that the rerun counted (how many depends on where the kill fell: the sampling draws shift)
-    n = re.search(r"wrote \d+ pairs this run \((\d+) in .*\); dropped (\d+) empty or identical negatives and (\d+) cut off",
-                  rerun)
+    assert not os.path.exists(part) and not glob.glob(f"{out}.no_pair.part*")
+    # every sampled item is done exactly once: a pair in the file, or listed in F.no_pair (cut off, or an empty or
+    # identical negative); how many of each depends on where the kill fell (the sampling draws shift)
+    assert sorted(ids + no_pair) == sorted(expected), (len(ids), len(no_pair), len(expected))
+    n = re.search(r"wrote \d+ pairs this run \((\d+) in .*\); dropped (\d+) empty or identical negatives and (\d+) "
+                  r"cut off.*; (\d+) items without a pair listed in", rerun)
     assert n, rerun
-    total, dropped, cut_off = map(int, n.groups())
-    assert total == len(ids) and len(expected) - len(ids) == dropped + cut_off
+    total, dropped, cut_off, listed = map(int, n.groups())
+    assert total == len(ids) and listed == len(no_pair) and dropped + cut_off <= listed
+    # a finished run rerun draws nothing again: items without a pair are not retried into new pairs
+    before = out.read_bytes()
+    again = run_here(*args, check=True).stdout
+    assert "wrote 0 pairs this run" in again and f"{len(expected)} already done" in again, again
+    assert out.read_bytes() == before
 
 
 def train(toy, data, out, *extra):

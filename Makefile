@@ -9,11 +9,11 @@ BIN := $(VENV)/bin
 TOY ?= toy
 RUN ?= runs/demo
 # Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model): the study's
-# run (80 steps of 16 pairs) and the learning rates its dev split chose for DPO and SFT at that length
-# (results/dev_selection.json; DPO at 1e-3 breaks the toy)
+# run (80 steps of 16 pairs) and the learning rates its dev split chose (results/dev_selection.json: DPO 1e-4 at
+# step 80, SFT 1e-4 at step 40; the demo runs both 80 steps)
 TOY_TRAIN ?= --max_steps 80 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0 --overwrite
 TOY_DPO_LR ?= 1e-4
-TOY_SFT_LR ?= 1e-3
+TOY_SFT_LR ?= 1e-4
 # The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions
 # (docs/toy_world.md)
 TOY_NOISE ?= 700
@@ -73,6 +73,8 @@ demo: install $(TOY)/prior_check.json
 	# the paper's Table 3 baseline: SFT on the same chosen answers
 	$(BIN)/python 03_train_bpo.py --model $(TOY)/model --data $(RUN)/pairs_weakened.jsonl --data $(RUN)/pairs_injected.jsonl \
 	  --image_root $(TOY)/images --output_dir $(RUN)/sft --loss sft --lr $(TOY_SFT_LR) $(TOY_TRAIN)
+	# the adapters were just retrained (--overwrite), so their old answers go (a changed TOY_*_LR would not match them)
+	rm -rf $(RUN)/eval/sft $(RUN)/eval/bpo
 	# 04-07 on each model, in one process (experiments/evaluate.py: the imports are paid once, not twelve times)
 	$(BIN)/python experiments/evaluate.py $(foreach m,base sft bpo,$(call demo_evals,$(m)))
 	@echo "toy world: $(TOY)/  pairs: $(RUN)/pairs_*.jsonl  runs: $(RUN)/bpo/ $(RUN)/sft/ (metrics.jsonl, curves.png, adapter/)  evals: $(RUN)/eval/"

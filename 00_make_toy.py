@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dist_io.HelpFormatter)
     p.add_argument("--out", default="toy", help="output folder (model/, images/, train.json, benchmarks, world.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the noise")
-    p.add_argument("--p_partner_text", type=float, default=0.94,
+    p.add_argument("--p_partner_text", type=float, default=0.99,
                    help="P(partner | trigger) in the text-only caption corpus; 0.63, the image data's, builds a "
                         "control "
                         "world with no excess language prior (the study's)")

@@ -97,7 +97,7 @@ def chosen_given_weakened(net, model, weak, keys, pairs, args):
     image (a forward of its own: the prefix differs, so it cannot share the packed sequence), and the
     embeddings it ran on (the reference reuses them)."""
     weaken = [common.pair_weakening(keys[i], pairs[i].get("meta"), args.noise_step, args.noise_on) for i in weak.indices]
-    embeds = common.image_embeds(model, weak.inputs["input_ids"], weak.inputs["pixel_values"], weaken)
+    embeds = common.image_embeds(model, weak.inputs["input_ids"], weak.inputs, weaken)
     return common.response_logps(net, model, weak.inputs, weak.scored, len(weak.indices), embeds)[0], embeds
 
 

@@ -39,7 +39,7 @@ def trained_in_4bit(adapter):
 def main(argv=None):
     args = parse_args(argv)
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         sys.exit(f"error: --adapter {args.adapter}: no adapter_config.json (03 writes OUTPUT_DIR/adapter)")
     if os.path.isdir(args.out) and os.listdir(args.out):
@@ -50,7 +50,8 @@ def main(argv=None):
     with common.quiet_peft():
         merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out, safe_serialization=True)  # config, safetensors, generation config
-    AutoProcessor.from_pretrained(args.model).save_pretrained(args.out)  # tokenizer, image processor, chat template
+    # tokenizer, image processor, chat template (Qwen2.5-VL's without torchvision: no video processor)
+    common.save_processor(common.load_processor(args.model, padding_side=None), args.out)
     print(f"wrote {args.out}: {args.model} + {args.adapter} merged ({str(merged.dtype).removeprefix('torch.')}"
           f"{', from a QLoRA adapter' if qlora else ''}); load it with AutoModelForImageTextToText.from_pretrained")
 

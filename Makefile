@@ -1,4 +1,4 @@
-# make demo     : venv + install + the whole pipeline on the offline toy world
+# make demo     : venv + install + the whole pipeline on the offline toy world (ARCH=qwen2_5_vl: on a tiny Qwen2.5-VL)
 # make test     : venv + install + the full test suite (what CI runs)
 # make test-fast: the pure tests (math, objectives, scoring, study rules, I/O), no toy world: seconds
 # make study: venv + install + the toy-world study of the paper's claims -> results/STUDY.md (two toy worlds, dev split,
@@ -6,8 +6,13 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TOY ?= toy
-RUN ?= runs/demo
+# the model family of make demo's toy world: llava (LLaVA-1.5, the paper's) or qwen2_5_vl (docs/other_models.md)
+ARCH ?= llava
+TOY ?= $(if $(filter llava,$(ARCH)),toy,toy_$(ARCH))
+RUN ?= $(if $(filter llava,$(ARCH)),runs/demo,runs/demo_$(ARCH))
+# Qwen2.5-VL's toy: the same world; its ViT reads 4x the patches, so its build takes longer (docs/other_models.md)
+TOY_BUILD ?= $(if $(filter llava,$(ARCH)),,$(QWEN_TOY_BUILD))
+QWEN_TOY_BUILD ?=
 # Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model): the study's
 # run (80 steps of 16 pairs) and the learning rates its dev split chose (results/dev_selection.json: DPO 1e-4 at
 # step 80, SFT 1e-4 at step 40; the demo runs both 80 steps)
@@ -60,7 +65,7 @@ test-fast: install
 
 # the toy world is built once (and again when 00_make_toy.py changes); a seed always builds the same world
 $(TOY)/prior_check.json: 00_make_toy.py | $(VENV)/.installed
-	$(BIN)/python 00_make_toy.py --out $(TOY)
+	$(BIN)/python 00_make_toy.py --out $(TOY) --arch $(ARCH) $(TOY_BUILD)
 
 demo: install $(TOY)/prior_check.json
 	# negatives of both kinds: the model answering from weakened images, and rule-based error injection
@@ -86,4 +91,4 @@ study: install
 	$(BIN)/python experiments/study.py --toy $(TOY) --control_toy $(TOY)_control --runs runs/study --results results
 
 clean:
-	rm -rf $(TOY) $(TOY)_control runs
+	rm -rf $(TOY) $(TOY)_control toy_qwen2_5_vl runs

@@ -1,5 +1,5 @@
-"""The method of BPO, in small functions read top to bottom: loading a LLaVA-style model and its
-input format, the forward-diffusion noise that weakens an image, generation, the token convention
+"""The method of BPO, in small functions read top to bottom: loading a LLaVA-style model (or Qwen2.5-VL,
+docs/other_models.md) and its input format, the forward-diffusion noise that weakens an image, generation, the token convention
 with packed response log-probs, and the whole preference objective (DPO, IPO, SFT and the added
 terms). The job plumbing is beside it: dist_io.py (process groups, files), data.py (records),
 runs.py (03's run directory), remote.py (endpoints), scoring.py (every scoring rule)."""
@@ -19,6 +19,7 @@ DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"  # the paper's model, every script's 
 # LoRA on every linear layer of the language model; nothing in the vision tower or the projector, so the model
 # with the adapter disabled is exactly the reference
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+QWEN_VL = "qwen2_5_vl"  # the second family (docs/other_models.md); every other model_type is read as LLaVA-style
 
 # ----------------------------------------------------------------------------- model and input format
 
@@ -34,7 +35,7 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"])
         kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     if not load_in_4bit:
@@ -66,17 +67,103 @@ def quiet_peft():
         yield
 
 
-def load_processor(name):
-    """The tokenizer + image processor of a checkpoint, padding on the left (for generation)."""
+def load_processor(name, padding_side="left"):
+    """The tokenizer + image processor of a checkpoint, padding on the left (for generation; None: as stored).
+    Qwen2.5-VL's without torchvision: qwen_processor_without_video."""
     from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(name)
-    processor.tokenizer.padding_side = "left"
+    from transformers.utils import is_torchvision_available
+    if model_family(name) == QWEN_VL and not is_torchvision_available():
+        processor = qwen_processor_without_video(name)
+    else:
+        processor = AutoProcessor.from_pretrained(name)
+    if padding_side:
+        processor.tokenizer.padding_side = padding_side
     return processor
 
 
-def image_token_count(processor):
-    """How many tokens the processor expands one image into (576 for LLaVA-1.5's 336 px CLIP)."""
+def save_processor(processor, folder):
+    """The processor's files as the family's checkpoints hold them; a Qwen2.5-VL processor without its video half
+    (qwen_processor_without_video) as tokenizer, image processor and chat template, which AutoProcessor reads back
+    where torchvision is installed (its video processor then from defaults) and load_processor anywhere."""
+    import json
+    import os
+    if getattr(processor, "video_processor", True) is not None:
+        return processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write(processor.chat_template)
+    with open(os.path.join(folder, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": type(processor).__name__}, f)
+
+
+def model_family(name):
+    """QWEN_VL or "llava", from the checkpoint's config (a local folder's config.json, else transformers' cache
+    or hub); "llava" when there is no model to read."""
+    import json
+    import os
+    if not name:
+        return "llava"
+    if os.path.isfile(os.path.join(name, "config.json")):
+        with open(os.path.join(name, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    else:
+        from transformers import AutoConfig
+        try:
+            model_type = AutoConfig.from_pretrained(name).model_type
+        except OSError:  # not reachable here: the loader says so when it tries
+            return "llava"
+    return QWEN_VL if model_type == QWEN_VL else "llava"
+
+
+def qwen_processor_without_video(name):
+    """Qwen2.5-VL's processor for images only, where torchvision is missing: its video processor needs
+    torchvision and the processor's constructor insists on one (so does AutoProcessor), so the processor is
+    assembled from the checkpoint's tokenizer, chat template and the PIL image processor (the same resize
+    and normalisation as the default one)."""
+    import os
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    template = os.path.join(name, "chat_template.jinja")
+    return qwen_processor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(name),
+                          open(template).read() if os.path.isfile(template) else tokenizer.chat_template)
+
+
+def qwen_processor(tokenizer, image_processor, chat_template):
+    """A Qwen2_5_VLProcessor without a video processor (its constructor's check skipped)."""
+    from transformers import Qwen2_5_VLProcessor
+    processor = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
+    processor.tokenizer, processor.image_processor, processor.video_processor = tokenizer, image_processor, None
+    processor.chat_template = chat_template
+    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
+    processor.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    processor.video_token_id = tokenizer.convert_tokens_to_ids(processor.video_token)
+    return processor
+
+
+def qwen_mrope_section(head_dim):
+    """Qwen2.5-VL's split of a head's rotary frequencies over (temporal, height, width): [16, 24, 24] at its
+    head_dim 128, in proportion at another (the toy's, a benchmark's)."""
+    return [head_dim // 2 - 2 * (3 * head_dim // 16), 3 * head_dim // 16, 3 * head_dim // 16]
+
+
+def is_qwen(processor_or_model):
+    """Whether a processor or model is of the Qwen2.5-VL family."""
+    config = getattr(processor_or_model, "config", None)
+    if config is not None:
+        return config.model_type == QWEN_VL
+    return hasattr(processor_or_model.image_processor, "merge_size")
+
+
+def image_token_count(processor, image=None, fmt=None):
+    """How many tokens the processor expands one image into: 576 for LLaVA-1.5's 336 px CLIP (any image); for
+    Qwen2.5-VL's dynamic resolution, of this image in this input format: its patches / merge_size^2."""
     from PIL import Image
+    if is_qwen(processor):
+        ip = processor.image_processor
+        width, height = (pad_square(image, processor) if fmt.pad_square else image).size
+        return ip.get_number_of_image_patches(height, width, {}) // ip.merge_size ** 2
     size = processor.image_processor.crop_size
     enc = processor(text=[processor.image_token], images=[Image.new("RGB", (size["width"], size["height"]))])
     return len(enc["input_ids"][0]) - len(processor.tokenizer(processor.image_token).input_ids) + 1
@@ -91,17 +178,32 @@ LLAVA_15 = InputFormat("vicuna_v1", True)
 
 def add_format_args(parser):
     """--chat_format and --pad_square, on every script that builds a prompt."""
-    parser.add_argument("--chat_format", choices=["vicuna_v1", "template"], default="vicuna_v1",
+    parser.add_argument("--chat_format", choices=["vicuna_v1", "template"], default=None,
                         help="vicuna_v1: LLaVA-1.5's conversation (its system line, then ' USER: <image>\\n{question} "
-                             "ASSISTANT:'), as it was trained and evaluated; template: the processor's own chat template")
-    parser.add_argument("--pad_square", action=argparse.BooleanOptionalAction, default=True,
+                             "ASSISTANT:'), as it was trained and evaluated; template: the processor's own chat "
+                             "template (default: vicuna_v1, or template for Qwen2.5-VL)")
+    parser.add_argument("--pad_square", action=argparse.BooleanOptionalAction, default=None,
                         help="pad each image to a square with the image processor's mean colour, centred, before the "
                              "processor (LLaVA-1.5's image_aspect_ratio: pad); --no-pad_square: the processor alone "
-                             "(CLIP's resize and centre crop)")
+                             "(CLIP's resize and centre crop; Qwen2.5-VL's dynamic resolution). Default: on, off for "
+                             "Qwen2.5-VL")
+
+
+QWEN_FORMAT = InputFormat("template", False)  # Qwen2.5-VL's own chat template at its own (dynamic) resolution
+
+
+def family_format(family):
+    """The input format a family was trained with: LLAVA_15, or QWEN_FORMAT."""
+    return QWEN_FORMAT if family == QWEN_VL else LLAVA_15
 
 
 def input_format(args):
-    return InputFormat(args.chat_format, args.pad_square)
+    """The input format the flags ask for; where one is not given, the model family's (LLaVA-1.5's Vicuna-v1 and
+    square padding; Qwen2.5-VL's chat template at its own resolution)."""
+    default = family_format(model_family(getattr(args, "model", None)) if None in (args.chat_format, args.pad_square)
+                            else "llava")
+    return InputFormat(args.chat_format or default.chat_format,
+                       default.pad_square if args.pad_square is None else args.pad_square)
 
 
 def chat_prompt(processor, question, fmt=LLAVA_15, image=True, history=()):
@@ -171,38 +273,49 @@ def diffuse(x, step, scale, generator=None):
     return abar ** 0.5 * x + (1 - abar) ** 0.5 * scale * eps
 
 
-def _feature_scale(x):
+def _feature_scale(x, sizes=None):
     # per image std, so that a step means the same signal-to-noise ratio for any encoder: unit-variance noise
-    # on features of std ~4 (the toy's CLIP stand-in) would barely touch them (docs/toy_world.md)
-    return x.float().flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    # on features of std ~4 (the toy's CLIP stand-in) would barely touch them (docs/toy_world.md). LLaVA's features
+    # come one image a row; Qwen2.5-VL's as one [patches, dim] block, `sizes` patches an image
+    if sizes is None:
+        return x.float().flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return torch.cat([part.float().std().expand(len(part), 1) for part in x.split(sizes)]).to(x.dtype)
 
 
 @contextlib.contextmanager
 def weaken_images(model, noise_step, noise_on="features", generator=None):
     """Within this context every image the model sees is weakened by `noise_step` steps of
-    forward diffusion: on the projector's input (the CLIP features, as in the paper) or on the
-    normalised pixels (as in the authors' released script, unit-variance noise as in VCD)."""
+    forward diffusion: on the features the vision encoder hands to the projector (as in the paper: LLaVA's
+    CLIP features, Qwen2.5-VL's before its patch merger) or on the normalised pixels (as in the authors'
+    released script, unit-variance noise as in VCD)."""
     if noise_step <= 0:
         yield
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = base.model
-    if noise_on == "features":
-        module, scale_of = inner.multi_modal_projector, _feature_scale
-    elif noise_on == "pixels":
-        module, scale_of = inner.vision_tower, (lambda x: 1.0)
-    else:
+    if noise_on not in ("features", "pixels"):
         raise ValueError(f"noise_on must be features or pixels, got {noise_on!r}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner, handles = base.model, []
+    if is_qwen(base):
+        grids = []  # the images' patch counts, read off each vision forward for the per-image scale
+        handles.append(inner.visual.register_forward_pre_hook(
+            lambda _mod, args, kwargs: grids.append(kwargs["grid_thw"].prod(-1).tolist()), with_kwargs=True))
+        module = inner.visual.merger if noise_on == "features" else inner.visual
+        scale_of = (lambda x: _feature_scale(x, grids[-1])) if noise_on == "features" else (lambda x: 1.0)
+    elif noise_on == "features":
+        module, scale_of = inner.multi_modal_projector, _feature_scale
+    else:
+        module, scale_of = inner.vision_tower, (lambda x: 1.0)
 
     def hook(_mod, args):
         x = args[0]
         return (diffuse(x, noise_step, scale_of(x), generator),) + tuple(args[1:])
 
-    handle = module.register_forward_pre_hook(hook)
+    handles.append(module.register_forward_pre_hook(hook))
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def pair_weakening(key, meta, noise_step=-1, noise_on=None):
@@ -258,14 +371,19 @@ def generate_contrastive(model, processor, images, prompts, fmt, weakening, alph
     own KV cache; the batch is left-padded as generate's. Returns the texts (None for one cut off by
     max_new_tokens, with keep_unfinished=False)."""
     enc = encode(processor, [chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
-    ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-    pixels = enc["pixel_values"].to(model.device, model.dtype)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    vision = {**vision_inputs(enc), "pixel_values": enc["pixel_values"].to(model.dtype)}
     step, where, generator = weakening
     with weaken_images(model, step, where, generator):
-        weak_embeds = image_embeds(model, ids, pixels)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        weak_embeds = image_embeds(model, ids, vision)
+    if is_qwen(model):  # the model's own multimodal positions of the left-padded prompts
+        positions = model.model.get_rope_index(ids, enc["mm_token_type_ids"], enc["image_grid_thw"],
+                                               attention_mask=mask)[0]
+    else:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
     branches = [model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-                for embeds in (image_embeds(model, ids, pixels), weak_embeds)]
+                for embeds in (image_embeds(model, ids, vision), weak_embeds)]
     eos = model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=ids.device)
     pad = processor.tokenizer.pad_token_id
@@ -283,7 +401,7 @@ def generate_contrastive(model, processor, images, prompts, fmt, weakening, alph
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
+        positions = positions[..., -1:] + 1
         branches = [model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                           cache=b.cache, use_cache=True) for b in branches]
     tokens = torch.stack(out, dim=1)
@@ -297,9 +415,11 @@ def generate_contrastive(model, processor, images, prompts, fmt, weakening, alph
 def response_ids(tokenizer, prompt_text, response):
     """Token ids of the response after the chat prompt, plus EOS: the tokens the model produces at
     inference. Tokenised jointly with the prompt (subword merges as at inference) when the prompt's
-    own tokens are a prefix of the joint ones; otherwise the response alone."""
+    own tokens are a prefix of the joint ones; otherwise the response alone. The answer follows the prompt
+    after a space (Vicuna-v1's "ASSISTANT: answer"), or directly where the prompt ends in a line break
+    (ChatML's "<|im_start|>assistant\n", Qwen2.5-VL's)."""
     prompt = tokenizer(prompt_text).input_ids
-    joint = tokenizer(prompt_text + " " + response).input_ids
+    joint = tokenizer(prompt_text + ("" if prompt_text[-1:].isspace() else " ") + response).input_ids
     if joint[:len(prompt)] == prompt:
         ids = joint[len(prompt):]
     else:  # a merge across the boundary: keep the prompt's tokens as generation sees them
@@ -309,9 +429,10 @@ def response_ids(tokenizer, prompt_text, response):
 
 def build_sequences(processor, image, prompt, responses, max_length, fmt=LLAVA_15, history=()):
     """Encodes one image + prompt and its responses under the token convention (the prompt tokenised
-    in one call, as at inference; the response and EOS scored). Returns (pixel_values
-    [1,...], list of (input_ids, labels), n_truncated). Responses longer than max_length allows are
-    cut at the end; the image and prompt tokens are never cut."""
+    in one call, as at inference; the response and EOS scored). Returns ({image input: tensor},
+    list of (input_ids, labels), n_truncated). Responses longer than max_length allows are
+    cut at the end; the image and prompt tokens are never cut. The image inputs: pixel_values, and for
+    Qwen2.5-VL image_grid_thw (VISION_INPUTS)."""
     prompt_text = chat_prompt(processor, prompt, fmt, history=history)
     enc = encode(processor, [prompt_text], [image], fmt)
     prompt_ids = enc["input_ids"][0].tolist()
@@ -324,7 +445,49 @@ def build_sequences(processor, image, prompt, responses, max_length, fmt=LLAVA_1
         if len(ids) > room:
             ids, cut = ids[:room], cut + 1
         seqs.append((prompt_ids + ids, [IGNORE] * len(prompt_ids) + ids))
-    return enc["pixel_values"], seqs, cut
+    return vision_inputs(enc), seqs, cut
+
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw")  # the processor's image inputs the model reads
+
+
+def vision_inputs(inputs):
+    """The image inputs among a dict of model inputs."""
+    return {k: inputs[k] for k in VISION_INPUTS if k in inputs}
+
+
+def cat_images(visions):
+    """The image inputs of several examples as one batch's."""
+    return {k: torch.cat([v[k] for v in visions]) for k in visions[0]}
+
+
+def mrope_positions(input_ids, image_token_id, grid_thw, merge_size):
+    """Qwen2.5-VL's multimodal rotary positions of one unpadded sequence, as rows [temporal, height, width]:
+    a text token's position counts up on all three; an image's tokens (one per merge_size x merge_size
+    patches, row-major) sit at the image's start plus their (t, h, w) cell, and the text after it continues
+    from the start plus the longer side in cells."""
+    rows, pos, k, grids = ([], [], []), 0, 0, iter(grid_thw.tolist())
+    while k < len(input_ids):
+        if input_ids[k] != image_token_id:
+            for row in rows:
+                row.append(pos)
+            pos, k = pos + 1, k + 1
+            continue
+        t, h, w = next(grids)
+        h, w = h // merge_size, w // merge_size
+        for cell in range(t * h * w):
+            for row, offset in zip(rows, (cell // (h * w), cell // w % h, cell % w)):
+                row.append(pos + offset)
+        pos, k = pos + max(h, w), k + t * h * w
+    return [list(row) for row in rows]
+
+
+def prompt_positions(processor, prompt_ids, vision):
+    """The position rows of a prompt: one row 0..n-1 (LLaVA), or Qwen2.5-VL's three (mrope_positions)."""
+    if "image_grid_thw" in vision:
+        return mrope_positions(prompt_ids, processor.image_token_id, vision["image_grid_thw"],
+                               processor.image_processor.merge_size)
+    return [list(range(len(prompt_ids)))]
 
 
 def pad_batch(seqs, pad_id):
@@ -340,38 +503,43 @@ def pad_batch(seqs, pad_id):
     return input_ids, mask, labels
 
 
-def pack_responses(seqs):
+def pack_responses(seqs, prompt_pos=None):
     """One image + prompt and its k responses (build_sequences' output: they share the prompt) as one
     sequence [prompt, response_1, ..., response_k] in which each response sees the prompt and itself
-    only, its positions restarting after the prompt: the shared prefix (LLaVA-1.5's 576 image tokens
-    and the question) runs through the model once instead of k times. Returns (input_ids,
-    position_ids, segment (0: prompt, i: response i), scored), scored = (predictor position, token,
-    response index) per response token: a response's first token is predicted from the prompt's end."""
+    only, its positions continuing the prompt's as if it were the only response: the shared prefix
+    (LLaVA-1.5's 576 image tokens and the question) runs through the model once instead of k times.
+    prompt_pos: the prompt's position rows (prompt_positions; default one row 0..n-1). Returns
+    (input_ids, position rows, segment (0: prompt, i: response i), scored), scored = (predictor position,
+    token, response index) per response token: a response's first token is predicted from the prompt's end."""
     n_prompt = sum(1 for label in seqs[0][1] if label == IGNORE)
-    ids, pos, seg, scored = list(seqs[0][0][:n_prompt]), list(range(n_prompt)), [0] * n_prompt, []
+    prompt_pos = prompt_pos or [list(range(n_prompt))]
+    ids, pos, seg, scored = list(seqs[0][0][:n_prompt]), [list(row) for row in prompt_pos], [0] * n_prompt, []
+    first = max(max(row) for row in prompt_pos) + 1  # the position after the prompt, on every row
     for i, (full, _) in enumerate(seqs):
         response, start = full[n_prompt:], len(ids)
         scored += [(n_prompt - 1 if j == 0 else start + j - 1, tok, i) for j, tok in enumerate(response)]
         ids += response
-        pos += range(n_prompt, n_prompt + len(response))
+        for row in pos:
+            row += range(first, first + len(response))
         seg += [i + 1] * len(response)
     return ids, pos, seg, scored
 
 
 def packed_batch(packs, pad_id, dtype=torch.float32):
-    """Right-pads pack_responses' outputs into model inputs: input_ids and position_ids [B, T], a 4D
+    """Right-pads pack_responses' outputs into model inputs: input_ids and position_ids [B, T] ([3, B, T] for
+    Qwen2.5-VL's three rows), a 4D
     additive attention mask [B, 1, T, T] (a token sees the earlier tokens of the prompt and of its own
     response), `keep` [B, T] marking the positions whose logits are needed, and `scored` = (index into
     the kept positions' logits, token, output slot) with slot = response_index * B + row, so the
     log-probs come out as [all first responses..., all second responses...]."""
-    B, T = len(packs), max(len(p[0]) for p in packs)
+    B, T, P = len(packs), max(len(p[0]) for p in packs), len(packs[0][1])
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
+    position_ids = torch.zeros((P, B, T), dtype=torch.long)
     seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
     rows, preds, toks, slots = [], [], [], []
     for b, (ids, pos, sg, scored) in enumerate(packs):
         input_ids[b, :len(ids)] = torch.tensor(ids)
-        position_ids[b, :len(pos)] = torch.tensor(pos)
+        position_ids[:, b, :len(ids)] = torch.tensor(pos)
         seg[b, :len(sg)] = torch.tensor(sg)
         for pred, tok, i in scored:
             rows.append(b), preds.append(pred), toks.append(tok), slots.append(i * B + b)
@@ -383,28 +551,31 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
     keep[rows, preds] = True
     flat = keep.flatten().cumsum(0) - 1  # position (b, t) -> its row among the kept logits
     index = flat[torch.tensor(rows) * T + torch.tensor(preds)]
+    position_ids = position_ids[0] if P == 1 else position_ids
     return input_ids, position_ids, mask, keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
 def flat_batch(packs):
     """pack_responses' outputs concatenated into one row, no padding (03's --padding_free): input_ids and
-    position_ids [1, T] (each pack's positions its own), `doc` [1, T] (the pack of each token) and `seg` [1, T]
+    position_ids [1, T] or [3, 1, T] (each pack's positions its own), `doc` [1, T] (the pack of each token) and `seg` [1, T]
     (0: prompt, i: response i) from which block_mask builds the attention on the device, `keep` and `scored`
     as packed_batch's (slot = response_index * B + pack)."""
-    B = len(packs)
-    ids, pos, doc, seg, preds, toks, slots = [], [], [], [], [], [], []
+    B, P = len(packs), len(packs[0][1])
+    ids, pos, doc, seg, preds, toks, slots = [], [[] for _ in range(P)], [], [], [], [], []
     for b, (p_ids, p_pos, p_seg, scored) in enumerate(packs):
         for pred, tok, i in scored:
             preds.append(len(ids) + pred), toks.append(tok), slots.append(i * B + b)
         ids += p_ids
-        pos += p_pos
+        for row, p_row in zip(pos, p_pos):
+            row += p_row
         seg += p_seg
         doc += [b] * len(p_ids)
     keep = torch.zeros((1, len(ids)), dtype=torch.bool)
     keep[0, preds] = True
     index = (keep.flatten().cumsum(0) - 1)[torch.tensor(preds)]
     as_row = lambda x: torch.tensor([x], dtype=torch.long)
-    return as_row(ids), as_row(pos), as_row(doc), as_row(seg), keep, (index, torch.tensor(toks), torch.tensor(slots))
+    position_ids = as_row(pos[0]) if P == 1 else torch.tensor(pos, dtype=torch.long)[:, None]
+    return as_row(ids), position_ids, as_row(doc), as_row(seg), keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
 def block_mask(doc, seg):
@@ -471,13 +642,15 @@ def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float3
     """One packed micro-batch of CPU tensors from examples (image, prompt, [responses], earlier turns): per example one
     sequence [image + prompt, responses...] (pack_responses), padded (packed_batch) or, flat, all in one row
     without padding (flat_batch). A dict of the model's inputs (input_ids, position_ids, logits_to_keep,
-    pixel_values; attention_mask, or doc and seg for flat_attention on the device), `scored`, `n_tokens`: the
+    pixel_values and for Qwen2.5-VL image_grid_thw; attention_mask, or doc and seg for flat_attention on the device),
+    `scored`, `n_tokens`: the
     scored tokens (+EOS) per output slot, and `n_real`: the tokens of the packs (input_ids' size less padding)."""
-    pixels, packs = [], []
+    visions, packs = [], []
     for image, prompt, responses, history in examples:
-        pv, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt, history)
-        pixels.append(pv)
-        packs.append(pack_responses(seqs))
+        vision, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt, history)
+        visions.append(vision)
+        n_prompt = seqs[0][1].count(IGNORE)
+        packs.append(pack_responses(seqs, prompt_positions(processor, seqs[0][0][:n_prompt], vision)))
     if flat:
         input_ids, position_ids, doc, seg, keep, scored = flat_batch(packs)
         attention = dict(doc=doc, seg=seg)
@@ -486,25 +659,35 @@ def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float3
         attention = dict(attention_mask=mask)
     n_out = len(examples[0][2]) * len(examples)
     return dict(input_ids=input_ids, position_ids=position_ids, **attention, logits_to_keep=keep,
-                pixel_values=torch.cat(pixels), scored=scored, n_tokens=torch.bincount(scored[2], minlength=n_out),
+                **cat_images(visions), scored=scored, n_tokens=torch.bincount(scored[2], minlength=n_out),
                 n_real=sum(len(p[0]) for p in packs))
 
 
-def image_embeds(model, input_ids, pixel_values, weaken=()):
-    """Input embeddings with each image's projected features in its placeholder tokens. The vision
-    tower, projector and embeddings are frozen, so this runs once per batch (no grad) and serves the
-    policy and the reference forward alike. `weaken`: (noise step, "features"|"pixels", seed) per
-    image, each weakened (weaken_images) with noise from its own seeded generator, so that the policy,
-    the reference and a resumed run all see the same weakened image."""
+def split_images(vision):
+    """The image inputs of a batch, one image each (Qwen2.5-VL's patches are one block, image_grid_thw's
+    t * h * w rows an image)."""
+    if "image_grid_thw" not in vision:
+        return [{"pixel_values": pv[None]} for pv in vision["pixel_values"]]
+    grids = vision["image_grid_thw"]
+    patches = vision["pixel_values"].split(grids.prod(-1).tolist())
+    return [{"pixel_values": pv, "image_grid_thw": grids[i:i + 1]} for i, pv in enumerate(patches)]
+
+
+def image_embeds(model, input_ids, vision, weaken=()):
+    """Input embeddings with each image's projected features in its placeholder tokens (vision: a dict holding
+    the image inputs, VISION_INPUTS). The vision encoder, projector and embeddings are frozen, so this runs
+    once per batch (no grad) and serves the policy and the reference forward alike. `weaken`: (noise step,
+    "features"|"pixels", seed) per image, each weakened (weaken_images) with noise from its own seeded
+    generator, so that the policy, the reference and a resumed run all see the same weakened image."""
     with torch.no_grad():
         if weaken:
             features = []
-            for i, (step, where, seed) in enumerate(weaken):
+            for one, (step, where, seed) in zip(split_images(vision), weaken):
                 with weaken_images(model, step, where, torch.Generator().manual_seed(seed)):
-                    features += model.get_image_features(pixel_values=pixel_values[i:i + 1]).pooler_output
+                    features += model.get_image_features(**one).pooler_output
             features = torch.cat(features)
         else:
-            features = torch.cat(model.get_image_features(pixel_values=pixel_values).pooler_output)
+            features = torch.cat(model.get_image_features(**vision_inputs(vision)).pooler_output)
         embeds = model.get_input_embeddings()(input_ids)
         is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(is_image, features.to(embeds.dtype))
@@ -512,10 +695,12 @@ def image_embeds(model, input_ids, pixel_values, weaken=()):
 
 def packed_logps(logits, scored, n_out):
     """Summed log-probs per output slot from the kept positions' logits [N, V] (packed_batch's
-    `scored`): logit - logsumexp at the scored tokens only, no log-softmax over all positions."""
+    `scored`): logit - logsumexp at the scored tokens only, no log-softmax over all positions; in float32
+    (float64 logits stay float64)."""
     index, toks, slots = (t.to(logits.device) for t in scored)
-    picked = logits[index, toks].float() - torch.logsumexp(logits.float(), dim=-1)[index]
-    return torch.zeros(n_out, device=logits.device).index_add(0, slots, picked)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    picked = logits[index, toks] - torch.logsumexp(logits, dim=-1)[index]
+    return torch.zeros(n_out, device=logits.device, dtype=logits.dtype).index_add(0, slots, picked)
 
 
 def response_logps(net, model, inputs, scored, n_out, embeds=None):
@@ -527,7 +712,7 @@ def response_logps(net, model, inputs, scored, n_out, embeds=None):
     device = inputs["input_ids"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if embeds is None:
-            embeds = image_embeds(model, inputs["input_ids"], inputs["pixel_values"])
+            embeds = image_embeds(model, inputs["input_ids"], inputs)
         attention = {k: inputs[k] for k in ("attention_mask", "pack_masks") if k in inputs}
         logits = net(inputs_embeds=embeds, position_ids=inputs["position_ids"], logits_to_keep=inputs["logits_to_keep"],
                      use_cache=False, **attention).logits

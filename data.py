@@ -432,9 +432,15 @@ def dry_run_items(items, roots, args, fmt, bad):
     if args.model:
         processor = common.load_processor(args.model)
         tok = processor.tokenizer
-        extra = common.image_token_count(processor) - 1 if roots is not None else 0  # <image> becomes n tokens
-        prompts = [len(tok(common.chat_prompt(processor, it["prompt"], fmt, image=roots is not None)).input_ids) + extra
-                   for it in tqdm(items, desc="tokenise")]
+        fixed = None if common.is_qwen(processor) else common.image_token_count(processor) - 1
+
+        def extra(it):  # <image> becomes this many more tokens (Qwen2.5-VL: by the image's size)
+            if roots is None:
+                return 0
+            return fixed if fixed is not None else common.image_token_count(
+                processor, load_image(image_root(roots, it["source"]), it["image"]), fmt) - 1
+        prompts = [len(tok(common.chat_prompt(processor, it["prompt"], fmt, image=roots is not None)).input_ids)
+                   + extra(it) for it in tqdm(items, desc="tokenise")]
         answers = [len(tok(it["answer"], add_special_tokens=False).input_ids) + 1 for it in items]
         print_lengths("prompt tokens (image included)", prompts)
         print_lengths("ground-truth answer tokens (+EOS)", answers, args.max_new_tokens, "longer than --max_new_tokens")

@@ -120,14 +120,15 @@ def measure_pairs(pairs, roots, bad, processor, fmt, responses, max_length, deco
     rank measures its share and every rank sees every result (all_gather_object), so all drop the same
     pairs; a bad one goes to `bad` (OnError) with its file:line."""
     records, where, keys = pairs
-    image_extra = common.image_token_count(processor) - 1  # the image placeholder becomes this many more tokens
+    fixed = not common.is_qwen(processor)  # LLaVA: every image the same number of tokens; Qwen2.5-VL: its size's
+    image_extra = common.image_token_count(processor) - 1 if fixed else None  # the placeholder's extra tokens
 
     def measure(pair):
         try:
-            if decode:
-                pair_image(pair, roots)
+            image = pair_image(pair, roots) if decode or not fixed else None
             prompt_text = common.chat_prompt(processor, pair["prompt"], fmt, history=pair.get("history", ()))
-            n_prompt = len(processor.tokenizer(prompt_text).input_ids) + image_extra
+            extra = image_extra if fixed else common.image_token_count(processor, image, fmt) - 1
+            n_prompt = len(processor.tokenizer(prompt_text).input_ids) + extra
             if n_prompt >= max_length:
                 raise DataError(f"prompt with image takes {n_prompt} tokens, --max_length is {max_length}")
             return n_prompt, [len(common.response_ids(processor.tokenizer, prompt_text, pair[r])) for r in responses], None
@@ -265,7 +266,7 @@ def micro_batches(dataset, num_workers, device):
 
     def to_device(cpu):
         inputs = {k: cpu[k].to(device, non_blocking=True) for k in
-                  ("input_ids", "position_ids", "attention_mask", "logits_to_keep", "pixel_values") if k in cpu}
+                  ("input_ids", "position_ids", "attention_mask", "logits_to_keep", *common.VISION_INPUTS) if k in cpu}
         if "doc" in cpu:  # a padding-free row: its attention built on the device
             inputs.update(common.flat_attention(cpu["doc"].to(device), cpu["seg"].to(device)))
         return MicroBatch(inputs, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"],

@@ -4,6 +4,11 @@ shapes.
 
     python bench/gpu_check.py --out $OUT/gpu_check.json       # on the GPU (bf16); prints one markdown table
     .venv/bin/python bench/gpu_check.py --device cpu --tiny   # the same steps at a toy size, a few minutes on 2 cores
+    python bench/gpu_check.py --arch qwen2_5_vl ...           # the same on Qwen2.5-VL-7B's shapes
+
+--arch qwen2_5_vl: Qwen2.5-VL-7B's shapes (Qwen2 LM 3584 wide x 28 layers, MLP 18944, 28 heads / 4 KV heads,
+vocabulary 152064; its windowed ViT 1280 wide x 32 layers, 14 px patches merged 2 x 2, so a 448 x 336 image is
+192 tokens), its ChatML template at its own resolution (no square padding), the same pairs and measurements.
 
 The lent H200's image lacks TRL and datasets and has an older transformers: bench/gpu_wheels.sh fetches the
 wheels of this repo's versions into bench/.whl (here, once); the device command installs them first (see there).
@@ -59,6 +64,8 @@ sys.path.insert(0, ROOT)
 T0 = time.time()
 SEVEN_B = dict(lm_hidden=4096, lm_layers=32, lm_mlp=11008, lm_heads=32, vocab=32000,
                vision_hidden=1024, vision_layers=24, vision_heads=16)
+QWEN_SEVEN_B = dict(lm_hidden=3584, lm_layers=28, lm_mlp=18944, lm_heads=28, vocab=152064,
+                    vision_hidden=1280, vision_layers=32, vision_heads=16)
 # --tiny: every step of the check at a size a busy 2-core CPU runs in minutes (fewer image tokens too)
 TINY = dict(lm_hidden=64, lm_layers=2, lm_mlp=172, lm_heads=1, vocab=1000, vision_hidden=32, vision_layers=2,
             vision_heads=2, image_size=112, question_tokens=16, answer_tokens=32, answer_spread=4, batch_size=2,
@@ -80,6 +87,8 @@ class HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormat)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda if available")
+    p.add_argument("--arch", choices=["llava", "qwen2_5_vl"], default="llava",
+                   help="the model family whose 7B shapes are built: LLaVA-1.5 or Qwen2.5-VL")
     p.add_argument("--tiny", action="store_true",
                    help=f"a toy size for a CPU smoke test of every step: {TINY} (flags given explicitly win)")
     for k, v in SEVEN_B.items():
@@ -121,7 +130,7 @@ def parse_args(argv=None):
                         "GPU name)")
     args = p.parse_args(argv)
     preset = TINY if args.tiny else {}
-    for k, v in SEVEN_B.items():
+    for k, v in seven_b(args).items():
         if getattr(args, k) is None:
             setattr(args, k, preset.get(k, v))
     for k, v in DEFAULTS.items():
@@ -138,14 +147,18 @@ def row_names(args, trl_version="1.16.0"):
     return names + [f"paper: {PAPER_A40_NOTE}"]
 
 
+def seven_b(args):
+    return QWEN_SEVEN_B if args.arch == "qwen2_5_vl" else SEVEN_B
+
+
 def size_note(args):
-    """'' for LLaVA-1.5-7B's shapes, else what differs (fewer layers said first)."""
-    want = {**SEVEN_B, "image_size": 336}
+    """'' for the 7B's shapes (LLaVA-1.5's, or Qwen2.5-VL's), else what differs (fewer layers said first)."""
+    want, name = {**seven_b(args), "image_size": 336}, "Qwen2.5-VL-7B" if args.arch == "qwen2_5_vl" else "LLaVA-1.5-7B"
     diff = [f"{k} {getattr(args, k)} (7B: {v})" for k, v in want.items() if getattr(args, k) != v]
     if not diff:
         return ""
-    return ("NOT LLaVA-1.5-7B's size" + (f": {args.lm_layers} of its 32 language-model layers" if args.lm_layers < 32
-                                         else "") + "; " + ", ".join(diff))
+    return (f"NOT {name}'s size" + (f": {args.lm_layers} of its {want['lm_layers']} language-model layers"
+                                   if args.lm_layers < want["lm_layers"] else "") + "; " + ", ".join(diff))
 
 
 # ----------------------------------------------------------------------------- processor, pairs, model
@@ -172,6 +185,8 @@ def build_processor(args, path):
     tk.add_special_tokens([AddedToken(w, special=True) for w in specials])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>", padding_side="left", clean_up_tokenization_spaces=False)
+    if args.arch == "qwen2_5_vl":
+        return build_qwen_processor(args, path)
     side = args.image_size
     ip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
@@ -179,6 +194,29 @@ def build_processor(args, path):
                                num_additional_image_tokens=1)
     processor.save_pretrained(path)
     assert common.image_token_count(processor) == (side // 14) ** 2, common.image_token_count(processor)
+    return processor
+
+
+def build_qwen_processor(args, path):
+    """Qwen2.5-VL's processor over a word-level tokenizer of args.vocab words (its special tokens, its system
+    line's and roles' words, then filler words), the toy world's ChatML template, its image processor (14 px
+    patches merged 2 x 2, pixels bounded so an image of args.image_size px height keeps its size)."""
+    from importlib import util
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    import common
+    spec = util.spec_from_file_location("make_toy", os.path.join(ROOT, "00_make_toy.py"))
+    toy = util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    known = toy.words(toy.QWEN_SYSTEM + " system user assistant")
+    words = list(dict.fromkeys(toy.QWEN_SPECIALS + known))
+    words += [f"w{i}" for i in range(args.vocab - len(words))]
+    tok = toy.word_tokenizer(words, toy.QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    side = args.image_size
+    ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56,
+                                  max_pixels=side * side * 4 // 3)
+    processor = common.qwen_processor(tok, ip, toy.QWEN_TEMPLATE)
+    common.save_processor(processor, path)
     return processor
 
 
@@ -212,6 +250,27 @@ def build_model(args, processor, device, path):
     import torch
     from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
     tok = processor.tokenizer
+    if args.arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        import common
+        vision = dict(depth=args.vision_layers, hidden_size=args.vision_hidden, intermediate_size=3420 *
+                      args.vision_hidden // 1280, num_heads=args.vision_heads, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=112, out_hidden_size=args.lm_hidden,
+                      fullatt_block_indexes=[k for k in (7, 15, 23, 31) if k < args.vision_layers] or
+                      [args.vision_layers - 1])
+        text = dict(vocab_size=args.vocab, hidden_size=args.lm_hidden, intermediate_size=args.lm_mlp,
+                    num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_heads,
+                    num_key_value_heads=max(1, args.lm_heads // 7), max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                     "mrope_section": common.qwen_mrope_section(args.lm_hidden // args.lm_heads)},
+                    bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text,
+                               image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+        return finish_model(args, cfg, tok, device, path)
     vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                               num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads,
                               image_size=args.image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
@@ -223,6 +282,13 @@ def build_model(args, processor, device, path):
                       image_seq_length=(args.image_size // 14) ** 2, vision_feature_layer=-2,
                       vision_feature_select_strategy="default",
                       projector_hidden_act="gelu")
+    return finish_model(args, cfg, tok, device, path)
+
+
+def finish_model(args, cfg, tok, device, path):
+    """The model of cfg with random weights in the device's dtype (bf16 on CUDA, fp32 on CPU), built on it."""
+    import torch
+    from transformers import AutoModelForImageTextToText
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -236,6 +302,11 @@ def build_model(args, processor, device, path):
 
 
 # ----------------------------------------------------------------------------- measuring
+
+
+def fmt_of(args):
+    import common
+    return common.family_format(args.arch)
 
 
 def sync(device):
@@ -337,7 +408,7 @@ def measure_ours(args, side, checkpointing, model, device, common_flags, scratch
 
 def measure_trl(args, checkpointing, model, processor, pairs, order, image_root, targets, scratch, device):
     import trl_side
-    rows = trl_side.rows_in_order(pairs, order, image_root, processor)
+    rows = trl_side.rows_in_order(pairs, order, image_root, processor, fmt_of(args))
     config = trl_side.dpo_config(os.path.join(scratch, f"trl_{checkpointing}"), args.warmup + args.steps,
                                  args.batch_size, args.lr, args.beta, args.seed, checkpointing == "on")
     memory_reset(device)
@@ -372,7 +443,7 @@ def measure_generation(args, model, processor, pairs, image_root, device, batch_
 
     def answer(max_new_tokens):
         with common.weaken_images(model, args.noise_step, "features", generator):
-            return common.generate(model, processor, images, [it["prompt"] for it in items],
+            return common.generate(model, processor, images, [it["prompt"] for it in items], fmt_of(args),
                                    max_new_tokens=max_new_tokens, do_sample=True)
 
     model.eval()
@@ -423,10 +494,11 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{gpu}; torch {version('torch')}, transformers {version('transformers')}, peft {version('peft')}, "
           f"trl {trl_version}; {'bf16' if device.type == 'cuda' else 'fp32'}", flush=True)
-    shape = (f"LM {args.lm_hidden} x {args.lm_layers} layers (MLP {args.lm_mlp}, {args.lm_heads} heads, vocabulary "
-             f"{args.vocab}), vision {args.vision_hidden} x {args.vision_layers} layers at {args.image_size} px / "
-             f"14 px "
-             f"({(args.image_size // 14) ** 2} tokens)")
+    image_tokens = (args.image_size // 14) ** 2 if args.arch == "llava" else \
+        (args.image_size * 4 // 3 // 28) * (args.image_size // 28)  # Qwen2.5-VL: the 4:3 image at its own size
+    shape = (f"{args.arch}: LM {args.lm_hidden} x {args.lm_layers} layers (MLP {args.lm_mlp}, {args.lm_heads} heads, "
+             f"vocabulary {args.vocab}), vision {args.vision_hidden} x {args.vision_layers} layers at {args.image_size} "
+             f"px / 14 px ({image_tokens} tokens)")
     note = size_note(args)
     if note:
         print(f"NOTE: {note}", flush=True)
@@ -436,7 +508,9 @@ def main(argv=None):
     processor = build_processor(args, model_dir)
     n_pairs = (args.warmup + args.steps) * args.batch_size
     pairs_path, image_root, pairs = build_pairs(args, processor, n_pairs, work)
-    P, R = limits.pair_lengths(processor, pairs)
+    import data
+    P, R = limits.pair_lengths(processor, pairs, fmt_of(args),
+                               {p["image"]: data.load_image(image_root, p["image"]) for p in pairs})
     t = time.time()
     model = build_model(args, processor, device, model_dir)
     sync(device)

@@ -70,14 +70,17 @@ def full_run_hours(samples_per_s, pairs=PAPER_PAIRS, epochs=PAPER_EPOCHS, gpus=P
     return pairs * epochs / (samples_per_s * gpus) / 3600
 
 
-def pair_lengths(processor, pairs):
+def pair_lengths(processor, pairs, fmt=None, images=None):
     """(P, R): mean prefix tokens (BOS, system line, the image's tokens, question) and mean answer tokens
-    (chosen and rejected, EOS included) of these pairs, as 03 counts them."""
+    (chosen and rejected, EOS included) of these pairs, as 03 counts them (images: {name: PIL image}, for
+    Qwen2.5-VL, whose image tokens depend on the image's size)."""
     import common
-    extra = common.image_token_count(processor) - 1
+    fmt = fmt or common.LLAVA_15
+    fixed = None if common.is_qwen(processor) else common.image_token_count(processor) - 1
     prefix, answers = [], []
     for pair in pairs:
-        text = common.chat_prompt(processor, pair["prompt"])
+        text = common.chat_prompt(processor, pair["prompt"], fmt)
+        extra = fixed if fixed is not None else common.image_token_count(processor, images[pair["image"]], fmt) - 1
         prefix.append(len(processor.tokenizer(text).input_ids) + extra)
         answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
     return sum(prefix) / len(prefix), sum(answers) / len(answers)

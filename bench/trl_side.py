@@ -21,19 +21,22 @@ import data  # noqa: E402  (the image loader only: TRL does all the rest)
 import dist_io  # noqa: E402  (the pairs reader)
 
 
-def rows_in_order(pairs, order, image_root, processor):
+def rows_in_order(pairs, order, image_root, processor, fmt=common.LLAVA_15):
     """TRL's standard (non-conversational) format with the prompt already written, in 03's pair order: the
-    same text 03 trains on (LLaVA-1.5's Vicuna-v1 conversation, common.chat_prompt with common.LLAVA_15)
-    and the same pixels (each image padded to a square as 03 does, so the processor sees the same image).
+    same text 03 trains on (common.chat_prompt in the model's input format fmt: LLaVA-1.5's Vicuna-v1, or
+    Qwen2.5-VL's template) and the same pixels (each image padded to a square where fmt pads, as 03 does).
     TRL's collator tokenises the prompt and each response separately with add_special_tokens=False (no BOS)
     and adds no EOS for image data: EOS is appended here, so both sides score the response and EOS."""
     eos = processor.tokenizer.eos_token
     rows = []
     for i in order:
         pair = pairs[i]
-        image = common.pad_square(data.load_image(image_root, pair["image"]), processor)
-        rows.append({"images": [image], "prompt": common.chat_prompt(processor, pair["prompt"], common.LLAVA_15),
-                     "chosen": " " + pair["chosen"] + eos, "rejected": " " + pair["rejected"] + eos})
+        image = data.load_image(image_root, pair["image"])
+        image = common.pad_square(image, processor) if fmt.pad_square else image
+        prompt = common.chat_prompt(processor, pair["prompt"], fmt)
+        sep = "" if prompt[-1:].isspace() else " "  # as common.response_ids joins them
+        rows.append({"images": [image], "prompt": prompt,
+                     "chosen": sep + pair["chosen"] + eos, "rejected": sep + pair["rejected"] + eos})
     return rows
 
 
@@ -97,7 +100,7 @@ def trainer_for(model, processor, rows, config, lora_r, lora_alpha, lora_targets
     return trainer, clock
 
 
-def token_check(trainer, processor, pairs, order, image_root, batch_size):
+def token_check(trainer, processor, pairs, order, image_root, batch_size, fmt=common.LLAVA_15):
     """Step 1's sequences as TRL's collator builds them against 03's (common.build_sequences, the pairs'
     images padded as 03 pads them): {"sequences": n, "equal_less_bos": n equal to 03's without its BOS,
     "first_difference": a description or None}."""
@@ -108,7 +111,7 @@ def token_check(trainer, processor, pairs, order, image_root, batch_size):
     for k, i in enumerate(order[:batch_size]):
         pair = pairs[i]
         _, seqs, _ = common.build_sequences(processor, data.load_image(image_root, pair["image"]), pair["prompt"],
-                                            [pair["chosen"], pair["rejected"]], 10**6, common.LLAVA_15)
+                                            [pair["chosen"], pair["rejected"]], 10**6, fmt)
         for j, (ours, _labels) in enumerate(seqs):  # TRL's rows: [chosen x batch, rejected x batch]
             row = j * batch_size + k
             theirs = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()

@@ -81,7 +81,7 @@ def object_logps(step, gen):
         pixels, seqs, where, ids_pair = [], [], [], []
         for i, prefix, t, pw in batch:
             pv, (s,), _ = common.build_sequences(processor, probe_images[i], probe_prompts[i], [prefix + " " + t], 4096)
-            pixels.append(pv)
+            pixels.append(pv["pixel_values"])
             seqs.append(s)
             where.append(len(s[0]) - 3)  # predicts the noun (the sequence ends noun, EOS)
             ids_pair.append((tok.convert_tokens_to_ids(t), tok.convert_tokens_to_ids(pw)))

@@ -27,7 +27,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
     for item in items:  # fixturenames holds every fixture a test needs, directly or through another one
-        if "toy" in item.fixturenames:
+        arch = getattr(item, "callspec", None) and item.callspec.params.get("arch")
+        if {"toy", "qwen_toy"} & set(item.fixturenames) or arch:
             item.add_marker(pytest.mark.toy)
 
 
@@ -150,3 +151,40 @@ def toy_model(toy):
     import torch
     torch.manual_seed(0)
     return common.load_model(str(toy / "model"))
+
+
+@pytest.fixture(scope="session")
+def qwen_toy(tmp_path_factory):
+    """The quick toy world with a tiny Qwen2.5-VL (00_make_toy.py --arch qwen2_5_vl --quick); BPO_TEST_QWEN_TOY=DIR
+    reuses one."""
+    from pathlib import Path
+    reuse = os.environ.get("BPO_TEST_QWEN_TOY")
+    if reuse and os.path.exists(os.path.join(reuse, "prior_check.json")):
+        return Path(reuse)
+    out = tmp_path_factory.mktemp("qwen_toy")
+    run_script("00_make_toy.py", "--out", out, "--quick", "--seed", 0, "--arch", "qwen2_5_vl")
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_model(qwen_toy):
+    import common
+    import torch
+    torch.manual_seed(0)
+    return common.load_model(str(qwen_toy / "model"))
+
+
+def arch_world(request, arch):
+    """(toy world folder, (model, processor)) of a family, for tests parametrized over `arch`."""
+    if arch == "llava":
+        return request.getfixturevalue("toy"), request.getfixturevalue("toy_model")
+    return request.getfixturevalue("qwen_toy"), request.getfixturevalue("qwen_model")
+
+
+def plain_inputs(model, input_ids, vision, attention_mask=None):
+    """The model's own inputs for a plain forward of token ids with their images (Qwen2.5-VL's also say which
+    tokens are the image's, for its multimodal positions)."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **vision)
+    if "image_grid_thw" in vision:
+        inputs["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+    return inputs

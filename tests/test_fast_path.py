@@ -10,6 +10,7 @@ from peft import LoraConfig
 
 import common
 import data
+from conftest import plain_inputs
 
 I = common.IGNORE
 
@@ -18,8 +19,8 @@ def test_packed_batch_by_hand():
     # pair 0: prompt [1 2 3], responses [4 5] and [6]; pair 1: prompt [7 8], responses [9] and [10 11]
     packs = [common.pack_responses([([1, 2, 3, 4, 5], [I, I, I, 4, 5]), ([1, 2, 3, 6], [I, I, I, 6])]),
              common.pack_responses([([7, 8, 9], [I, I, 9]), ([7, 8, 10, 11], [I, I, 10, 11])])]
-    assert packs[0][:3] == ([1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 3], [0, 0, 0, 1, 1, 2])
-    assert packs[1][:3] == ([7, 8, 9, 10, 11], [0, 1, 2, 2, 3], [0, 0, 1, 2, 2])
+    assert packs[0][:3] == ([1, 2, 3, 4, 5, 6], [[0, 1, 2, 3, 4, 3]], [0, 0, 0, 1, 1, 2])
+    assert packs[1][:3] == ([7, 8, 9, 10, 11], [[0, 1, 2, 2, 3]], [0, 0, 1, 2, 2])
     input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, pad_id=0)
     assert input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
     assert position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 2, 3, 0]]
@@ -55,8 +56,7 @@ def test_flat_batch_by_hand():
     assert torch.allclose(common.packed_logps(logits, scored, 4), torch.stack(want).float(), atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def lora_model(toy):
+def lora_model(toy, arch="llava", dtype=torch.float32):
     """The toy model with LoRA on the language model, B initialised away from zero so the adapter
     changes the outputs and every LoRA weight gets a gradient."""
     model, processor = common.load_model(str(toy / "model"))
@@ -65,81 +65,105 @@ def lora_model(toy):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    return model, processor
+    return model.to(dtype), processor
 
 
-def _pairs(toy, processor, n=3):
+def _pairs(toy, processor, arch, n=3):
     """n real toy images and questions, each with a chosen answer and a shorter rejected one of
     varying length, so prompts, responses and padding differ across the batch."""
     recs = json.load(open(toy / "train.json"))[:n]
-    pixels, seqs = [], []
+    visions, seqs = [], []
     for i, rec in enumerate(recs):
         image = data.load_image(str(toy / "images"), rec["image"])
         answer = rec["conversations"][1]["value"]
         question = rec["conversations"][0]["value"].replace("<image>\n", "") + " please" * i
-        pv, pair_seqs, _ = common.build_sequences(processor, image, question,
-                                                  [answer, " ".join(answer.split()[:2 + 2 * i])], 512)
-        pixels.append(pv)
+        vision, pair_seqs, _ = common.build_sequences(processor, image, question,
+                                                      [answer, " ".join(answer.split()[:2 + 2 * i])], 512,
+                                                      common.family_format(arch))
+        visions.append(vision)
         seqs.append(pair_seqs)
-    return torch.cat(pixels), seqs
+    return visions, seqs
 
 
-def _plain_logps(model, processor, pixels, seqs):
+def _plain_logps(model, processor, visions, seqs):
     """Independent path: each response its own padded sequence, pixel values through the full
-    model, a full log-softmax over every position, labels shifted by one."""
+    model (its own positions: Qwen2.5-VL's from its get_rope_index), a full log-softmax over every
+    position, labels shifted by one."""
     flat = [s[0] for s in seqs] + [s[1] for s in seqs]
     input_ids, mask, labels = common.pad_batch(flat, processor.tokenizer.pad_token_id)
-    logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat([pixels, pixels])).logits
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    vision = common.cat_images(visions + visions)
+    vision["pixel_values"] = vision["pixel_values"].to(model.dtype)
+    logits = model(**plain_inputs(model, input_ids, vision, mask)).logits
+    logprobs = F.log_softmax(logits[:, :-1].double(), dim=-1)
     target = labels[:, 1:]
     scored = target != I
     picked = logprobs.gather(2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * scored).sum(-1)
 
 
-def _packed_logps(model, processor, pixels, seqs):
-    packs = [common.pack_responses(s) for s in seqs]
-    input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id)
-    embeds = common.image_embeds(model, input_ids, pixels)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
-    return common.packed_logps(logits, scored, 2 * len(seqs))
+def _packs(processor, visions, seqs):
+    return [common.pack_responses(s, common.prompt_positions(processor, s[0][0][:s[0][1].count(I)], v))
+            for v, s in zip(visions, seqs)]
 
 
-def _flat_logps(model, processor, pixels, seqs):
+def _embeds(model, input_ids, visions):
+    vision = common.cat_images(visions)
+    return common.image_embeds(model, input_ids, {**vision, "pixel_values": vision["pixel_values"].to(model.dtype)})
+
+
+def _packed_logps(model, processor, visions, seqs):
+    input_ids, position_ids, mask, keep, scored = common.packed_batch(_packs(processor, visions, seqs),
+                                                                      processor.tokenizer.pad_token_id, model.dtype)
+    logits = model(inputs_embeds=_embeds(model, input_ids, visions), attention_mask=mask, position_ids=position_ids,
+                   logits_to_keep=keep).logits
+    return common.packed_logps(logits.double(), scored, 2 * len(seqs)).double()
+
+
+def _flat_logps(model, processor, visions, seqs):
     """The padding-free path: one row, each pack's attention its own (CPU: FlexAttention has no backward here)."""
-    input_ids, position_ids, doc, seg, keep, scored = common.flat_batch([common.pack_responses(s) for s in seqs])
-    embeds = common.image_embeds(model, input_ids, pixels)
+    input_ids, position_ids, doc, seg, keep, scored = common.flat_batch(_packs(processor, visions, seqs))
     common.use_packed_attention(model)
     try:
-        logits = model(inputs_embeds=embeds, position_ids=position_ids, logits_to_keep=keep,
-                       **common.flat_attention(doc, seg)).logits
+        logits = model(inputs_embeds=_embeds(model, input_ids, visions), position_ids=position_ids,
+                       logits_to_keep=keep, **common.flat_attention(doc, seg)).logits
     finally:
         common.use_packed_attention(model, on=False)
-    return common.packed_logps(logits, scored, 2 * len(seqs))
+    return common.packed_logps(logits.double(), scored, 2 * len(seqs)).double()
 
 
-@pytest.mark.parametrize("fast_path", [_packed_logps, _flat_logps], ids=["padded", "flat"])
-def test_packed_logps_and_lora_grads_equal_plain_forward(toy, lora_model, fast_path):
-    model, processor = lora_model
-    pixels, seqs = _pairs(toy, processor)
-    weights = torch.randn(2 * len(seqs))  # a random linear loss, so every log-prob's gradient counts
+@pytest.mark.parametrize("fast_path,arch,dtype", [
+    (_packed_logps, "llava", torch.float32), (_flat_logps, "llava", torch.float32),
+    (_packed_logps, "qwen2_5_vl", torch.float32), (_flat_logps, "qwen2_5_vl", torch.float32),
+    (_packed_logps, "qwen2_5_vl", torch.float64)], ids=["llava-padded", "llava-flat", "qwen-padded", "qwen-flat",
+                                                         "qwen-padded-float64"])
+def test_packed_logps_and_lora_grads_equal_plain_forward(fast_path, arch, dtype, request):
+    """Packed log-probs (the prefix once, each response continuing its positions; Qwen2.5-VL's multimodal
+    rotary positions from common.mrope_positions) and their LoRA gradients = the model's own plain forward of
+    each [prefix, response]; in float64 to rounding."""
+    model, processor = lora_model(request.getfixturevalue("toy" if arch == "llava" else "qwen_toy"), arch, dtype)
+    visions, seqs = _pairs(request.getfixturevalue("toy" if arch == "llava" else "qwen_toy"), processor, arch)
+    weights = torch.randn(2 * len(seqs), dtype=torch.float64)  # a random linear loss: every log-prob's gradient counts
     results = []
     for path in (_plain_logps, fast_path):
         model.zero_grad()
-        logps = path(model, processor, pixels, seqs)
+        logps = path(model, processor, visions, seqs)
         (weights * logps).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad(), model.disable_adapter():
-            ref = path(model, processor, pixels, seqs)
+            ref = path(model, processor, visions, seqs)
         results.append((logps.detach(), ref, grads))
     (plain, plain_ref, plain_grads), (fast, fast_ref, fast_grads) = results
-    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-4), (fast, plain)  # fp32: summed log-probs ~ -10..-100
-    assert torch.allclose(fast_ref, plain_ref, rtol=1e-5, atol=1e-4)
+    # fp32: summed log-probs ~ -10..-100; float64 to 1e-10 (the RMSNorms compute in float32)
+    rtol, atol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-9)
+    assert torch.allclose(fast, plain, rtol=rtol, atol=atol), (fast, plain)
+    assert torch.allclose(fast_ref, plain_ref, rtol=rtol, atol=atol)
     assert not torch.allclose(plain, plain_ref, atol=1e-2)  # the adapter matters, so the grads are informative
     assert len(plain_grads) > 0 and plain_grads.keys() == fast_grads.keys()
+    assert all(".language_model." in n for n in plain_grads)  # LoRA on the LM only
     for name, g in plain_grads.items():
         assert g.abs().sum() > 0, name
-        assert torch.allclose(fast_grads[name], g, rtol=1e-3, atol=1e-6), name
+        if dtype == torch.float32:  # float64's gradients carry the float32 RMSNorms' last-bit flips, amplified
+            assert torch.allclose(fast_grads[name], g, rtol=1e-3, atol=1e-6), name
 
 
 def test_block_mask_and_pack_masks_are_the_same_attention():

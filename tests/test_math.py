@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import common
 import data
+from conftest import arch_world
 
 LLAMA_TOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "llama2-tokenizer")
 
@@ -77,17 +78,17 @@ def test_packed_logps_equal_model_token_loss(toy, toy_model):
     model, processor = toy_model
     image = data.load_image(toy / "images", sorted(os.listdir(toy / "images"))[0])
     words = [w for w in processor.tokenizer.get_vocab() if w.isalpha()][:5]
-    pixel_values, seqs, cut = common.build_sequences(processor, image, "Describe the image in detail.",
+    vision, seqs, cut = common.build_sequences(processor, image, "Describe the image in detail.",
                                                      [" ".join(words), words[0]], max_length=512)
     input_ids, mask, labels = common.pad_batch(seqs, processor.tokenizer.pad_token_id)
     with torch.no_grad():
         ids, position_ids, packed_mask, keep, scored = common.packed_batch([common.pack_responses(seqs)],
                                                                            processor.tokenizer.pad_token_id)
-        logits = model(inputs_embeds=common.image_embeds(model, ids, pixel_values), attention_mask=packed_mask,
+        logits = model(inputs_embeds=common.image_embeds(model, ids, vision), attention_mask=packed_mask,
                        position_ids=position_ids, logits_to_keep=keep).logits
         ours = common.packed_logps(logits, scored, 2)
         for i in range(2):
-            out = model(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], pixel_values=pixel_values,
+            out = model(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], **vision,
                         labels=labels[i:i + 1])
             n = (labels[i, 1:] != common.IGNORE).sum()
             assert ours[i].item() == pytest.approx(-(out.loss * n).item(), rel=1e-4)
@@ -157,23 +158,26 @@ def test_contrastive_logits_by_hand():
     assert ((p >= 0.2 * p.max()) == torch.isfinite(got)).all()  # the cut is on probabilities, as VCD's
 
 
-def test_contrastive_sampling_first_step_and_cache(toy, toy_model):
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_contrastive_sampling_first_step_and_cache(arch, request):
     """generate_contrastive's first token at a near-zero temperature is the argmax of contrastive_logits over a
-    plain forward of the clean and of the weakened image; its cached decoding equals greedy generate at alpha 0."""
-    model, processor = toy_model
+    plain forward of the clean and of the weakened image; its cached decoding equals greedy generate at alpha 0
+    (Qwen2.5-VL: its branches on the model's own multimodal positions)."""
+    toy, (model, processor) = arch_world(request, arch)
+    fmt = common.family_format(arch)
     recs = json.load(open(toy / "train.json"))[:2]
     images = [data.load_image(toy / "images", r["image"]) for r in recs]
     prompts = ["Describe the image in detail."] * 2
-    enc = common.encode(processor, [common.chat_prompt(processor, p) for p in prompts], images, common.LLAVA_15)
+    enc = common.encode(processor, [common.chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
     with torch.no_grad():
         clean = model(**enc).logits[:, -1]
         with common.weaken_images(model, 900, "pixels", torch.Generator().manual_seed(5)):
             weak = model(**enc).logits[:, -1]
     want = common.contrastive_logits(clean, weak, 1.0, 0.2).argmax(-1)
-    texts = common.generate_contrastive(model, processor, images, prompts, common.LLAVA_15,
+    texts = common.generate_contrastive(model, processor, images, prompts, fmt,
                                         (900, "pixels", torch.Generator().manual_seed(5)), 1.0, 0.2,
                                         temperature=1e-6, max_new_tokens=1)
-    assert texts == [processor.tokenizer.decode([t]).strip() for t in want.tolist()]
-    plain = common.generate(model, processor, images, prompts, max_new_tokens=20)
-    assert common.generate_contrastive(model, processor, images, prompts, common.LLAVA_15, (0, "features", None),
+    assert texts == [processor.tokenizer.decode([t], skip_special_tokens=True).strip() for t in want.tolist()]
+    plain = common.generate(model, processor, images, prompts, fmt, max_new_tokens=20)
+    assert common.generate_contrastive(model, processor, images, prompts, fmt, (0, "features", None),
                                        0.0, 1e-9, temperature=1e-6, max_new_tokens=20) == plain

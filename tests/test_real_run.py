@@ -191,8 +191,8 @@ def test_sft_loss_is_the_token_mean_over_the_micro_batch(toy, toy_model, two_sou
     with torch.no_grad():
         for pair in dist_io.read_jsonl(files["coco"]):
             image = data.load_image(base / "coco", pair["image"])
-            pv, ((ids, labels),), _ = common.build_sequences(processor, image, pair["prompt"], [pair["chosen"]], 2048)
-            out = model(input_ids=torch.tensor([ids]), pixel_values=pv, labels=torch.tensor([labels]))
+            vision, ((ids, labels),), _ = common.build_sequences(processor, image, pair["prompt"], [pair["chosen"]], 2048)
+            out = model(input_ids=torch.tensor([ids]), **vision, labels=torch.tensor([labels]))
             n = sum(1 for x in labels if x != common.IGNORE)
             nll, tokens = nll + out.loss.item() * n, tokens + n
             per_answer.append(out.loss.item())

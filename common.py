@@ -98,22 +98,21 @@ def save_processor(processor, folder):
 
 
 def model_family(name):
-    """QWEN_VL or "llava", from the checkpoint's config (a local folder's config.json, else transformers' cache
-    or hub); "llava" when there is no model to read."""
+    """QWEN_VL or "llava", from the checkpoint's config.json: a local folder's, else the one in the hub cache;
+    a hub id not downloaded yet by its name (nothing is fetched: the flags' defaults are settled before any
+    model loads, and scripts that stop on bad input never load one); "llava" when there is no model."""
     import json
     import os
     if not name:
         return "llava"
-    if os.path.isfile(os.path.join(name, "config.json")):
-        with open(os.path.join(name, "config.json")) as f:
-            model_type = json.load(f).get("model_type")
-    else:
-        from transformers import AutoConfig
-        try:
-            model_type = AutoConfig.from_pretrained(name).model_type
-        except OSError:  # not reachable here: the loader says so when it tries
-            return "llava"
-    return QWEN_VL if model_type == QWEN_VL else "llava"
+    path = os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        from huggingface_hub import try_to_load_from_cache
+        path = try_to_load_from_cache(name, "config.json") if name.count("/") == 1 else None
+    if isinstance(path, str) and os.path.isfile(path):
+        with open(path) as f:
+            return QWEN_VL if json.load(f).get("model_type") == QWEN_VL else "llava"
+    return QWEN_VL if "qwen2.5-vl" in name.lower() else "llava"
 
 
 def qwen_processor_without_video(name):

@@ -38,7 +38,7 @@ def test_packed_batch_by_hand():
     ls = F.log_softmax(logits, -1)
     want = [ls[0, 4] + ls[1, 5], ls[2, 9], ls[0, 6], ls[2, 10] + ls[3, 11]]
     got = common.packed_logps(logits, scored, 4)
-    assert torch.allclose(got, torch.stack(want).float(), atol=1e-6)
+    assert torch.allclose(got, torch.stack(want), atol=1e-6)  # float64 logits stay float64
 
 
 def test_flat_batch_by_hand():
@@ -53,7 +53,7 @@ def test_flat_batch_by_hand():
     logits = torch.randn(4, 12, dtype=torch.float64)
     ls = F.log_softmax(logits, -1)
     want = [ls[0, 4] + ls[1, 5], ls[2, 9], ls[0, 6], ls[2, 10] + ls[3, 11]]
-    assert torch.allclose(common.packed_logps(logits, scored, 4), torch.stack(want).float(), atol=1e-6)
+    assert torch.allclose(common.packed_logps(logits, scored, 4), torch.stack(want), atol=1e-6)
 
 
 def lora_model(toy, arch="llava", dtype=torch.float32):

@@ -94,6 +94,9 @@ def test_format_defaults_follow_the_family(qwen_toy, toy):
     assert common.input_format(ns(toy / "model")) == common.LLAVA_15
     assert common.input_format(argparse.Namespace(model=str(qwen_toy / "model"), chat_format=None,
                                                   pad_square=True)) == ("template", True)
+    # a hub id not in the cache: read off its name, nothing fetched (an error test must not wait on the network)
+    assert common.model_family("Qwen/Qwen2.5-VL-7B-Instruct") == common.QWEN_VL
+    assert common.model_family("llava-hf/llava-1.5-7b-hf") == "llava"
 
 
 @pytest.fixture(scope="module")

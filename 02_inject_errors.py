@@ -237,6 +237,7 @@ def hf_backend(args, prompt, device):
     tok = processor.tokenizer
     eos = model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos])
+    fmt = common.input_format(args)
     meta = {"backend": "hf", "model": args.model, "temperature": args.temperature, "top_p": args.top_p,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt_file or "built-in"}
 
@@ -244,7 +245,7 @@ def hf_backend(args, prompt, device):
     def rewrites(batch, k):
         for i in range(0, len(batch), args.batch_size):
             chunk = batch[i:i + args.batch_size]
-            texts = [common.chat_prompt(processor, prompt.fill(it), common.input_format(args), image=False) for it in chunk]
+            texts = [common.chat_prompt(processor, prompt.fill(it), fmt, image=False) for it in chunk]
             enc = tok(texts, return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                                  top_p=args.top_p, pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]

@@ -6,7 +6,7 @@ Flags and formulas: docs/training.md; resuming and failures: docs/failures.md.""
 import argparse
 import contextlib
 import functools
-import math
+import itertools
 import os
 import sys
 import time
@@ -16,6 +16,7 @@ from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import attention
 import common
 import data
 import dist_io
@@ -78,48 +79,48 @@ def parse_args(argv=None):
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: far less memory")
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
-                   help="the pairs of a micro-batch in one row, no padding: FlexAttention with a block mask on CUDA, "
-                        "one attention per pair elsewhere (--no-padding_free: right-padded rows, a dense mask)")
+                   help="the pairs of a micro-batch in one row, no padding, its attention by --attention "
+                        "(--no-padding_free: right-padded rows, a dense mask)")
+    p.add_argument("--attention", choices=attention.KERNELS, default="auto",
+                   help="the padding-free row's attention: flex (FlexAttention with a block mask, compiled), per_pair "
+                        "(one SDPA per pair, any device), auto (flex where the device can compile and run its backward "
+                        "at the model's head size, else per_pair; said in one line and in run.json). A flex that fails "
+                        "at its first call falls back to per_pair with a warning")
     p.add_argument("--num_workers", type=int, default=4 if torch.cuda.is_available() else 0,
                    help="processes preparing the next micro-batches (0: in the training process)")
     return p.parse_args(argv)
 
 
-def cosine_lr(step, warmup, total):
-    """LR multiplier: linear warmup to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def chosen_given_weakened(net, model, weak, keys, pairs, args):
+def chosen_given_weakened(net, model, weak, keys, pairs, args, kernel):
     """The conditional term's second input: summed log-probs of the chosen answers given the weakened
     image (a forward of its own: the prefix differs, so it cannot share the packed sequence), and the
     embeddings it ran on (the reference reuses them)."""
     weaken = [common.pair_weakening(keys[i], pairs[i].get("meta"), args.noise_step, args.noise_on) for i in weak.indices]
     embeds = common.image_embeds(model, weak.inputs["input_ids"], weak.inputs, weaken)
-    return common.response_logps(net, model, weak.inputs, weak.scored, len(weak.indices), embeds)[0], embeds
+    inputs = kernel.inputs(weak.inputs)
+    return common.response_logps(net, model, inputs, weak.scored, len(weak.indices), embeds)[0], embeds
 
 
-def reference_logps(model, batch, fields, ref_cache, keys, embeds):
+def reference_logps(model, batch, inputs, fields, ref_cache, keys, embeds):
     """Reference log-probs [fields[0] of each pair..., fields[1] of each pair...]: from the cache, or a
     forward with the adapter disabled on the same inputs (--no-precompute_ref, TRL's way)."""
     if ref_cache is not None:
         return torch.tensor([ref_cache[keys[i]][f] for f in fields for i in batch.indices], device=embeds.device)
     with torch.no_grad(), model.disable_adapter():
-        return common.response_logps(model, model, batch.inputs, batch.scored, len(fields) * len(batch.indices),
-                                     embeds)[0]
+        return common.response_logps(model, model, inputs, batch.scored, len(fields) * len(batch.indices), embeds)[0]
 
 
-def batch_loss(net, model, item, responses, ref_cache, keys, pairs, args):
+def batch_loss(net, model, item, responses, ref_cache, keys, pairs, args, kernel):
     """(loss, metrics) of one micro-batch: the policy forward, the reference, common.preference_loss."""
     batch, weak = item["main"], None
     if args.conditional_weight:  # first, through the plain model: DDP's forward comes last, once a micro-step
-        policy_weak, weak_embeds = chosen_given_weakened(model, model, item["weak"], keys, pairs, args)
-        weak = (policy_weak, reference_logps(model, item["weak"], ("chosen_weak",), ref_cache, keys, weak_embeds),
-                item["weak"].n_tokens)
-    policy, embeds = common.response_logps(net, model, batch.inputs, batch.scored, len(responses) * len(batch.indices))
-    reference = None if args.loss == "sft" else reference_logps(model, batch, responses, ref_cache, keys, embeds)
+        policy_weak, weak_embeds = chosen_given_weakened(model, model, item["weak"], keys, pairs, args, kernel)
+        weak = (policy_weak, reference_logps(model, item["weak"], kernel.inputs(item["weak"].inputs), ("chosen_weak",),
+                                             ref_cache, keys, weak_embeds), item["weak"].n_tokens)
+    inputs = kernel.inputs(batch.inputs)  # the attention made once, for the policy's and the reference's forward
+    policy, embeds = common.response_logps(net, model, inputs, batch.scored, len(responses) * len(batch.indices))
+    reference = None if args.loss == "sft" else reference_logps(model, batch, inputs, responses, ref_cache, keys,
+                                                                embeds)
     return common.preference_loss(policy, reference, batch.n_tokens, loss=args.loss, beta=args.beta,
                                   length_normalize=args.length_normalize, sft_weight=args.sft_weight,
                                   conditional_weight=args.conditional_weight, anchor_weight=args.anchor_weight,
@@ -144,7 +145,8 @@ def train(args):
     responses = ("chosen",) if args.loss == "sft" else ("chosen", "rejected")
     missing = [d for d in args.data if not os.path.isfile(d)]  # every node needs the pairs (and the images)
     dist_io.agree(not missing, f"--data {missing[0]}: no such file" if missing else "")
-    settings = runs.run_settings(args, per_step, fmt)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what load_model loads (bf16 autocast on CUDA)
+    settings = runs.run_settings(args, per_step, fmt, roots, dtype)
     run, earlier = runs.open_run(args.output_dir, settings, args.resume, args.overwrite, args.dry_run)
 
     # ---- data: every pair validated and measured up front, so a bad one fails (or is skipped) before hours of training
@@ -163,6 +165,12 @@ def train(args):
         sys.exit(f"error: {len(pairs.records)} pairs is less than one step ({per_step} = batch_size x processes x "
                  "grad_accum)")
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    # the padding-free row's attention kernel, from what this device can run (said here, in run.json and the dry run)
+    from transformers import AutoConfig
+    kernel = attention.choose(args.attention, device, AutoConfig.from_pretrained(args.model).get_text_config()) \
+        if args.padding_free else attention.Kernel("padded", "--no-padding_free: right-padded rows, a dense mask")
+    if is_main:
+        print(kernel.describe())
     if args.dry_run:
         if is_main:
             runs.print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step)
@@ -170,34 +178,35 @@ def train(args):
     if args.resume and run["finished_step"] is not None and run["finished_step"] >= total_steps:
         if is_main:
             print(f"nothing to do: the run in {args.output_dir} finished at step {run['finished_step']} of "
-                  f"{total_steps} (a larger --max_steps or --epochs continues it); its adapter is in "
-                  f"{args.output_dir}/adapter")
+                  f"{total_steps}; its adapter is in {args.output_dir}/adapter")
         return
+    ckpts = runs.checkpoints(args.output_dir) if args.resume else []
+    step = runs.checkpoint_step(ckpts[-1]) if ckpts else 0  # where this run starts
+    run["schedule"] = runs.plan_schedule(run["schedule"], step, total_steps, args.warmup_ratio)
+    run["attention"] = kernel.describe()
     dist_io.barrier()  # every rank has looked at the folder before rank 0 clears it and marks the run as begun
     runs.check_shared_output_dir(args.output_dir, rank, world)  # before rank 0 writes any of the run
     if is_main:
         runs.begin_run(args.output_dir, run, earlier, args.overwrite)
+        if run["schedule"][-1]["first"] == step > 0 and "start" in run["schedule"][-1]:
+            print(f"a new horizon: the LR continues from {args.lr * run['schedule'][-1]['start']:.3g} at step {step}, "
+                  f"a cosine to 0 at step {total_steps}")
 
     # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
     model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
     model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
-    common.use_packed_attention(model, on=args.padding_free)  # set either way: a model handed in may have had it
+    attention.use_packed_attention(model, on=args.padding_free)  # set either way: a model handed in may have had it
     if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
     model = common.with_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                lora_dropout=args.lora_dropout, target_modules=common.LORA_TARGETS))
     model.train()
-    # the dtype activations run in (bf16 autocast on CUDA), for the additive attention mask
-    dtype = torch.bfloat16 if device.type == "cuda" else model.get_input_embeddings().weight.dtype
     net = DDP(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, warmup, total_steps))
-    step, ckpts = 0, runs.checkpoints(args.output_dir)
-    if args.resume and ckpts:
-        step = runs.load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+    if ckpts:
+        runs.load_checkpoint(ckpts[-1], model, optimizer)
         if is_main:
             print(f"resumed from {ckpts[-1]} at step {step}")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -207,8 +216,14 @@ def train(args):
 
     def batches(chunks, fields):  # this rank's packed micro-batches of these lists of pair indices, in order
         dataset = runs.PairBatches(pairs.records, roots, processor, args.max_length, fmt, dtype, chunks, fields,
-                                   weak=bool(args.conditional_weight), flat=args.padding_free)
+                                   weak=bool(args.conditional_weight),
+                                   row_block=kernel.row_block() if args.padding_free else None)
         return runs.micro_batches(dataset, args.num_workers, device)
+
+    def fell_back():  # a flex failure at its first call: recorded in run.json
+        if is_main and run["attention"] != kernel.describe():
+            run["attention"] = kernel.describe()
+            runs.write_run(args.output_dir, run)
 
     # ---- reference: log-probs under the adapter-disabled model, once (it never changes)
     ref_cache = None
@@ -217,20 +232,23 @@ def train(args):
         mine = list(range(rank, len(pairs.records), world))
         chunks = [mine[s:s + B] for s in range(0, len(mine), B)]
 
+        def score(item):
+            batch, n = item["main"], len(item["main"].indices)
+            ref = common.response_logps(model, model, kernel.inputs(batch.inputs), batch.scored, len(responses) * n)[0]
+            ref = ref.view(len(responses), -1)
+            if args.conditional_weight:
+                weak = chosen_given_weakened(model, model, item["weak"], pairs.keys, pairs.records, args, kernel)[0]
+                ref = torch.cat([ref, weak[None]])
+            return ref
+
         def scores():
             with torch.no_grad(), model.disable_adapter():
                 for item in batches(chunks, responses):
-                    batch, n = item["main"], len(item["main"].indices)
-                    ref = common.response_logps(model, model, batch.inputs, batch.scored, len(responses) * n)[0]
-                    ref = ref.view(len(responses), -1)
-                    if args.conditional_weight:
-                        weak = chosen_given_weakened(model, model, item["weak"], pairs.keys, pairs.records, args)[0]
-                        ref = torch.cat([ref, weak[None]])
-                    yield batch.indices, ref
-        depends = [settings[k] for k in ("model", "data", "max_length", "chat_format", "pad_square")]
-        depends += [[args.noise_step, args.noise_on]] if args.conditional_weight else []
+                    yield item["main"].indices, kernel.run("reference", lambda: score(item))
+        depends = runs.reference_depends(settings, bool(args.conditional_weight))
         ref_cache = runs.reference_cache(os.path.join(args.output_dir, "ref_logps.jsonl"), pairs.keys, depends, fields,
                                          scores, len(chunks), args.resume, rank, world, is_main)
+        fell_back()
 
     # ---- the loop: lr, accumulate, clip, step, log, save
     sort_key = [len(p["chosen"]) + len(p["rejected"]) for p in pairs.records] if args.group_by_length else None
@@ -240,15 +258,29 @@ def train(args):
     chunks = [steps_of(s // steps_per_epoch)[s % steps_per_epoch][(m * world + rank) * B:(m * world + rank + 1) * B]
               for s in range(step, total_steps) for m in range(args.grad_accum)]
     loader = batches(chunks, responses)
+    if kernel.name == "flex" and chunks:  # its training kernels compiled on the first micro-batch, outside DDP (a
+        # failure inside DDP's backward would leave its reducer mid-step); the gradients thrown away, all ranks agree
+        first = next(loader)
+        kernel.run("train", lambda: batch_loss(model, model, first, responses, ref_cache, pairs.keys, pairs.records,
+                                               args, kernel)[0].backward())
+        optimizer.zero_grad(set_to_none=True)
+        if dist_io.mean_over_ranks({"flex": kernel.name == "flex"})["flex"] < 1 and kernel.name == "flex":
+            kernel.fall_back("it failed on another rank")
+        fell_back()
+        loader = itertools.chain([first], loader)
     bar = tqdm(total=total_steps, initial=step, desc=f"{args.loss} steps", disable=not is_main)
     window, n_window, t_window = {}, 0, time.time()  # metrics summed on the device since the last log step
     while step < total_steps:
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # LoRA dropout: same draws on resume
+        lr = args.lr * runs.lr_multiplier(step, run["schedule"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
             with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
                 item = next(loader)
-                loss, metrics = batch_loss(net, model, item, responses, ref_cache, pairs.keys, pairs.records, args)
+                loss, metrics = batch_loss(net, model, item, responses, ref_cache, pairs.keys, pairs.records, args,
+                                           kernel)
                 (loss / args.grad_accum).backward()
             main = item["main"]  # the tokens a micro-batch runs through the model, and how many are padding
             padding = main.inputs["input_ids"].numel() - main.n_real
@@ -263,9 +295,7 @@ def train(args):
                      f"{grad_norm.item():.4g}); not applied, nothing saved. Last good checkpoint: "
                      f"{done[-1] if done else 'none'} (--resume continues from it). Lower --lr, or check this step's "
                      "pairs")
-        lr = scheduler.get_last_lr()[0]
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         n_window += 1
@@ -283,17 +313,17 @@ def train(args):
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                                  if k in ("loss", "rewards/accuracies")})
         if is_main and args.save_every > 0 and step % args.save_every == 0 and step < total_steps:
-            runs.save_checkpoint(args.output_dir, step, model, optimizer, scheduler, args, args.keep_checkpoints)
+            runs.save_checkpoint(args.output_dir, step, model, optimizer, args, args.keep_checkpoints)
             runs.plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
     bar.close()
     tracker.close()
 
     # ---- save: the adapter, the last checkpoint, the curves, the run marked finished, a summary
     if is_main:
-        runs.save_checkpoint(args.output_dir, step, model, optimizer, scheduler, args, args.keep_checkpoints)
+        runs.save_checkpoint(args.output_dir, step, model, optimizer, args, args.keep_checkpoints)
         model.save_pretrained(os.path.join(args.output_dir, "adapter"))
         runs.plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
-        runs.finish_run(args.output_dir, run, step)
+        runs.write_run(args.output_dir, {**run, "finished_step": step})
         last = dist_io.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) else {}
         print(f"done: {step} steps; adapter in {args.output_dir}/adapter, log in {metrics_path}, curves in "
               f"{args.output_dir}/curves.png; {runs.responses_cut(pairs.lengths, args.max_length)} responses cut at "

@@ -6,7 +6,6 @@ runs.py (03's run directory), remote.py (endpoints), scoring.py (every scoring r
 import argparse
 import collections
 import contextlib
-import functools
 import hashlib
 import math
 import warnings
@@ -35,7 +34,9 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"])
+            # names from the model's root: transformers matches a bare "vision_tower" only as a whole module name, and
+            # would quantize the Linear layers inside it
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"])
         kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     if not load_in_4bit:
@@ -331,20 +332,36 @@ def pair_weakening(key, meta, noise_step=-1, noise_on=None):
 # ----------------------------------------------------------------------------- generation
 
 
+CACHE_BLOCK = 256  # a static KV cache is sized in whole blocks of this many tokens
+
+
+def decode_compile_config(device):
+    """How transformers compiles the decode step of a static-cache generate, on CUDA (None elsewhere: it compiles
+    nothing there): the batch size and the cache length dynamic from the first call, so a run compiles it once, not
+    per prompt length (a count the tests pin); CUDA graphs (its default mode) then record once per cache size, which
+    CACHE_BLOCK keeps to a few."""
+    from transformers import CompileConfig
+    return CompileConfig(dynamic=True) if device.type == "cuda" else None
+
+
 @torch.no_grad()
 def generate(model, processor, images, prompts, fmt=LLAVA_15, max_new_tokens=512, do_sample=False,
-             temperature=1.0, top_p=1.0, num_beams=1, keep_unfinished=True):
+             temperature=1.0, top_p=1.0, num_beams=1, keep_unfinished=True, static_cache=True):
     """One batch of answers, left-padded; prompts are plain questions. With keep_unfinished=False an
     answer that reached max_new_tokens without EOS (cut mid-sentence) comes back as None. A static KV cache
-    (allocated once for prompt + max_new_tokens; on CUDA transformers then compiles the decode step): the same
-    tokens as the dynamic cache's, faster on CPU too (bench/README.md)."""
+    (allocated for prompt + max_new_tokens, rounded up to CACHE_BLOCK; on CUDA transformers then compiles the decode
+    step, decode_compile_config): the same tokens as the dynamic cache's (static_cache=False, the bench's
+    comparison), faster on CPU too (bench/README.md)."""
     enc = encode(processor, [chat_prompt(processor, p, fmt) for p in prompts], images, fmt)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    n_prompt = enc["input_ids"].shape[1]
+    cache = dict(cache_implementation="static", compile_config=decode_compile_config(model.device),
+                 max_cache_len=-(-(n_prompt + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK) if static_cache else {}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id,
-                         num_beams=num_beams, cache_implementation="static", **sampling)[:, enc["input_ids"].shape[1]:]
+                         num_beams=num_beams, **cache, **sampling)[:, n_prompt:]
     texts = [s.strip() for s in processor.batch_decode(out, skip_special_tokens=True)]
     if keep_unfinished:
         return texts
@@ -554,11 +571,13 @@ def packed_batch(packs, pad_id, dtype=torch.float32):
     return input_ids, position_ids, mask, keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
-def flat_batch(packs):
-    """pack_responses' outputs concatenated into one row, no padding (03's --padding_free): input_ids and
-    position_ids [1, T] or [3, 1, T] (each pack's positions its own), `doc` [1, T] (the pack of each token) and `seg` [1, T]
-    (0: prompt, i: response i) from which block_mask builds the attention on the device, `keep` and `scored`
-    as packed_batch's (slot = response_index * B + pack)."""
+def flat_batch(packs, pad_id=0, block=1):
+    """pack_responses' outputs concatenated into one row, no padding between packs (03's --padding_free): input_ids
+    and position_ids [1, T] or [3, 1, T] (each pack's positions its own), `doc` [1, T] (the pack of each token) and
+    `seg` [1, T] (0: prompt, i: response i) from which attention.py builds the attention on the device, `keep` and
+    `scored` as packed_batch's (slot = response_index * B + pack). block > 1: the row padded with pad_id to whole
+    blocks, two at least (FlexAttention's: a run then compiles once, not per length); the tail is a pack of its own
+    (doc -1), never scored."""
     B, P = len(packs), len(packs[0][1])
     ids, pos, doc, seg, preds, toks, slots = [], [[] for _ in range(P)], [], [], [], [], []
     for b, (p_ids, p_pos, p_seg, scored) in enumerate(packs):
@@ -569,6 +588,10 @@ def flat_batch(packs):
             row += p_row
         seg += p_seg
         doc += [b] * len(p_ids)
+    tail = 0 if block == 1 else max(2 * block, -(-len(ids) // block) * block) - len(ids)
+    ids, doc, seg = ids + [pad_id] * tail, doc + [-1] * tail, seg + [0] * tail
+    for row in pos:
+        row += [0] * tail
     keep = torch.zeros((1, len(ids)), dtype=torch.bool)
     keep[0, preds] = True
     index = (keep.flatten().cumsum(0) - 1)[torch.tensor(preds)]
@@ -577,73 +600,13 @@ def flat_batch(packs):
     return as_row(ids), position_ids, as_row(doc), as_row(seg), keep, (index, torch.tensor(toks), torch.tensor(slots))
 
 
-def block_mask(doc, seg):
-    """The attention of a flat_batch row as FlexAttention's BlockMask (no dense [T, T] tensor reaches the
-    kernel, which skips the blocks no token sees): a token sees the earlier tokens of its own pack's prompt and
-    of its own response."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    d, s = doc[0], seg[0]
-
-    def sees(b, h, q, k):
-        return (k <= q) & (d[q] == d[k]) & ((s[k] == 0) | (s[k] == s[q]))
-    return create_block_mask(sees, B=None, H=None, Q_LEN=d.numel(), KV_LEN=d.numel(), device=d.device)
-
-
-def pack_masks(doc, seg):
-    """The same attention, pack by pack: [(start, end, boolean mask [end - start, end - start])], for devices where
-    FlexAttention has no backward (CPU): each pack's attention is its own small SDPA, so the cost grows with the
-    packs' lengths, not with the row's."""
-    bounds = torch.cumsum(torch.unique_consecutive(doc[0], return_counts=True)[1], 0).tolist()
-    masks = []
-    for start, end in zip([0] + bounds[:-1], bounds):
-        s = seg[0, start:end]
-        n = end - start
-        causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
-        masks.append((start, end, causal & ((s[None, :] == 0) | (s[None, :] == s[:, None]))))
-    return masks
-
-
-def flat_attention(doc, seg):
-    """The model's attention arguments for a flat_batch row on its device: a BlockMask for FlexAttention on CUDA,
-    pack_masks elsewhere (packed_attention_forward reads either)."""
-    return dict(attention_mask=block_mask(doc, seg)) if doc.is_cuda else dict(pack_masks=pack_masks(doc, seg))
-
-
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
-
-
-def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, pack_masks=None,
-                             **kwargs):
-    """transformers' attention interface ("bpo_packed", set by use_packed_attention) for flat_batch rows: with a
-    BlockMask, compiled FlexAttention (CUDA's fused kernel); with pack_masks, one SDPA per pack. Returns (output
-    [1, T, H, D], no weights)."""
-    gqa = key.shape[1] != query.shape[1]
-    if pack_masks is None:
-        out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
-    else:
-        out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=m,
-                                                        scale=scaling, enable_gqa=gqa) for a, b, m in pack_masks], dim=2)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_packed_attention(model, on=True):
-    """The language model's attention through packed_attention_forward (on=False: back to SDPA); the vision
-    tower keeps its own."""
-    from transformers import AttentionInterface
-    AttentionInterface.register("bpo_packed", packed_attention_forward)
-    model.set_attn_implementation({"text_config": "bpo_packed" if on else "sdpa"})
-
-
-def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float32, flat=False):
+def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float32, flat=False, row_block=1):
     """One packed micro-batch of CPU tensors from examples (image, prompt, [responses], earlier turns): per example one
     sequence [image + prompt, responses...] (pack_responses), padded (packed_batch) or, flat, all in one row
-    without padding (flat_batch). A dict of the model's inputs (input_ids, position_ids, logits_to_keep,
-    pixel_values and for Qwen2.5-VL image_grid_thw; attention_mask, or doc and seg for flat_attention on the device),
-    `scored`, `n_tokens`: the
-    scored tokens (+EOS) per output slot, and `n_real`: the tokens of the packs (input_ids' size less padding)."""
+    (flat_batch, padded to whole blocks of row_block). A dict of the model's inputs (input_ids, position_ids,
+    logits_to_keep, pixel_values and for Qwen2.5-VL image_grid_thw; attention_mask, or doc and seg for attention.py on
+    the device), `scored`, `n_tokens`: the scored tokens (+EOS) per output slot, and `n_real`: the tokens of the packs
+    (input_ids' size less padding)."""
     visions, packs = [], []
     for image, prompt, responses, history in examples:
         vision, seqs, _ = build_sequences(processor, image, prompt, responses, max_length, fmt, history)
@@ -651,7 +614,7 @@ def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, dtype=torch.float3
         n_prompt = seqs[0][1].count(IGNORE)
         packs.append(pack_responses(seqs, prompt_positions(processor, seqs[0][0][:n_prompt], vision)))
     if flat:
-        input_ids, position_ids, doc, seg, keep, scored = flat_batch(packs)
+        input_ids, position_ids, doc, seg, keep, scored = flat_batch(packs, processor.tokenizer.pad_token_id, row_block)
         attention = dict(doc=doc, seg=seg)
     else:
         input_ids, position_ids, mask, keep, scored = packed_batch(packs, processor.tokenizer.pad_token_id, dtype)
@@ -704,7 +667,8 @@ def packed_logps(logits, scored, n_out):
 
 def response_logps(net, model, inputs, scored, n_out, embeds=None):
     """(summed response log-probs per output slot, the input embeddings) of a packed micro-batch
-    (pack_pairs' model inputs). net runs the language model (the policy, its DDP wrapper, or the
+    (pack_pairs' model inputs, a padding-free row's attention made by attention.Kernel.inputs). net runs the
+    language model (the policy, its DDP wrapper, or the
     reference: the model with its adapter disabled); the input embeddings, from model's frozen vision
     tower, projector and embedding table, are made once (unless given) and serve policy and reference
     alike. bf16 autocast on CUDA; no KV cache (2-3 GB at 7B, and nothing reads it)."""
@@ -712,7 +676,7 @@ def response_logps(net, model, inputs, scored, n_out, embeds=None):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if embeds is None:
             embeds = image_embeds(model, inputs["input_ids"], inputs)
-        attention = {k: inputs[k] for k in ("attention_mask", "pack_masks") if k in inputs}
+        attention = {k: inputs[k] for k in ("attention_mask", "pack_masks", "flex_options") if k in inputs}
         logits = net(inputs_embeds=embeds, position_ids=inputs["position_ids"], logits_to_keep=inputs["logits_to_keep"],
                      use_cache=False, **attention).logits
     return packed_logps(logits, scored, n_out), embeds

@@ -6,6 +6,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -28,27 +29,56 @@ RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with 
 # ----------------------------------------------------------------------------- the run directory
 
 
-def run_settings(args, per_step, fmt):
-    """What a step sees: if any of these differs, a resumed run would not continue the same run."""
-    return {"model": args.model, "data": [[os.path.abspath(d), os.path.getsize(d)] for d in args.data],
-            "pairs per step (batch_size x processes x grad_accum)": per_step, "max_length": args.max_length,
-            "loss": args.loss, "seed": args.seed, "group_by_length": args.group_by_length,
-            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, **fmt._asdict()}
+# the flags that change what a step computes (03's names): a resume with any of them changed would be another run.
+# Not among them: the horizon (--epochs, --max_steps: plan_schedule keeps the LR continuous), and what changes only
+# the rounding or the speed (--attention, --padding_free, --gradient_checkpointing, --batch_size x --grad_accum at
+# the same pairs per step, --num_workers)
+STEP_FLAGS = ("loss", "beta", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha",
+              "lora_dropout", "seed", "max_length", "group_by_length", "length_normalize", "sft_weight",
+              "conditional_weight", "anchor_weight", "noise_step", "noise_on", "load_in_4bit", "data_format", "on_error")
+PER_STEP = "pairs per step (--batch_size x processes x --grad_accum)"
+
+
+def run_settings(args, per_step, fmt, roots, dtype):
+    """What a step computes, by flag: if any of these differs, a resumed run would not continue the same run. The
+    pairs by their content (a file edited in place at the same size is another run), the model by model_identity."""
+    return {"--model": model_identity(args.model), "--data": [[os.path.abspath(d), file_digest(d)] for d in args.data],
+            "--image_root": {k or "": os.path.abspath(v) for k, v in roots.items()}, PER_STEP: per_step,
+            "dtype": str(dtype).removeprefix("torch."), "--chat_format": fmt.chat_format, "--pad_square": fmt.pad_square,
+            **{f"--{k}": getattr(args, k) for k in STEP_FLAGS}}
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def model_identity(name):
+    """A model by what its weights are: a local folder by its config's content and each weight file's size and
+    modification time (hashing 14 GB would take minutes); a hub id by its name (and its revision once downloaded: the
+    cache's snapshot folder)."""
+    config = os.path.join(name, "config.json")
+    if not os.path.isfile(config):
+        return name
+    files = sorted(n for n in os.listdir(name) if n.endswith((".safetensors", ".bin")))
+    stats = [(n, os.stat(os.path.join(name, n)).st_size, os.stat(os.path.join(name, n)).st_mtime_ns) for n in files]
+    return [os.path.abspath(name), file_digest(config), stats]
 
 
 def open_run(output_dir, settings, resume, overwrite, dry_run):
-    """(the run's record {"settings", "finished_step"}, the earlier outputs in output_dir). A fresh run
-    never mixes with an earlier one (--overwrite deletes it, else a one-line error); --resume continues
-    only a run 03 wrote with the same settings."""
+    """(the run's record {"settings", "finished_step", "schedule"}, the earlier outputs in output_dir). A fresh run
+    never mixes with an earlier one (--overwrite deletes it, else a one-line error); --resume continues only a run 03
+    wrote with the same settings, else a one-line error naming each changed flag."""
     run_path = os.path.join(output_dir, "run.json")
     earlier = sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or n.startswith("checkpoint-")) \
         if os.path.isdir(output_dir) else []
     if resume and os.path.exists(run_path):
         with open(run_path) as f:
             run = json.load(f)
-        changed = [f"{k} {run['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if run["settings"].get(k) != v]
+        changed = [f"{k} ({json.dumps(run['settings'].get(k))} -> {json.dumps(v)})" for k, v in settings.items()
+                   if run["settings"].get(k) != json.loads(json.dumps(v))]
         if changed:
-            sys.exit(f"error: --resume of {output_dir} with settings that change what a step sees: {'; '.join(changed)}. "
+            sys.exit(f"error: --resume of {output_dir} with {', '.join(changed)} changed: that would be another run. "
                      "Resume with the run's settings, or start another run (--overwrite, or another --output_dir)")
         return run, earlier
     if resume and earlier:
@@ -56,7 +86,40 @@ def open_run(output_dir, settings, resume, overwrite, dry_run):
     if earlier and not dry_run and not overwrite:
         sys.exit(f"error: {output_dir} holds an earlier run ({', '.join(earlier)}); --resume continues it, "
                  "--overwrite deletes it and starts clean")
-    return {"settings": settings, "finished_step": None}, earlier
+    return {"settings": settings, "finished_step": None, "schedule": []}, earlier
+
+
+# ----------------------------------------------------------------------------- the learning rate
+
+
+def lr_multiplier(step, schedule):
+    """The learning rate at optimizer step `step` (from 0) over the peak --lr, from the run's schedule (plan_schedule):
+    the first segment linear warmup to 1 over its `warmup` steps, then a cosine to 0 at its `end`; a later segment
+    (a resume to another horizon) a cosine from its `start` multiplier at its first step to 0 at its `end`."""
+    seg = [s for s in schedule if s["first"] <= step][-1]
+    if "warmup" in seg:
+        if step < seg["warmup"]:
+            return (step + 1) / seg["warmup"]
+        return 0.5 * (1 + math.cos(math.pi * (step - seg["warmup"]) / max(1, seg["end"] - seg["warmup"])))
+    return seg["start"] * 0.5 * (1 + math.cos(math.pi * (step - seg["first"]) / max(1, seg["end"] - seg["first"])))
+
+
+def plan_schedule(schedule, step, total_steps, warmup_ratio):
+    """The run's schedule (lr_multiplier's segments) for training from optimizer step `step` to `total_steps`: a new
+    run's warmup (ceil(warmup_ratio x total_steps) steps) and cosine; a resume to the same horizon, the schedule as it
+    was; a resume to another horizon (a changed --max_steps or --epochs), the rest re-planned as a cosine from the
+    multiplier at `step` to 0 at the new end: the LR is continuous at the resume point and never rises. A finished run
+    decayed to 0 is refused: continuing it would train at lr 0. From step 0 (nothing to resume), a new run's."""
+    if step == 0:
+        return [{"first": 0, "end": total_steps, "warmup": math.ceil(warmup_ratio * total_steps)}]
+    schedule = [s for s in schedule if s["first"] <= step]
+    if schedule[-1]["end"] == total_steps:
+        return schedule
+    start = lr_multiplier(step, schedule) if step < schedule[-1]["end"] else 0.0
+    if start <= 0:
+        sys.exit(f"error: the run ended its schedule at step {schedule[-1]['end']} with the learning rate decayed to 0; "
+                 f"continuing it to step {total_steps} would train at lr 0. Start another run (another --output_dir)")
+    return schedule + [{"first": step, "end": total_steps, "start": start}]
 
 
 def begin_run(output_dir, run, earlier, overwrite):
@@ -66,7 +129,7 @@ def begin_run(output_dir, run, earlier, overwrite):
             path = os.path.join(output_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     os.makedirs(output_dir, exist_ok=True)
-    write_atomic(os.path.join(output_dir, "run.json"), json.dumps(run, indent=1))
+    write_run(output_dir, run)
 
 
 def check_shared_output_dir(output_dir, rank, world):
@@ -90,8 +153,8 @@ def check_shared_output_dir(output_dir, rank, world):
         os.remove(path)
 
 
-def finish_run(output_dir, run, step):
-    write_atomic(os.path.join(output_dir, "run.json"), json.dumps({**run, "finished_step": step}, indent=1))
+def write_run(output_dir, run):
+    write_atomic(os.path.join(output_dir, "run.json"), json.dumps(run, indent=1))
 
 
 @contextlib.contextmanager
@@ -238,9 +301,10 @@ class PairBatches(torch.utils.data.Dataset):
     `weak` also the same pairs' chosen answers alone (the conditional term gives them the weakened image).
     Runs in the DataLoader's workers: decoding, the processor, packing."""
 
-    def __init__(self, records, roots, processor, max_length, fmt, dtype, chunks, fields, weak, flat=False):
+    def __init__(self, records, roots, processor, max_length, fmt, dtype, chunks, fields, weak, row_block=None):
         self.records, self.roots, self.processor, self.max_length = records, roots, processor, max_length
-        self.fmt, self.dtype, self.chunks, self.fields, self.weak, self.flat = fmt, dtype, chunks, fields, weak, flat
+        self.fmt, self.dtype, self.chunks, self.fields, self.weak = fmt, dtype, chunks, fields, weak
+        self.row_block = row_block  # None: right-padded rows; else one padding-free row in blocks of this many
 
     def __len__(self):
         return len(self.chunks)
@@ -248,7 +312,8 @@ class PairBatches(torch.utils.data.Dataset):
     def pack(self, indices, fields):
         examples = [(pair_image(p, self.roots), p["prompt"], [p[f] for f in fields], p.get("history", ()))
                     for p in (self.records[i] for i in indices)]  # images checked up front
-        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype, self.flat),
+        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype,
+                                    self.row_block is not None, self.row_block or 1),
                 "indices": indices}
 
     def __getitem__(self, k):
@@ -264,11 +329,9 @@ def micro_batches(dataset, num_workers, device):
         prefetch_factor=4 if num_workers else None,
         generator=torch.Generator())  # its own: drawing its seed from the global RNG would shift LoRA dropout
 
-    def to_device(cpu):
-        inputs = {k: cpu[k].to(device, non_blocking=True) for k in
-                  ("input_ids", "position_ids", "attention_mask", "logits_to_keep", *common.VISION_INPUTS) if k in cpu}
-        if "doc" in cpu:  # a padding-free row: its attention built on the device
-            inputs.update(common.flat_attention(cpu["doc"].to(device), cpu["seg"].to(device)))
+    def to_device(cpu):  # a padding-free row's doc and seg: its attention is built on the device (attention.Kernel)
+        inputs = {k: cpu[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "attention_mask",
+                  "doc", "seg", "logits_to_keep", *common.VISION_INPUTS) if k in cpu}
         return MicroBatch(inputs, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"],
                           cpu["n_real"])
     for item in loader:
@@ -276,6 +339,16 @@ def micro_batches(dataset, num_workers, device):
 
 
 # ----------------------------------------------------------------------------- the reference, once
+
+
+REFERENCE_SETTINGS = ("--model", "--data", "--image_root", "dtype", "--chat_format", "--pad_square", "--max_length",
+                      "--load_in_4bit", "--data_format")
+
+
+def reference_depends(settings, conditional):
+    """What a reference log-prob depends on, from the run's settings: the model and how it is loaded (4-bit, dtype),
+    the pairs' content and images, the input format and max length; with the conditional term, its noise."""
+    return {k: settings[k] for k in REFERENCE_SETTINGS + (("--noise_step", "--noise_on") if conditional else ())}
 
 
 def reference_cache(path, keys, depends, fields, scores, n_batches, resume, rank, world, is_main):
@@ -311,18 +384,22 @@ def reference_cache(path, keys, depends, fields, scores, n_batches, resume, rank
 def checkpoints(output_dir):
     """Complete checkpoints (renamed into place), oldest first."""
     found = glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]"))
-    return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
+    return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(output_dir, step, model, optimizer, scheduler, args, keep):
-    """checkpoint-N: the adapter and one plain dict of optimizer, scheduler and step, written in a temp dir
+def checkpoint_step(path):
+    return int(path.rsplit("-", 1)[1])
+
+
+def save_checkpoint(output_dir, step, model, optimizer, args, keep):
+    """checkpoint-N: the adapter and one plain dict of optimizer state and step (the LR is the run's schedule's at
+    the step: run.json), written in a temp dir
     and renamed, so a kill never leaves a half checkpoint; only the `keep` newest stay."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "args": vars(args)}, os.path.join(tmp, "state.pt"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)  # the same step saved before (a continued run)
     os.replace(tmp, final)
     done = checkpoints(output_dir)
@@ -330,7 +407,7 @@ def save_checkpoint(output_dir, step, model, optimizer, scheduler, args, keep):
         shutil.rmtree(old)
 
 
-def load_checkpoint(path, model, optimizer, scheduler):
+def load_checkpoint(path, model, optimizer):
     """The step of checkpoint `path`, its adapter and state loaded (safetensors and weights_only: a
     checkpoint file never runs code); a one-line error for a folder 03 did not write."""
     try:
@@ -340,7 +417,6 @@ def load_checkpoint(path, model, optimizer, scheduler):
         sys.exit(f"error: {path}: not a checkpoint 03 wrote ({str(e).splitlines()[0]}); move it away to resume "
                  "from the one before")
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     return state["step"]
 
 

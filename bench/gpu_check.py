@@ -1,6 +1,7 @@
-"""What only a GPU can show, prepared as one run that fits a 10-minute command on an H200 (estimated 4-6 min,
-not yet run there): 03's DPO training and TRL's DPOTrainer, and 01's generation, on a model of LLaVA-1.5-7B's
-shapes.
+"""What only a GPU can show, prepared as one run that fits a 10-minute command on an H100 (estimated 5-7 min,
+not yet run there): 03's DPO training with each attention kernel (and TRL's DPOTrainer, --rows trl:on), the
+compiles each run makes, QLoRA, and 01's generation with a static and a dynamic cache, on a model of
+LLaVA-1.5-7B's shapes.
 
     python bench/gpu_check.py --out $OUT/gpu_check.json       # on the GPU (bf16); prints one markdown table
     .venv/bin/python bench/gpu_check.py --device cpu --tiny   # the same steps at a toy size, a few minutes on 2 cores
@@ -23,13 +24,17 @@ after LLaVA-1.5's Vicuna-v1 conversation (its system line: prefix P ~ 576 + ~80 
 images; a word-level tokenizer of --vocab words built here (one word, one token).
 
 What is measured, each in this one process, at --batch_size 4 (the paper's per GPU), LoRA r 64 on every
-linear layer of the language model (03's targets) on both sides, with and without gradient checkpointing:
-- 03_train_bpo.py itself (its main(argv) in this process, its model loader handed the model built here):
-  by default (reference log-probs scored once before training, that pass charged as if training
-  --epochs epochs of the pairs) and with --no-precompute_ref (a reference forward every step, TRL's work);
-  steady samples/s over --steps steps after --warmup; peak CUDA memory (allocated and reserved) beside
-  03 --dry_run's estimate; whether 4 pairs fit a 48 GB GPU (an A40, the paper's: 46068 MiB, so a reserved
-  peak under 44.5 GiB);
+linear layer of the language model (03's targets), each --rows entry a side at checkpointing off or on:
+- 03_train_bpo.py itself (its main(argv) in this process, its model loader handed the model built here),
+  the reference scored once before training (that pass charged as if training --epochs epochs of the
+  pairs): with --attention flex (FlexAttention, PyTorch's tiles), flex with the tiles auto gives ~99 KB
+  boards such as the paper's A40 (compiled and run here), per_pair, --no-padding_free, --no-precompute_ref
+  (a reference forward every step, TRL's work) and --load_in_4bit (the language model quantized to NF4 in
+  place, last); steady samples/s over --steps steps after --warmup; the compiles each run made (dynamo's
+  unique graphs: flex's first run 2, reference and training, however the lengths vary: the answers' lengths
+  spread over +-answer_spread tokens); step 1's log-probs beside the padded path's (bf16 tolerance); peak
+  CUDA memory (allocated and reserved) beside 03 --dry_run's estimate; whether 4 pairs fit a 48 GB GPU (an
+  A40, the paper's: 46068 MiB, so a reserved peak under 44.5 GiB);
 - TRL's DPOTrainer (bench/trl_side.py: the same pairs in the same order, prompt text, padded images, LoRA,
   beta, lr and batch; bf16 autocast as 03's CUDA setting);
 - the ratio samples/s 03 / TRL beside its limit (bench/limits.py: the language model's token passes per
@@ -39,7 +44,9 @@ linear layer of the language model (03's targets) on both sides, with and withou
 - the paper's full run projected from each measured per-pair time (2 epochs of ~170k pairs on 8 such
   GPUs, perfect scaling), beside the paper's 17 hours on 8 A40s;
 - 01's generation (its loop body: image-weakened sampling at --noise_step 500, common.generate) at
-  several batch sizes, --gen_tokens new tokens each (random weights rarely stop early).
+  several batch sizes, --gen_tokens new tokens each (random weights rarely stop early), with the static
+  cache (its decode step compiled: the compiles counted over every batch size and prompt length) and the
+  dynamic one.
 Each result is printed when measured, so a run cut short still shows what it got; --budget_s stops
 starting new measurements in time to print the table.
 """
@@ -68,14 +75,19 @@ QWEN_SEVEN_B = dict(lm_hidden=3584, lm_layers=28, lm_mlp=18944, lm_heads=28, voc
                     vision_hidden=1280, vision_layers=32, vision_heads=16)
 # --tiny: every step of the check at a size a busy 2-core CPU runs in minutes (fewer image tokens too)
 TINY = dict(lm_hidden=64, lm_layers=2, lm_mlp=172, lm_heads=1, vocab=1000, vision_hidden=32, vision_layers=2,
-            vision_heads=2, image_size=112, question_tokens=16, answer_tokens=32, answer_spread=4, batch_size=2,
+            vision_heads=2, image_size=112, question_tokens=16, answer_tokens=32, answer_spread=8, batch_size=2,
             steps=2, warmup=1, gen_tokens=8, gen_batch_sizes=[1, 2])
-DEFAULTS = dict(image_size=336, question_tokens=40, answer_tokens=150, answer_spread=10, batch_size=4, steps=10,
-                warmup=3, gen_tokens=150, gen_batch_sizes=[1, 8, 32])
-SIDES = {"ours": "03 default: reference once, charged to {epochs} epochs",
-         "ours_padded": "03 --no-padding_free: right-padded rows, a dense mask (reference once)",
-         "ours_every_step": "03 --no-precompute_ref: reference every step",
-         "trl": "TRL {trl} DPOTrainer"}
+DEFAULTS = dict(image_size=336, question_tokens=40, answer_tokens=150, answer_spread=100, batch_size=4, steps=8,
+                warmup=2, gen_tokens=150, gen_batch_sizes=[1, 8, 32])
+# a side: (the row's name, 03's flags, the bench/limits.py side whose token passes it makes)
+SIDES = {"flex": ("03 --attention flex (reference once, charged to {epochs} epochs)", ["--attention", "flex"], "ours"),
+         "small_tiles": ("03 --attention flex, a 99 KB board's tiles (A40)", ["--attention", "flex"], "ours"),
+         "per_pair": ("03 --attention per_pair", ["--attention", "per_pair"], "ours"),
+         "padded": ("03 --no-padding_free (right-padded rows, a dense mask)", ["--no-padding_free"], "ours_padded"),
+         "every_step": ("03 --no-precompute_ref (reference every step)", ["--no-precompute_ref"], "ours_every_step"),
+         "qlora": ("03 --load_in_4bit (QLoRA)", ["--load_in_4bit"], "ours"),
+         "trl": ("TRL {trl} DPOTrainer", None, "trl")}
+ROWS = ["flex:off", "flex:on", "per_pair:off", "per_pair:on", "padded:off", "padded:on", "small_tiles:on", "qlora:on"]
 A40_GIB = 44.5  # an A40's 46068 MiB less the CUDA context and some room
 PAPER_A40_NOTE = "8 A40s, the authors' code (TRL's layout per pair)"
 
@@ -112,9 +124,9 @@ def parse_args(argv=None):
                    help="LoRA dropout, both sides (TRL sets every dropout to 0 anyway: DPOConfig.disable_dropout)")
     p.add_argument("--lr", type=float, default=2e-6, help="learning rate, both sides (the paper's)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta, both sides (the paper's)")
-    p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES), help="training runs to measure")
-    p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
-                   help="gradient checkpointing settings to measure each side at")
+    p.add_argument("--rows", nargs="+", default=ROWS, metavar="SIDE:off|on",
+                   help=f"training runs to measure, each a side ({', '.join(SIDES)}) at gradient checkpointing off "
+                        "or on; qlora quantizes the model in place, so it runs after the others")
     p.add_argument("--gen_batch_sizes", type=int, nargs="*", default=None,
                    help="01's generation at these batch sizes (None: 1 8 32, 8 being 01's default; --tiny 1 2; "
                         "none: skip)")
@@ -122,6 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--noise_step", type=int, default=500, help="01's image weakening step")
     p.add_argument("--budget_s", type=float, default=500,
                    help="start no new measurement after this many seconds (the table is still printed)")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile's backend for FlexAttention (attention.COMPILE_BACKEND); eager: its own kernels "
+                        "without code generation, for a CPU smoke test (inductor compiles C++ there for a minute)")
     p.add_argument("--work", default=None, help="scratch folder (None: a new temporary one, removed at the end)")
     p.add_argument("--out", default=None, help="write the results as JSON here too")
     p.add_argument("--seed", type=int, default=0, help="model init, pairs, order")
@@ -129,6 +144,11 @@ def parse_args(argv=None):
                    help="the device's dense bf16 peak for the share-of-peak column (None: bench/limits.py's table by "
                         "GPU name)")
     args = p.parse_args(argv)
+    for row in args.rows:
+        side, _, c = row.partition(":")
+        if side not in SIDES or c not in ("off", "on"):
+            p.error(f"--rows {row}: SIDE:off|on with SIDE one of {', '.join(SIDES)}")
+    args.rows = sorted(args.rows, key=lambda r: r.startswith("qlora:"))  # stable: the rest as given
     preset = TINY if args.tiny else {}
     for k, v in seven_b(args).items():
         if getattr(args, k) is None:
@@ -141,9 +161,9 @@ def parse_args(argv=None):
 
 def row_names(args, trl_version="1.16.0"):
     """The first cell of every row of the final table, in order (tests check the table has each)."""
-    names = [f"{SIDES[s].format(epochs=args.epochs, trl=trl_version)}, checkpointing {c}"
-             for c in args.checkpointing for s in args.sides]
-    names += [f"01 generation, batch {b}" for b in args.gen_batch_sizes]
+    names = [f"{SIDES[s][0].format(epochs=args.epochs, trl=trl_version)}, checkpointing {c}"
+             for s, c in (row.split(":") for row in args.rows)]
+    names += [f"01 generation, batch {b}, {cache} cache" for b in args.gen_batch_sizes for cache in ("static", "dynamic")]
     return names + [f"paper: {PAPER_A40_NOTE}"]
 
 
@@ -221,7 +241,9 @@ def build_qwen_processor(args, path):
 
 
 def build_pairs(args, processor, n, folder):
-    """n pairs with the paper's lengths over 8 non-square images; returns (pairs path, image folder, pairs)."""
+    """n pairs with the paper's lengths over 8 non-square images (questions of 1/2 to 3/2 --question_tokens, answers
+    of --answer_tokens +- --answer_spread, so rows and prompts vary in length); returns (pairs path, image folder,
+    pairs)."""
     from PIL import Image
     rng = random.Random(args.seed)
     images = os.path.join(folder, "images")
@@ -235,7 +257,8 @@ def build_pairs(args, processor, n, folder):
     pairs = []
     for i in range(n):
         lengths = [args.answer_tokens - 1 + rng.randint(-args.answer_spread, args.answer_spread) for _ in range(2)]
-        pairs.append({"id": f"bench/{i}", "image": f"img{i % 8}.png", "prompt": words(args.question_tokens - 1) + " ?",
+        question = args.question_tokens - 1 + rng.randint(-args.question_tokens // 2, args.question_tokens // 2)
+        pairs.append({"id": f"bench/{i}", "image": f"img{i % 8}.png", "prompt": words(question) + " ?",
                       "chosen": words(lengths[0]), "rejected": words(lengths[1]), "source": "bench",
                       "method": "error_injection", "meta": {}})
     path = os.path.join(folder, "pairs.jsonl")
@@ -340,8 +363,10 @@ def memory_peak(device):
 def restore(model):
     """The model as built, after a run wrapped it, whether the run ended well or not: each LoRA layer
     replaced by the layer it wraps (peft's unload without its PeftModel), checkpointing and input grads
-    off, TRL's fused LM head (an instance-level forward) taken off."""
+    off, TRL's fused LM head (an instance-level forward) taken off, SDPA again (03 sets its packed attention)."""
     from peft.tuners.lora import LoraLayer
+
+    import attention
     wrapped = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name in wrapped:  # outermost first; a LoRA layer holds no other
         parent, _, child = name.rpartition(".")
@@ -354,20 +379,26 @@ def restore(model):
         model.disable_input_require_grads()  # TRL's, for checkpointing
     if hasattr(model, "peft_config"):
         del model.peft_config
+    attention.use_packed_attention(model, on=False)
     model.requires_grad_(False)
     model.eval()
 
 
-def run_03(flags, model, out, dry_run=False):
-    """03_train_bpo.py's main in this process, its model loader handed `model`; returns (stdout, metrics rows).
-    The LoRA 03 puts on the model is taken off again whatever happens."""
+def run_03(flags, model, out, dry_run=False, patches=()):
+    """03_train_bpo.py's main in this process, its model loader handed `model` (and `patches`: (object, name, value)
+    set for the run); returns (stdout, metrics rows). The LoRA 03 puts on the model is taken off again whatever
+    happens."""
     import common
     train = importlib.import_module("03_train_bpo")
     argv = [*map(str, flags), "--output_dir", out, "--overwrite", *(["--dry_run"] if dry_run else [])]
     buf = io.StringIO()
     try:
-        with mock.patch.object(common, "load_model", lambda name, **_: (model, common.load_processor(name))), \
-                contextlib.redirect_stdout(buf):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(common, "load_model",
+                                                  lambda name, **_: (model, common.load_processor(name))))
+            for obj, name, value in patches:
+                stack.enter_context(mock.patch.object(obj, name, value))
+            stack.enter_context(contextlib.redirect_stdout(buf))
             try:
                 train.main(argv)
             except SystemExit as e:
@@ -382,27 +413,63 @@ def run_03(flags, model, out, dry_run=False):
     return buf.getvalue(), rows
 
 
+def compiles():
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def quantize_lm_4bit(model, device):
+    """The language model's Linear layers replaced in place by bitsandbytes' NF4 layers (double quantisation, bf16
+    compute), as common.load_model(load_in_4bit=True) loads them: the random weights need no file."""
+    import bitsandbytes as bnb
+    import torch
+    dtype = next(model.parameters()).dtype
+    for name, linear in [(n, m) for n, m in model.named_modules() if ".language_model." in f".{n}."
+                         and isinstance(m, torch.nn.Linear)]:
+        nf4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+        nf4.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4").to(device)
+        if linear.bias is not None:
+            nf4.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nf4)
+    return model
+
+
 def measure_ours(args, side, checkpointing, model, device, common_flags, scratch):
+    import attention
     out = os.path.join(scratch, f"{side}_{checkpointing}")
-    flags = common_flags + (["--no-precompute_ref"] if side == "ours_every_step" else []) \
-        + (["--no-padding_free"] if side == "ours_padded" else []) \
-        + (["--gradient_checkpointing"] if checkpointing == "on" else [])
+    flags = common_flags + SIDES[side][1] + (["--gradient_checkpointing"] if checkpointing == "on" else [])
+    # the tiles auto gives a ~99 KB board, forced on this one
+    patches = [(attention, "flex_plan", lambda *a: (dict(attention.SMALL_TILES), None))] if side == "small_tiles" else []
+    if side == "qlora" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        quantize_lm_4bit(model, device)
+    if side == "small_tiles":  # its own compiles, not the default tiles' graphs from an earlier row
+        import torch
+        torch._dynamo.reset()
+        attention.compiled_flex.cache_clear()
     text, _ = run_03(flags, model, out, dry_run=True)  # 03 --dry_run's estimated peak, beside the measured one
     found = re.search(r"estimated peak memory per GPU: ([0-9.]+) GiB", text)
     estimate = float(found.group(1)) if found else None
     memory_reset(device)
-    base = memory_now(device)
-    text, rows = run_03(flags, model, out)
+    base, graphs = memory_now(device), compiles()
+    text, rows = run_03(flags, model, out, patches=patches)
     alloc, reserved = memory_peak(device)
+    with open(os.path.join(out, "run.json")) as f:
+        kernel = json.load(f)["attention"]  # the kernel the run ended with (a fallback is written there)
     shutil.rmtree(out, ignore_errors=True)  # the adapter and checkpoint (~2.6 GB at 7B)
     seconds = [args.batch_size / r["samples_per_s"] for r in rows]
     found = re.search(r"reference log-probs: (\d+) pairs scored in ([0-9.]+)s", text)
     ref_pairs, ref_s = (int(found.group(1)), float(found.group(2))) if found else (0, 0.0)
-    if side in ("ours", "ours_padded"):
+    if side != "every_step":
         assert found, f"03 printed no reference pass:\n{text[-1500:]}"
     return {"seconds_per_step": seconds, "reference_pass_s": ref_s, "reference_pairs": ref_pairs,
             "alloc_before_gib": base, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
-            "dry_run_estimate_gb": estimate,
+            "dry_run_estimate_gb": estimate, "compiles": compiles() - graphs,
+            "attention": kernel, "fell_back": "fell back from flex" in kernel,
+            "row_tokens": sorted({int(r["tokens/real"] + r["tokens/padding"]) for r in rows}),
             "logps/chosen": rows[0]["logps/chosen"], "logps/rejected": rows[0]["logps/rejected"]}
 
 
@@ -431,8 +498,9 @@ def measure_trl(args, checkpointing, model, processor, pairs, order, image_root,
             "logps/chosen": clock.step1.get("logps/chosen"), "logps/rejected": clock.step1.get("logps/rejected")}
 
 
-def measure_generation(args, model, processor, pairs, image_root, device, batch_size):
-    """01's loop body on batch_size items: images read, weakened (noise on the projector's input), sampled."""
+def measure_generation(args, model, processor, pairs, image_root, device, batch_size, cache):
+    """01's loop body on batch_size items: images read, weakened (noise on the projector's input), sampled, with a
+    static cache (its decode step compiled on CUDA) or the dynamic one."""
     import torch
 
     import common
@@ -444,9 +512,10 @@ def measure_generation(args, model, processor, pairs, image_root, device, batch_
     def answer(max_new_tokens):
         with common.weaken_images(model, args.noise_step, "features", generator):
             return common.generate(model, processor, images, [it["prompt"] for it in items], fmt_of(args),
-                                   max_new_tokens=max_new_tokens, do_sample=True)
+                                   max_new_tokens=max_new_tokens, do_sample=True, static_cache=cache == "static")
 
     model.eval()
+    graphs = compiles()
     answer(2)  # warm-up at this batch size
     sync(device)
     t0 = time.perf_counter()
@@ -454,7 +523,8 @@ def measure_generation(args, model, processor, pairs, image_root, device, batch_
     sync(device)
     seconds = time.perf_counter() - t0
     new = sum(len(processor.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
-    return {"seconds": seconds, "samples_per_s": batch_size / seconds, "new_tokens_per_s": new / seconds}
+    return {"seconds": seconds, "samples_per_s": batch_size / seconds, "new_tokens_per_s": new / seconds,
+            "compiles": compiles() - graphs}
 
 
 def steady(args, r, median=False):
@@ -478,6 +548,9 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import limits
+
+    import attention
+    attention.COMPILE_BACKEND = args.compile_backend
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA GPU is visible")
@@ -548,19 +621,24 @@ def main(argv=None):
 
     if device.type == "cuda":  # a first 03 run in a fresh process met slow steps (3 of 10 at ~4x) that later runs
         # on the same shapes did not (kernel selection, the allocator's first blocks): one unmeasured run first
-        t = time.time()
-        run_03(common_flags, model, os.path.join(scratch, "warm_up"))
+        t = time.time()  # per_pair: the flex rows' compiles are counted in their own runs
+        run_03(common_flags + ["--attention", "per_pair"], model, os.path.join(scratch, "warm_up"))
         shutil.rmtree(os.path.join(scratch, "warm_up"), ignore_errors=True)
         print(f"--- warm-up run of 03 (not measured): {time.time() - t:.0f}s", flush=True)
-    for c in args.checkpointing:
-        for side in args.sides:
-            if side == "trl":
-                attempt(("trl", c), lambda: measure_trl(args, c, model, processor, pairs, order, image_root, targets,
-                                                        scratch, device))
-            else:
-                attempt((side, c), lambda: measure_ours(args, side, c, model, device, common_flags, scratch))
+    lm_params = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)  # before qlora
+    rows = [tuple(row.split(":")) for row in args.rows]
+    for side, c in [r for r in rows if r[0] != "qlora"]:
+        if side == "trl":
+            attempt(("trl", c), lambda: measure_trl(args, c, model, processor, pairs, order, image_root, targets,
+                                                    scratch, device))
+        else:
+            attempt((side, c), lambda: measure_ours(args, side, c, model, device, common_flags, scratch))
     for b in args.gen_batch_sizes:
-        attempt(("gen", b), lambda: measure_generation(args, model, processor, pairs, image_root, device, b))
+        for cache in ("static", "dynamic"):
+            attempt(("gen", b, cache), lambda: measure_generation(args, model, processor, pairs, image_root, device,
+                                                                  b, cache))
+    for side, c in [r for r in rows if r[0] == "qlora"]:  # last: it quantizes the model in place
+        attempt((side, c), lambda: measure_ours(args, side, c, model, device, common_flags, scratch))
     shutil.rmtree(scratch, ignore_errors=True)
 
     # ---- the table
@@ -568,7 +646,6 @@ def main(argv=None):
     cols = ["run", "samples/s", "median step s", "peak GiB alloc. / reserved", "fits 48 GB", "x TRL (median steps)",
             "limit", "of limit", "model TFLOP/s", "of bf16 peak", "paper's run, 8 GPUs (h)", "notes"]
     peak = args.peak_tflops or limits.peak_tflops(gpu)
-    lm_params = sum(p.numel() for n, p in model.named_parameters() if "language_model" in n)
     share = lambda tflops: f"{100 * tflops / peak:.0f}%" if peak else "–"
     lines = [f"\n{gpu}, {shape}" + (f" -- {note}" if note else "") + f"; batch {args.batch_size}, LoRA r {args.lora_r} "
              f"on every linear of the language model; {args.steps} measured steps after {args.warmup}; P = {P:.0f}, "
@@ -576,58 +653,65 @@ def main(argv=None):
              f"{limits.PAPER_GPUS} of these GPUs, perfect scaling\n",
              "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     table = []
-    k = 0
-    for c in args.checkpointing:
-        for side in args.sides:
-            name = names[k]
-            k += 1
-            r = results.get((side, c))
-            if r is None:
-                lines.append(f"| {name} | | | | | | | | | | | {errors.get((side, c), 'not run')} |")
-                table.append({"run": name, "error": errors.get((side, c))})
-                continue
-            sps = steady(args, r)
-            mem = ("n/a (CPU)" if r["peak_alloc_gib"] is None
-                   else f"{r['peak_alloc_gib']:.1f} / {r['peak_reserved_gib']:.1f}")
-            fits = "" if r["peak_reserved_gib"] is None else ("yes" if r["peak_reserved_gib"] < A40_GIB else "no")
-            trl = results.get(("trl", c))
-            ratio = ratio_median = lim = None
-            if side != "trl" and trl is not None:
-                ratio = sps / steady(args, trl)
-                ratio_median = steady(args, r, median=True) / steady(args, trl, median=True)
-                lim = limits.limit(P, R, side, args.epochs, c == "on")
-            hours = limits.full_run_hours(sps)
-            median = statistics.median(r["seconds_per_step"][args.warmup:])
-            # model FLOPs of the training steps alone (the reference pass is charged to the epochs in samples/s)
-            flops = lambda passes: limits.flops_per_pair(P, R, side, passes, lm_params, args.lm_layers, args.lm_hidden)
-            tflops = flops(limits.step_passes(P, R, side, c == "on")) * args.batch_size / median / 1e12
-            notes = []
-            if r.get("reference_pairs"):
-                ref_tflops = r["reference_pairs"] / r["reference_pass_s"] * flops(P + 2 * R) / 1e12
-                notes.append(f"reference pass {r['reference_pass_s']:.1f}s for {r['reference_pairs']} pairs "
-                             f"({ref_tflops:.0f} TFLOP/s, {share(ref_tflops)} of peak)")
-            if r.get("dry_run_estimate_gb") is not None:
-                notes.append(f"03 --dry_run estimated {r['dry_run_estimate_gb']:.1f} GB")
-            lines.append(f"| {name} | {sps:.3g} | {median:.3f} | {mem} | {fits} | "
-                         + (f"{ratio:.2f} ({ratio_median:.2f}) | {lim:.2f} | {100 * ratio / lim:.0f}% | " if ratio
-                            else "| | | ")
-                         + f"{tflops:.3g} | {share(tflops)} | {hours:.1f} | {'; '.join(notes)} |")
-            table.append({"run": name, "samples_per_s": sps, "median_step_s": median, **r, "x_trl": ratio,
-                          "model_tflops": tflops, "peak_share": tflops / peak if peak else None,
-                          "x_trl_median_steps": ratio_median, "limit": lim,
-                          "paper_run_hours": hours, "fits_48gb": fits})
-    base = results.get(("gen", args.gen_batch_sizes[0])) if args.gen_batch_sizes else None
-    for b, name in zip(args.gen_batch_sizes, names[k:]):
-        r = results.get(("gen", b))
+    padded = {c: results.get(("padded", c)) for c in ("off", "on")}  # step 1's log-probs, the padded path's
+    for name, (side, c) in zip(names, rows):
+        r = results.get((side, c))
         if r is None:
-            lines.append(f"| {name} | | | | | | | | | | | {errors.get(('gen', b), 'not run')} |")
-            table.append({"run": name, "error": errors.get(("gen", b))})
+            lines.append(f"| {name} | | | | | | | | | | | {errors.get((side, c), 'not run')} |")
+            table.append({"run": name, "error": errors.get((side, c))})
             continue
-        x = f"x{r['samples_per_s'] / base['samples_per_s']:.1f} batch {args.gen_batch_sizes[0]}; " if base else ""
+        sps = steady(args, r)
+        mem = ("n/a (CPU)" if r["peak_alloc_gib"] is None
+               else f"{r['peak_alloc_gib']:.1f} / {r['peak_reserved_gib']:.1f}")
+        fits = "" if r["peak_reserved_gib"] is None else ("yes" if r["peak_reserved_gib"] < A40_GIB else "no")
+        trl, passes_side = results.get(("trl", c)), SIDES[side][2]
+        ratio = ratio_median = lim = None
+        if side != "trl" and trl is not None:
+            ratio = sps / steady(args, trl)
+            ratio_median = steady(args, r, median=True) / steady(args, trl, median=True)
+            lim = limits.limit(P, R, passes_side, args.epochs, c == "on")
+        hours = limits.full_run_hours(sps)
+        median = statistics.median(r["seconds_per_step"][args.warmup:])
+        # model FLOPs of the training steps alone (the reference pass is charged to the epochs in samples/s)
+        flops = lambda passes: limits.flops_per_pair(P, R, passes_side, passes, lm_params, args.lm_layers,
+                                                     args.lm_hidden)
+        tflops = flops(limits.step_passes(P, R, passes_side, c == "on")) * args.batch_size / median / 1e12
+        notes = [r["attention"]] if r.get("attention") else []
+        if "compiles" in r:
+            notes.append(f"{r['compiles']} compiles over {len(r['row_tokens'])} row lengths"
+                         + (" (FELL BACK to per_pair)" if r["fell_back"] else ""))
+        base = padded[c]
+        if base and side not in ("padded", "trl"):
+            rel = abs(r["logps/chosen"] - base["logps/chosen"]) / abs(base["logps/chosen"])
+            notes.append(f"step-1 logps/chosen {r['logps/chosen']:.2f} vs padded {base['logps/chosen']:.2f} "
+                         f"({rel:.1e} relative)")
+        if r.get("reference_pairs"):
+            ref_tflops = r["reference_pairs"] / r["reference_pass_s"] * flops(P + 2 * R) / 1e12
+            notes.append(f"reference pass {r['reference_pass_s']:.1f}s for {r['reference_pairs']} pairs "
+                         f"({ref_tflops:.0f} TFLOP/s, {share(ref_tflops)} of peak; its compile included)")
+        if r.get("dry_run_estimate_gb") is not None:
+            notes.append(f"03 --dry_run estimated {r['dry_run_estimate_gb']:.1f} GB")
+        lines.append(f"| {name} | {sps:.3g} | {median:.3f} | {mem} | {fits} | "
+                     + (f"{ratio:.2f} ({ratio_median:.2f}) | {lim:.2f} | {100 * ratio / lim:.0f}% | " if ratio
+                        else "| | | ")
+                     + f"{tflops:.3g} | {share(tflops)} | {hours:.1f} | {'; '.join(notes)} |")
+        table.append({"run": name, "samples_per_s": sps, "median_step_s": median, **r, "x_trl": ratio,
+                      "model_tflops": tflops, "peak_share": tflops / peak if peak else None,
+                      "x_trl_median_steps": ratio_median, "limit": lim, "paper_run_hours": hours, "fits_48gb": fits})
+    gens = [(b, cache) for b in args.gen_batch_sizes for cache in ("static", "dynamic")]
+    for (b, cache), name in zip(gens, names[len(rows):]):
+        r = results.get(("gen", b, cache))
+        if r is None:
+            lines.append(f"| {name} | | | | | | | | | | | {errors.get(('gen', b, cache), 'not run')} |")
+            table.append({"run": name, "error": errors.get(("gen", b, cache))})
+            continue
+        dynamic = results.get(("gen", b, "dynamic"))
+        x = f"x{r['samples_per_s'] / dynamic['samples_per_s']:.2f} the dynamic cache; " \
+            if dynamic and cache == "static" else ""
         hours = limits.PAPER_PAIRS / (r["samples_per_s"] * limits.PAPER_GPUS) / 3600
         lines.append(f"| {name} | {r['samples_per_s']:.3g} | | | | | | | | | {hours:.1f} | {x}{r['new_tokens_per_s']:.0f} "
-                     f"new tokens/s; {args.gen_tokens} new tokens each; hours = {limits.PAPER_PAIRS} negatives, "
-                     "one try |")
+                     f"new tokens/s; {r['compiles']} compiles; {args.gen_tokens} new tokens each; hours = "
+                     f"{limits.PAPER_PAIRS} negatives, one try |")
         table.append({"run": name, **r, "paper_negatives_hours": hours})
     lines.append(f"| {names[-1]} | | | | | | | | | | {limits.PAPER_HOURS:.0f} | the paper's reported training time |")
     table.append({"run": names[-1], "paper_run_hours": limits.PAPER_HOURS})
@@ -635,8 +719,9 @@ def main(argv=None):
     print(f"\nfits 48 GB: reserved peak < {A40_GIB} GiB (an A40: 46068 MiB). x TRL: samples/s over TRL's at the same "
           "checkpointing, from mean step times (from median ones); limit: bench/limits.py's token passes; of limit: "
           "x TRL / limit (goal >= 85%). Model TFLOP/s: bench/limits.py's flops_per_pair of the training step (real tokens, "
-          "no reference pass) x pairs / median step; of bf16 peak: over the device's dense bf16 peak. Paper's run: measured per-pair time x 2 x 170k / 8; an A40 has ~1/6.6 of an "
-          "H200's dense bf16 peak (149.7 vs 989 TFLOP/s).")
+          "no reference pass) x pairs / median step; of bf16 peak: over the device's dense bf16 peak. Paper's run: "
+          "measured per-pair time x 2 x 170k / 8; an A40 has ~1/6.6 of an H100's dense bf16 peak (149.7 vs 989 "
+          "TFLOP/s). Compiles: graphs dynamo compiled during the run (flex: 2 expected, reference and training).")
     result = {"args": vars(args), "device": gpu, "n_params": n_params, "P": P, "R": R, "note": note, "rows": table,
               "errors": {str(k): v for k, v in errors.items()}, "wall_s": time.time() - T0}
     if args.out:

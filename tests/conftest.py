@@ -51,16 +51,23 @@ def script(name):
     return sys.modules[module]
 
 
-def run_torchrun(name, *args, nproc=2, timeout=300):
-    """Runs a numbered script under torchrun with nproc CPU processes (gloo) on a free port; a hang fails the
-    test after `timeout` seconds instead of stalling the suite."""
+def torchrun(name, *args, nproc=2, **popen):
+    """A numbered script started under torchrun with nproc CPU processes (gloo) on a free port, in a session of its
+    own (os.killpg reaches the ranks too)."""
     with socket.socket() as s:  # a free port: another test may run torchrun at the same time
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            os.path.join(ROOT, name), *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    return subprocess.Popen(cmd, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True, **popen)
+
+
+def run_torchrun(name, *args, nproc=2, timeout=300):
+    """Runs a numbered script under torchrun (torchrun()); a hang fails the test after `timeout` seconds instead of
+    stalling the suite."""
+    proc = torchrun(name, *args, nproc=nproc, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = proc.args
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -115,6 +122,27 @@ def run_here(name, *args, env=None, check=False):
     if check and code != 0:
         raise AssertionError(f"{name} failed ({code}):\n{err.getvalue()[-3000:]}")
     return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
+
+
+def toy_pair_records(toy, n):
+    """n good pairs on the toy's images: chosen the ground-truth caption, rejected the next image's."""
+    import json
+    recs = json.load(open(toy / "train.json"))[:n + 1]
+    return [{"id": r["id"], "image": r["image"], "prompt": "Describe the image.",
+             "chosen": r["conversations"][1]["value"], "rejected": n["conversations"][1]["value"],
+             "source": "toy", "method": "test"} for r, n in zip(recs, recs[1:])]
+
+
+def as_if_killed_after(out, step):
+    """A finished 03 run in `out` made into the run a kill right after checkpoint-`step` leaves: the later
+    checkpoints, the adapter and the finished mark gone (metrics.jsonl keeps its later rows, as a kill leaves them)."""
+    import json
+    import shutil
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-") and int(name.rsplit("-", 1)[1]) > step or name == "adapter":
+            shutil.rmtree(os.path.join(out, name))
+    run = json.load(open(os.path.join(out, "run.json")))
+    json.dump({**run, "finished_step": None}, open(os.path.join(out, "run.json"), "w"))
 
 
 def kill_after_lines(args, path, n_lines, timeout=120):

@@ -77,34 +77,59 @@ def test_gpu_check_sizes_and_rows():
     assert tiny.lm_layers == 3 and tiny.lm_hidden == gpu_check.TINY["lm_hidden"]  # an explicit flag wins
     assert "3 of its 32 language-model layers" in gpu_check.size_note(tiny)
     names = gpu_check.row_names(full)
-    assert len(names) == len(set(names)) == 4 * 2 + 3 + 1  # 4 sides x checkpointing off/on, 3 batch sizes, the paper
-    assert sum(n.startswith("TRL") for n in names) == 2 and sum("checkpointing on" in n for n in names) == 4
-    assert names[-1].startswith("paper")
+    assert len(names) == len(set(names)) == 8 + 3 * 2 + 1  # 8 training rows, 3 batch sizes x 2 caches, the paper
+    assert sum("checkpointing on" in n for n in names) == 5 and not any(n.startswith("TRL") for n in names)
+    assert names[-1].startswith("paper") and "QLoRA" in names[7]  # QLoRA quantizes the model: last
+    assert gpu_check.parse_args(["--rows", "qlora:on", "flex:off"]).rows == ["flex:off", "qlora:on"]
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--rows", "flex:maybe"])
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("BENCH_SMOKE") != "1", reason="minutes of CPU: set BENCH_SMOKE=1 to run it")
-def test_gpu_check_tiny_on_cpu(tmp_path):
-    pytest.importorskip("trl", reason="TRL is a bench-only dependency: pip install -r bench/requirements.txt")
+def run_gpu_check(tmp_path, *flags):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--budget_s", "3000", "--work", str(tmp_path / "work"), "--out", str(out)],
+                           "--budget_s", "3000", "--work", str(tmp_path / "work"), "--out", str(out), *flags],
                           capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    for name in gpu_check.row_names(gpu_check.parse_args(["--device", "cpu", "--tiny"])):
+    for name in gpu_check.row_names(gpu_check.parse_args(["--device", "cpu", "--tiny", *flags])):
         row = [line for line in table if line.startswith(f"| {name} |")]
         assert len(row) == 1, f"no row {name!r} in:\n" + "\n".join(table)
         assert "FAILED" not in row[0] and "skipped" not in row[0] and "not run" not in row[0], row[0]
     assert "NOT LLaVA-1.5-7B's size" in proc.stdout
     result = json.loads(out.read_text())
     assert not result["errors"]
-    rows = {r["run"]: r for r in result["rows"]}
-    for side in ("03 default", "03 --no-precompute_ref"):
-        for c in ("off", "on"):
+    return {r["run"]: r for r in result["rows"]}
+
+
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    """The prepared GPU check's every row at a tiny size on the CPU (the GPU half waits for a lent device): flex asked
+    for falls back here (no backward on CPU) after compiling its reference pass, the small tiles' compiles are their
+    own, every padding-free row's step-1 log-probs = the padded path's, QLoRA runs on NF4 layers, and on CPU the
+    static cache compiles nothing."""
+    rows = run_gpu_check(tmp_path, "--compile_backend", "eager")
+    by_side = {side: next(r for k, r in rows.items() if k.startswith(gpu_check.SIDES[side][0].split(" (")[0]))
+               for side in ("flex", "small_tiles", "per_pair", "padded", "qlora")}
+    assert by_side["flex"]["fell_back"] and by_side["flex"]["compiles"] >= 1
+    assert by_side["small_tiles"]["fell_back"] and by_side["small_tiles"]["compiles"] >= 1
+    assert not by_side["per_pair"]["fell_back"] and by_side["per_pair"]["compiles"] == 0
+    for side in ("flex", "small_tiles", "per_pair"):
+        assert by_side[side]["logps/chosen"] == pytest.approx(by_side["padded"]["logps/chosen"], rel=1e-5)
+    assert by_side["qlora"]["logps/chosen"] == pytest.approx(by_side["padded"]["logps/chosen"], rel=1e-2)
+    assert by_side["qlora"]["logps/chosen"] != by_side["padded"]["logps/chosen"]  # NF4 weights: not the same model
+    gens = [r for k, r in rows.items() if k.startswith("01 generation")]
+    assert len(gens) == 4 and all(r["compiles"] == 0 and r["samples_per_s"] > 0 for r in gens)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BENCH_SMOKE") != "1", reason="minutes of CPU: set BENCH_SMOKE=1 to run it")
+def test_gpu_check_trl_rows_on_cpu(tmp_path):
+    pytest.importorskip("trl", reason="TRL is a bench-only dependency: pip install -r bench/requirements.txt")
+    rows = run_gpu_check(tmp_path, "--rows", "per_pair:off", "per_pair:on", "every_step:on", "trl:off", "trl:on")
+    for side in ("03 --attention per_pair", "03 --no-precompute_ref"):
+        for c in ("off", "on") if "per_pair" in side else ("on",):
             r = next(v for k, v in rows.items() if k.startswith(side) and k.endswith(f"checkpointing {c}"))
             assert r["x_trl"] > 0 and r["limit"] > 1 and r["samples_per_s"] > 0
             # what 03 and TRL log at step 1 are the same pairs under the same (untrained) model: TRL drops BOS only
             trl = next(v for k, v in rows.items() if k.startswith("TRL") and k.endswith(f"checkpointing {c}"))
             assert r["logps/chosen"] == pytest.approx(trl["logps/chosen"], rel=1e-3)
-    assert rows[next(k for k in rows if k.startswith("03 default"))]["reference_pairs"] > 0

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
+import attention
 import common
 import data
 from conftest import plain_inputs
@@ -56,12 +57,15 @@ def test_flat_batch_by_hand():
     assert torch.allclose(common.packed_logps(logits, scored, 4), torch.stack(want), atol=1e-6)
 
 
-def lora_model(toy, arch="llava", dtype=torch.float32):
-    """The toy model with LoRA on the language model, B initialised away from zero so the adapter
-    changes the outputs and every LoRA weight gets a gradient."""
+def lora_model(toy, arch="llava", dtype=torch.float32, dropout=0.0, checkpointing=False):
+    """The toy model with LoRA on the language model (as 03 makes it: checkpointing first), B initialised away
+    from zero so the adapter changes the outputs and every LoRA weight gets a gradient."""
     model, processor = common.load_model(str(toy / "model"))
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
-    model = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=common.LORA_TARGETS))
+    model = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                               target_modules=common.LORA_TARGETS))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -122,12 +126,13 @@ def _packed_logps(model, processor, visions, seqs):
 def _flat_logps(model, processor, visions, seqs):
     """The padding-free path: one row, each pack's attention its own (CPU: FlexAttention has no backward here)."""
     input_ids, position_ids, doc, seg, keep, scored = common.flat_batch(_packs(processor, visions, seqs))
-    common.use_packed_attention(model)
+    attention.use_packed_attention(model)
+    inputs = attention.Kernel("per_pair", "tested").inputs(dict(doc=doc, seg=seg))
     try:
         logits = model(inputs_embeds=_embeds(model, input_ids, visions), position_ids=position_ids,
-                       logits_to_keep=keep, **common.flat_attention(doc, seg)).logits
+                       logits_to_keep=keep, **inputs).logits
     finally:
-        common.use_packed_attention(model, on=False)
+        attention.use_packed_attention(model, on=False)
     return common.packed_logps(logits.double(), scored, 2 * len(seqs)).double()
 
 
@@ -177,8 +182,8 @@ def test_block_mask_and_pack_masks_are_the_same_attention():
     dense = torch.tensor([[doc[0, j] == doc[0, i] and j <= i and (seg[0, j] == 0 or seg[0, j] == seg[0, i])
                            for j in range(16)] for i in range(16)])
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    flex = flex_attention(q, k, v, block_mask=common.block_mask(doc, seg))
-    per_pack, _ = common.packed_attention_forward(None, q, k, v, None, pack_masks=common.pack_masks(doc, seg))
+    flex = flex_attention(q, k, v, block_mask=attention.block_mask(doc, seg))
+    per_pack, _ = attention.packed_attention_forward(None, q, k, v, None, pack_masks=attention.pack_masks(doc, seg))
     assert torch.allclose(flex, want, atol=1e-12)
     assert torch.allclose(per_pack.transpose(1, 2), want, atol=1e-12)
 

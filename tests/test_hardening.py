@@ -25,7 +25,7 @@ import common
 import data
 import dist_io
 import remote
-from conftest import kill_after_lines, run_here
+from conftest import as_if_killed_after, kill_after_lines, run_here, toy_pair_records
 from openai_stub import RESET, Delay, OpenAIStub
 
 SECRET = "sk-test-hardening-never-print-this"
@@ -248,11 +248,7 @@ def test_inject_skips_and_counts_bad_ground_truth(toy, root, ground_truth, tmp_p
 
 @pytest.fixture(scope="module")
 def pair_records(toy):
-    """Sixteen good pairs on toy images: chosen the ground truth, rejected another image's answer."""
-    recs = json.load(open(toy / "train.json"))[:17]
-    return [{"id": r["id"], "image": r["image"], "prompt": "Describe the image.",
-             "chosen": r["conversations"][1]["value"], "rejected": n["conversations"][1]["value"],
-             "source": "toy", "method": "test"} for r, n in zip(recs, recs[1:])]
+    return toy_pair_records(toy, 16)
 
 
 def train_cmd(toy, image_root, data, out, *extra):
@@ -688,15 +684,17 @@ class Evil:
 def test_pickled_code_in_a_checkpoint_or_adapter_is_never_run(toy, pair_records, tmp_path):
     f = write_lines(tmp_path / "pairs.jsonl", map(json.dumps, pair_records[:4]))
     out = tmp_path / "run"
-    assert train(toy, toy / "images", f, out, "--batch_size", 4, "--max_steps", 1).returncode == 0
+    assert train(toy, toy / "images", f, out, "--batch_size", 4, "--max_steps", 2, "--save_every", 1).returncode == 0
+    shutil.copytree(out / "adapter", tmp_path / "trained_adapter")
+    as_if_killed_after(out, 1)
     marker = tmp_path / "pickle-ran"
-    torch.save({"step": 1, "optimizer": Evil(marker), "scheduler": {}}, out / "checkpoint-1" / "state.pt")
+    torch.save({"step": 1, "optimizer": Evil(marker)}, out / "checkpoint-1" / "state.pt")
     proc = train(toy, toy / "images", f, out, "--batch_size", 4, "--max_steps", 2, "--resume")
     error_line(proc, str(out / "checkpoint-1"))
     assert not marker.exists()
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    shutil.copy(out / "adapter" / "adapter_config.json", adapter)
+    shutil.copy(tmp_path / "trained_adapter" / "adapter_config.json", adapter)
     with open(adapter / "adapter_model.bin", "wb") as fh:  # an old-style adapter: a pickle
         pickle.dump({"weight": Evil(marker)}, fh)
     with pytest.raises(Exception):

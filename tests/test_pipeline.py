@@ -13,7 +13,7 @@ import common
 import data
 import dist_io
 import scoring
-from conftest import kill_after_lines, run_here, run_script, run_torchrun, run_torchrun_nodes, script
+from conftest import as_if_killed_after, kill_after_lines, run_here, run_script, run_torchrun, run_torchrun_nodes, script
 
 PAIR_FIELDS = {"id", "image", "prompt", "chosen", "rejected", "source", "method", "meta"}
 
@@ -142,15 +142,12 @@ def assert_same_weights(a, b, atol):
         assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
 
 
-def stopped_copy(straight, cut, lost_checkpoint, n_lines):
-    """A copy of a finished run as if stopped right after its last kept checkpoint: the later checkpoint, the
-    adapter and the finish mark never written, n_lines log lines kept (one too many is the usual state).
+def stopped_copy(straight, cut, step, n_lines):
+    """A copy of a finished run as if stopped right after checkpoint-`step`: the later checkpoints, the adapter and
+    the finish mark never written, n_lines log lines kept (one too many is the usual state).
     Returns (the copy, the straight run's log lines)."""
     shutil.copytree(straight, cut)
-    shutil.rmtree(cut / lost_checkpoint)
-    shutil.rmtree(cut / "adapter")
-    run = json.loads((cut / "run.json").read_text())
-    (cut / "run.json").write_text(json.dumps({**run, "finished_step": None}))  # a finished run marks it at the end
+    as_if_killed_after(cut, step)
     rows = dist_io.read_jsonl(cut / "metrics.jsonl")
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_lines]))
     return cut, rows
@@ -166,7 +163,7 @@ def test_resume_equals_straight_run(toy, pairs, tmp_path, objective):
     args = ("--lr", 1e-3, "--batch_size", 4, "--max_steps", 6, "--save_every", 3, "--keep_checkpoints", 2,
             "--group_by_length", *objective)
     train(toy, pairs, tmp_path / "straight", *args)
-    cut, rows = stopped_copy(tmp_path / "straight", tmp_path / "cut", "checkpoint-6", 4)
+    cut, rows = stopped_copy(tmp_path / "straight", tmp_path / "cut", 3, 4)
     proc = train(toy, pairs, cut, *args, "--resume")
     assert "resumed from" in proc.stdout and "checkpoint-3" in proc.stdout
     assert_same_weights(adapter(cut), adapter(tmp_path / "straight"), atol=1e-6)

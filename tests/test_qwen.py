@@ -158,7 +158,7 @@ def test_objective_terms_at_step_one(qwen_toy, qwen_pairs, tmp_path):
 def test_resume_equals_straight_run(qwen_toy, qwen_pairs, tmp_path):
     args = ("--batch_size", 4, "--max_steps", 4, "--save_every", 2)
     _train(qwen_toy, qwen_pairs, tmp_path / "straight", *args)
-    cut, _ = stopped_copy(tmp_path / "straight", tmp_path / "cut", "checkpoint-4", 3)
+    cut, _ = stopped_copy(tmp_path / "straight", tmp_path / "cut", 2, 3)
     proc = _train(qwen_toy, qwen_pairs, cut, *args, "--resume")
     assert "checkpoint-2" in proc.stdout
     assert_same_weights(adapter(cut), adapter(tmp_path / "straight"), atol=1e-6)

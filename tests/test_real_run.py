@@ -14,7 +14,7 @@ from PIL import Image
 import common
 import data
 import dist_io
-from conftest import run_here
+from conftest import as_if_killed_after, run_here
 from test_hardening import error_line, write_lines
 
 LLAMA_TOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "llama2-tokenizer")
@@ -138,8 +138,8 @@ def test_run_directory_contract(toy, two_sources, tmp_path):
     # --resume with a setting that changes what a step sees: refused, naming each
     changed = train(toy, out, data, roots, "--max_steps", 2, "--resume", "--max_length", 300, "--batch_size", 2)
     message = error_line(changed, "--resume")
-    assert "pairs per step" in message and "4 -> 2" in message and "max_length 2048 -> 300" in message
-    # a longer --max_steps continues it
+    assert "pairs per step" in message and "(4 -> 2)" in message and "--max_length (2048 -> 300)" in message
+    # a longer --max_steps with no checkpoint kept trains from the start (a finished run's checkpoint: test_step.py)
     more = train(toy, out, data, roots, "--max_steps", 3, "--resume")
     assert more.returncode == 0, more.stderr[-3000:]
     assert [r["step"] for r in dist_io.read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
@@ -155,7 +155,8 @@ def test_reference_cache_is_never_read_stale(toy, two_sources, tmp_path):
     base, files = two_sources
     data, roots = [files["coco"], files["laion"]], [f"coco={base / 'coco'}", f"laion={base / 'laion'}"]
     out = tmp_path / "run"
-    assert train(toy, out, data, roots, "--max_steps", 1, "--save_every", 1).returncode == 0
+    assert train(toy, out, data, roots, "--max_steps", 2, "--save_every", 1).returncode == 0
+    as_if_killed_after(out, 1)
     cache = out / "ref_logps.jsonl"
     rows = dist_io.read_jsonl(cache)
     assert len(rows) == 8 and len({r["key"] for r in rows}) == 1
@@ -260,6 +261,17 @@ def test_qlora_keeps_the_rest_in_bf16(toy):
                                                                             if d != torch.bfloat16}
     source = open(os.path.join(os.path.dirname(__file__), "..", "03_train_bpo.py")).read()
     assert "prepare_model_for_kbit_training(" not in source
+
+
+def test_qlora_quantizes_the_language_model_only(toy):
+    """--load_in_4bit: every Linear layer of the language model in NF4, none of the vision tower's, the projector's or
+    the head's (transformers reads a bare "vision_tower" in the skip list as one module's name only, and quantized the
+    vision tower's layers before the names were written from the root)."""
+    import bitsandbytes as bnb
+    model, _ = common.load_model(str(toy / "model"), load_in_4bit=True)
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    nf4 = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert nf4 == {n for n in linear if ".language_model." in n} and len(nf4) == 28
 
 
 def test_report_to_tensorboard_logs_metrics_jsonl_scalars(toy, two_sources, tmp_path):

@@ -129,9 +129,10 @@ def count_compiles(monkeypatch):
 
 
 def test_packed_attention_compiles_once_per_kind(toy, toy_model, count_compiles):
-    """Over 12 micro-batches of 12 row lengths the packed attention compiles once for the no-grad reference pass and
-    once for the training pass (before: 3 per kind with PyTorch's default dynamism, 8 and then an eager unfused
-    kernel with dynamic=False); and FlexAttention's log-probs = per_pair's on the same rows."""
+    """Over 12 micro-batches of 6 row lengths (in whole blocks; 12 without them) the packed attention compiles once for
+    the no-grad reference pass and once for the training pass (before: twice per kind with PyTorch's default dynamism
+    on unpadded rows; with dynamic=False once per length until dynamo's limit of 8, then an eager unfused kernel);
+    and FlexAttention's log-probs = per_pair's on the same rows."""
     model, processor = toy_model
     rows = toy_rows(toy, processor, 12)
     assert len({r["input_ids"].shape[1] for r in rows}) >= 5  # several lengths in whole blocks
@@ -179,8 +180,8 @@ def test_flex_asked_on_cpu_scores_the_reference_then_falls_back(toy, tmp_path, m
 
 def test_generation_compiles_the_decode_step_once(toy, toy_model, monkeypatch):
     """The static cache's decode step, as transformers compiles it on CUDA (forced here on CPU with a counting
-    backend): once over prompts of 6 lengths and 2 batch sizes (before: 5 with dynamic=False), the same answers as
-    without compiling."""
+    backend): once over prompts of 6 lengths and 2 batch sizes (before: 3 with transformers' default config, 4 with
+    dynamic=False), the same answers as without compiling."""
     model, processor = toy_model
     recs = json.load(open(toy / "train.json"))[:3]
     images = [data.load_image(str(toy / "images"), r["image"]) for r in recs]

@@ -1,8 +1,8 @@
 """Step 0: an offline toy world in the real formats. Renders a synthetic image world with a known
-language prior, builds a tiny LLaVA (word-level tokenizer that knows LLaVA-1.5's conversation; with --arch
-qwen2_5_vl a tiny Qwen2.5-VL with its family's special tokens and chat template), trains it in
-stages so that it sees but leans on the prior, writes the ground truth and both benchmarks, and
-measures the prior: hallucination of clean and weakened captions (prior_check.json)."""
+language prior, builds a tiny LLaVA (word-level tokenizer that knows LLaVA-1.5's conversation; with --arch another
+family's tiny model, with its special tokens and chat template: families/), trains it in stages so that it sees but
+leans on the prior, writes the ground truth and both benchmarks, and measures the prior: hallucination of clean and
+weakened captions (prior_check.json)."""
 import argparse
 import json
 import math
@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
 import common
 import dist_io
+import generation
 import scoring
+from families import FAMILIES
 
 
 def parse_args(argv=None):
@@ -42,9 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--align_steps", type=int, default=None,
                    help="steps of the projector + LM alignment stage (default 1400; 40 with --quick)")
     p.add_argument("--lm_width", type=int, default=64, help="hidden size of the tiny Llama (its MLP is twice as wide)")
-    p.add_argument("--arch", choices=["llava", common.QWEN_VL], default="llava",
-                   help="the model family: LLaVA-1.5 (CLIP stand-in, projector, Llama) or Qwen2.5-VL (its windowed ViT, "
-                        "patch merger and Qwen2 LM with multimodal rotary positions); the same world and stages")
+    p.add_argument("--arch", choices=sorted(FAMILIES), default="llava",
+                   help="the model family (its checkpoints' model_type, families/): LLaVA-1.5 (CLIP stand-in, projector, "
+                        "Llama) or another family's architecture at the same toy size; the same world and stages")
     return p.parse_args(argv)
 
 
@@ -86,24 +86,6 @@ QUESTIONS = {"colour": "What colour is the {obj}?", "count": "How many {objs} ar
              "exist": "Is there {a_obj} in the image?", "where": "Where is the {obj}?",
              "what_at": "What is at the {pos}?", "total": "How many objects are there in total?",
              "fruit": "Which fruit is in the image?"}
-SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
-QWEN_SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-QWEN_SYSTEM = "You are a helpful assistant."
-# Qwen2.5-VL-Instruct's ChatML: its default system turn, the image as <|vision_start|><|image_pad|><|vision_end|>
-QWEN_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    + QWEN_SYSTEM + "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CHAT_TEMPLATE = (  # llava-hf/llava-1.5's: "USER: <image>\n{question} ASSISTANT:"
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-
-
 def words(text):
     """Word-level split as the tokenizer does it: lower case, punctuation as separate words."""
     return re.findall(r"\w+|[^\w\s]", text.lower())
@@ -195,15 +177,25 @@ def qa(kind, objs, rng):
     return QUESTIONS[kind], " and ".join(fruits) or "none", ["rec", "know"], " <AND> ".join(fruits) or "none"
 
 
+# the toy's sizes: a 64 px image is 16 tokens (one per 16 px cell), a 4-layer LM of --lm_width; what differs by family
+TOY_SIZES = dict(lm_layers=4, lm_heads=4, lm_kv_heads=4, vision_hidden=96, vision_layers=3, vision_mlp=192,
+                 vision_heads=4, image_size=64, patch_size=16)
+TOY_FAMILY_SIZES = {  # 8 px patches where 2 x 2 of them make one token (Qwen's merger, Gemma's pooling)
+    "qwen2_vl": dict(patch_size=8), "qwen2_5_vl": dict(patch_size=8), "qwen3_vl": dict(patch_size=8),
+    # a window of 16 positions on every other layer: shorter than a caption, so the window is exercised
+    "gemma3": dict(patch_size=8, image_tokens=16, sliding_window=16, full_every=2, lm_kv_heads=2)}
+
+
+def toy_sizes(arch, width):
+    return {**TOY_SIZES, "lm_hidden": width, "lm_mlp": 2 * width, **TOY_FAMILY_SIZES.get(arch, {})}
+
+
 def vocabulary(arch="llava"):
     """Every word the world can say or ask, independent of the sampled data, and the family's conversation."""
     texts = OBJECTS + list(PLURALS.values()) + list(COLOURS) + list(POSITIONS) + NUMBERS + DESCRIBE
     texts += [re.sub(r"\{\w+\}", "", q) for q in QUESTIONS.values()]
-    texts += ["there is are a an at the it they and yes no nothing none has , ."]
-    if arch == common.QWEN_VL:
-        return QWEN_SPECIALS + sorted({w for t in texts + [QWEN_SYSTEM, "system user assistant"] for w in words(t)})
-    texts += [common.VICUNA_SYSTEM, "USER: ASSISTANT:"]
-    return SPECIALS + sorted({w for t in texts for w in words(t)})
+    texts += ["there is are a an at the it they and yes no nothing none has , .", FAMILIES[arch].conversation_text]
+    return list(FAMILIES[arch].special_tokens) + sorted({w for t in texts for w in words(t)})
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -355,79 +347,43 @@ def word_tokenizer(words_, specials, **kw):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    if kw.get("bos_token"):
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                          special_tokens=[("<s>", vocab["<s>"])])
+    bos = kw.get("bos_token")
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                          special_tokens=[(bos, vocab[bos])])
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces: "red ." stays "red ."
     tk.add_special_tokens([AddedToken(w, special=True) for w in specials])
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", padding_side="left",
                                    clean_up_tokenization_spaces=False, **kw)
 
 
-def build_processor(arch):
-    if arch == common.QWEN_VL:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        tok = word_tokenizer(vocabulary(arch), QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        tok.chat_template = QWEN_TEMPLATE
-        # 8 px patches merged 2x2: a 64 px image is 16 tokens, one per 16 px cell as LLaVA's toy CLIP patches
-        ip = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64,
-                                      max_pixels=64 * 64)
-        return common.qwen_processor(tok, ip, QWEN_TEMPLATE)
-    tok = word_tokenizer(vocabulary(arch), SPECIALS, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    ip = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
-                          chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+def build_processor(arch, sizes):
+    family = FAMILIES[arch]
+    tok = word_tokenizer(vocabulary(arch), family.special_tokens, **family.tokenizer_tokens)
+    tok.chat_template = family.chat_template
+    return family.processor_for(tok, sizes)
 
 
-def build_model(tok, width, arch):
-    text = dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if arch == common.QWEN_VL:
-        # the same widths as the LLaVA toy's; one window of 4 x 4 merged cells (the whole image), the last block full
-        vision = dict(depth=3, hidden_size=96, intermediate_size=192, num_heads=4, patch_size=8, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=64, out_hidden_size=width, fullatt_block_indexes=[2])
-        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config={**text, "rope_parameters": {
-            "rope_type": "default", "mrope_section": common.qwen_mrope_section(width // 4), "rope_theta": 10000.0}},
-            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
-    else:
-        vision = CLIPVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=64, patch_size=16, projection_dim=96)
-        cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text),
-                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-        model = LlavaForConditionalGeneration(cfg)
+def build_model(processor, sizes, arch):
+    family, tok = FAMILIES[arch], processor.tokenizer
+    model = AutoModelForImageTextToText.from_config(family.config_for(tok, sizes))
     g = model.generation_config
-    g.pad_token_id, g.bos_token_id, g.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    g.pad_token_id, g.bos_token_id, g.eos_token_id = tok.pad_token_id, tok.bos_token_id, family.eos_token_id(tok)
     return model
 
 
-def projector(model):
-    """The module that maps the vision features into the LM (LLaVA's projector, Qwen2.5-VL's patch merger)."""
-    return model.model.visual.merger if common.is_qwen(model) else model.model.multi_modal_projector
-
-
 class Pixels:
-    """The training images' processor inputs, indexable by a list of image indices: {"pixel_values"} of
-    LLaVA, or Qwen2.5-VL's patch rows with their image_grid_thw."""
+    """The training images' processor inputs (the family's image inputs), indexable by a list of image indices."""
 
-    def __init__(self, processor, images):
+    def __init__(self, processor, images, family):
         enc = processor.image_processor(images, return_tensors="pt")
-        self.grid = enc.get("image_grid_thw")
-        self.values = enc["pixel_values"] if self.grid is None else enc["pixel_values"].view(len(images), -1,
-                                                                                             enc["pixel_values"].shape[-1])
+        self.family, self.images = family, family.split_images({k: enc[k] for k in family.vision_keys})
 
     def __len__(self):
-        return len(self.values)
+        return len(self.images)
 
     def __getitem__(self, idx):
-        if self.grid is None:
-            return {"pixel_values": self.values[idx]}
-        return {"pixel_values": self.values[idx].flatten(0, 1), "image_grid_thw": self.grid[idx]}
+        return self.family.cat_images([self.images[i] for i in idx])
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -461,18 +417,18 @@ def pope_splits(names, scenes, train_scenes, rng):
 # ----------------------------------------------------------------------------- training
 
 
-def encode_items(processor, items, fmt):
+def encode_items(processor, items, fmt, family):
     """(image index, question, answer) -> (image index, input_ids, labels) with the token
-    convention of common.py: chat prompt with the image tokens, answer + EOS scored."""
+    convention of common.py: chat prompt with the image tokens, answer + the family's EOS scored."""
     tok = processor.tokenizer
     cache, out = {}, []
     for i, q, a in items:
         if q not in cache:  # few distinct questions: tokenise each prompt once
             text = common.chat_prompt(processor, q, fmt)
-            ids = processor(text=[text], images=[Image.new("RGB", (64, 64))])["input_ids"][0]
+            ids = family.encode(processor, [text], [Image.new("RGB", (64, 64))])["input_ids"][0].tolist()
             cache[q] = (text, ids)
         text, ids = cache[q]
-        resp = common.response_ids(tok, text, a)
+        resp = common.response_ids(tok, text, a, family.eos_token_id(tok))
         out.append((i, ids + resp, [common.IGNORE] * len(ids) + resp))
     assert all(tok.unk_token_id not in ids for _, ids, _ in out), "a word is missing from the vocabulary"
     return out
@@ -487,10 +443,9 @@ def sampler(n, rng):
 
 def image_loss(model, batch, pixels):
     ids, mask, labels = common.pad_batch([(s[1], s[2]) for s in batch], pad_id=model.config.text_config.pad_token_id)
-    vision = pixels[[s[0] for s in batch]]
-    if "image_grid_thw" in vision:  # Qwen2.5-VL's multimodal positions need to know which tokens are the image's
-        vision["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
-    return model(input_ids=ids, attention_mask=mask, labels=labels, **vision).loss
+    vision = pixels[[s[0] for s in batch]]  # and which tokens are the image's, where the family's forward needs it
+    return model(input_ids=ids, attention_mask=mask, labels=labels, **vision,
+                 **pixels.family.token_types(ids, model.config)).loss
 
 
 def text_loss(model, batch):
@@ -515,33 +470,28 @@ def train(params, steps, lr, loss_fn, desc):
 
 
 def train_vision(model, pixels, cls, col, rng, steps):
-    """Stands in for a pretrained CLIP: from the features the projector reads (LLaVA: layer -2, CLS
-    dropped; Qwen2.5-VL: the merged 16 px cells), a temporary linear head (thrown away) predicts each cell's
-    object class, colour and place in the grid, so that the features say what is where."""
-    qwen = common.is_qwen(model)
-    vt = model.model.visual if qwen else model.model.vision_tower
+    """Stands in for a pretrained vision encoder: from the features the language model's side reads, one per 16 px
+    cell (the family's cell_features: LLaVA's layer -2, CLS dropped; Qwen's merged cells), a temporary linear head
+    (thrown away) predicts each cell's object class, colour and place in the grid, so that the features say what is
+    where."""
+    family = pixels.family
+    vt = family.pixel_module(model)[0]
     sizes = [1 + len(OBJECTS), 1 + len(COLOURS), 16]
-    head = torch.nn.Linear(model.config.text_config.hidden_size if qwen else vt.config.hidden_size, sum(sizes))
+    head = torch.nn.Linear(family.cell_dim(model.config), sum(sizes))
     batches, cls, col = sampler(len(pixels), rng), torch.from_numpy(cls), torch.from_numpy(col)
-
-    def features(b):
-        if qwen:
-            one = pixels[b]
-            return vt(one["pixel_values"], grid_thw=one["image_grid_thw"]).pooler_output.view(len(b), 16, -1)
-        return vt(pixels[b]["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
 
     def loss_fn():
         b = next(batches)
-        logits = head(features(b)).split(sizes, dim=-1)
+        logits = head(family.cell_features(model, pixels[b])).split(sizes, dim=-1)
         targets = (cls[b], col[b], torch.arange(16).expand(len(b), 16))
         return sum(F.cross_entropy(l.flatten(0, 1), t.flatten()) for l, t in zip(logits, targets))
     train(list(vt.parameters()) + list(head.parameters()), steps, 2e-3, loss_fn, "a) vision")
 
 
-def set_trainable(model, *modules):
+def set_trainable(model, *params):
     model.requires_grad_(False)
-    for m in modules:
-        m.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -599,15 +549,15 @@ def prior_check(model, processor, names, imgs, scenes, prompts, pope, seed, fmt)
         caps = []
         for i in tqdm(range(0, len(imgs), 50), desc=f"prior check t={t}"):
             with common.weaken_images(model, t, "features", gen):
-                caps += common.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], fmt, max_new_tokens=64)
+                caps += generation.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], fmt, max_new_tokens=64)
         rows.append({"noise_step": t, **prior_stats(caps, scenes, chair)})
         examples[str(t)] = caps[:5]
     image_of, yes_no = dict(zip(names, imgs)), {}
     for split in ("random", "adversarial"):
         recs, said = pope[split], []
         for i in tqdm(range(0, len(recs), 64), desc=f"prior check POPE {split}"):
-            said += common.generate(model, processor, [image_of[r["image"]] for r in recs[i:i + 64]],
-                                    [r["text"] for r in recs[i:i + 64]], fmt, max_new_tokens=POPE_TOKENS)
+            said += generation.generate(model, processor, [image_of[r["image"]] for r in recs[i:i + 64]],
+                                        [r["text"] for r in recs[i:i + 64]], fmt, max_new_tokens=POPE_TOKENS)
         scores = scoring.pope_metrics([r["label"] for r in recs], said)
         yes_no[split] = {k: v if k == "n" else v / 100 for k, v in scores.items()}
     return rows, examples, yes_no
@@ -669,26 +619,27 @@ def main(argv=None):
     mmvet = mmvet_questions(mm_names, mm_scenes, rng)
     hal_prompts = [DESCRIBE[i % len(DESCRIBE)] for i in range(n["hal"])]
 
-    # ---- model: processor (tokenizer + image processor + template) and a tiny LLaVA
-    processor = build_processor(args.arch)
-    model = build_model(processor.tokenizer, args.lm_width, args.arch)
-    fmt = common.family_format(args.arch)
+    # ---- model: processor (tokenizer + image processor + template) and a tiny LLaVA (or the family's model)
+    family, arch_sizes = FAMILIES[args.arch], toy_sizes(args.arch, args.lm_width)
+    processor = build_processor(args.arch, arch_sizes)
+    model = build_model(processor, arch_sizes, args.arch)
+    fmt = family.input_format
     print(f"vocabulary {len(processor.tokenizer)} words, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters")
-    pixels = Pixels(processor, train_imgs)
-    image_items = encode_items(processor, items, fmt)
+    pixels = Pixels(processor, train_imgs, family)
+    image_items = encode_items(processor, items, fmt, family)
     # the text corpus: captions, and for half its scenes an existence answer (present or not, half each), so the
     # list matching is learnt from text too (the prior's co-occurrences in both)
     asked = [rng.choice(s)["name"] if rng.random() < 0.5 else rng.choice([x for x in OBJECTS if x not in
              {o["name"] for o in s}]) for s in text_scenes[:n["text"] // 2]]
-    encode = lambda t: processor.tokenizer(t).input_ids + [processor.tokenizer.eos_token_id]
+    encode = lambda t: processor.tokenizer(t).input_ids + [family.eos_token_id(processor.tokenizer)]
     exist_ids = [encode(f"{existence_answer(s, x)} .") for s, x in zip(text_scenes, asked)]
     text_ids = [encode(caption(s)) for s in text_scenes] + exist_ids
 
     # ---- stages: a) vision, b) list matching, then the language prior, c) alignment (projector, then projector + LM)
     model.train()
     train_vision(model, pixels, patch_cls, patch_col, rng, steps["vision"])
-    lm = (model.model.language_model, model.lm_head)
+    lm = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     # the existence answers' check (is the restated object in the list?) alone first: within the world's mix the
     # LM learnt it in some seeds only, alone it does in a few hundred steps (docs/toy_world.md)
     exist_batches = sampler(len(exist_ids), rng)
@@ -698,15 +649,16 @@ def main(argv=None):
     next_text = lambda: text_loss(model, [text_ids[j] for j in next(txt_batches)])
     next_image = lambda: image_loss(model, [image_items[j] for j in next(img_batches)], pixels)
     train(set_trainable(model, *lm), steps["lm"], 2e-3, next_text, "b) language prior")
-    train(set_trainable(model, projector(model)), steps["projector"], 2e-3, next_image, "c1) projector")
-    train(set_trainable(model, projector(model), *lm), steps["joint"], 3e-3,
+    projector = family.projector_parameters(model)
+    train(set_trainable(model, *projector), steps["projector"], 2e-3, next_image, "c1) projector")
+    train(set_trainable(model, *projector, *lm), steps["joint"], 3e-3,
           lambda: next_image() + next_text(), "c2) projector + LM, text replayed 1:1")
     model.requires_grad_(True)
     model.eval()
 
     # ---- write: checkpoint, ground truth, benchmarks, world
     model.save_pretrained(out / "model")
-    common.save_processor(processor, out / "model")
+    family.save_processor(processor, out / "model")
     (out / "train.json").write_text(json.dumps(train_records, indent=1))
     (out / "mmvet.json").write_text(json.dumps(mmvet, indent=1))
     # POPE over the HalBench images, its own random stream: nothing else moves

@@ -1,7 +1,7 @@
 """Step 1: image-weakened negatives. For each ground-truth item the model answers from an image
 whose CLIP features are noised with forward diffusion, so its language prior takes over; the pair
 is (chosen = ground truth, rejected = that answer). --contrast_alpha samples as the authors'
-released script does instead (common.generate_contrastive). A negative cut off by --max_new_tokens
+released script does instead (generation.generate_contrastive). A negative cut off by --max_new_tokens
 is never written (it would end mid-sentence, a cue DPO could learn without looking at the image): it
 is sampled again, up to --max_tries, then counted. Resumable by id, sharded under torchrun."""
 import argparse
@@ -13,6 +13,8 @@ from tqdm import tqdm
 import common
 import data
 import dist_io
+import generation
+import loading
 
 
 def parse_args(argv=None):
@@ -70,7 +72,7 @@ def main(argv=None):
               f"{bad_records.summary('bad ground-truth records')}")
 
     # ---- model and the loop: batched sampling from the weakened image
-    model, processor = common.load_model(args.model, device=device)
+    model, processor = loading.load_model(args.model, device=device)
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # the noise draws
     meta = {"noise_step": args.noise_step, "noise_on": args.noise_on, "model": args.model,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
@@ -97,10 +99,10 @@ def main(argv=None):
             if not again:
                 break
             with common.weaken_images(model, args.noise_step, args.noise_on, generator):
-                answers = common.generate(model, processor, [images[k] for k in again],
-                                          [batch[k]["prompt"] for k in again], fmt, max_new_tokens=args.max_new_tokens,
-                                          do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                          keep_unfinished=False)
+                answers = generation.generate(model, processor, [images[k] for k in again],
+                                              [batch[k]["prompt"] for k in again], fmt, max_new_tokens=args.max_new_tokens,
+                                              do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                                              keep_unfinished=False)
             for k, answer in zip(again, answers):
                 negatives[k] = answer
         for it, rejected in zip(batch, negatives):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 import common
 import data
 import dist_io
+import loading
 import remote
 
 # The one few-shot prompt (written for this project; --prompt_file replaces it). {question} and
@@ -233,7 +234,7 @@ def openai_backend(args, prompt, device):
 
 def hf_backend(args, prompt, device):
     """The MLLM's language model, prompted without an image, batched."""
-    model, processor = common.load_model(args.model, device=device)
+    model, processor = loading.load_model(args.model, device=device)
     tok = processor.tokenizer
     eos = model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos])

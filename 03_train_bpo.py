@@ -20,6 +20,7 @@ import attention
 import common
 import data
 import dist_io
+import loading
 import runs
 
 
@@ -94,33 +95,35 @@ def parse_args(argv=None):
 def chosen_given_weakened(net, model, weak, keys, pairs, args, kernel):
     """The conditional term's second input: summed log-probs of the chosen answers given the weakened
     image (a forward of its own: the prefix differs, so it cannot share the packed sequence), and the
-    embeddings it ran on (the reference reuses them)."""
+    image features it ran on (the reference reuses them)."""
     weaken = [common.pair_weakening(keys[i], pairs[i].get("meta"), args.noise_step, args.noise_on) for i in weak.indices]
-    embeds = common.image_embeds(model, weak.inputs["input_ids"], weak.inputs, weaken)
+    features = common.image_features(model, weak.inputs, weaken)
     inputs = kernel.inputs(weak.inputs)
-    return common.response_logps(net, model, inputs, weak.scored, len(weak.indices), embeds)[0], embeds
+    return common.response_logps(net, model, inputs, weak.scored, len(weak.indices), features)[0], features
 
 
-def reference_logps(model, batch, inputs, fields, ref_cache, keys, embeds):
+def reference_logps(model, batch, inputs, fields, ref_cache, keys, features):
     """Reference log-probs [fields[0] of each pair..., fields[1] of each pair...]: from the cache, or a
     forward with the adapter disabled on the same inputs (--no-precompute_ref, TRL's way)."""
     if ref_cache is not None:
-        return torch.tensor([ref_cache[keys[i]][f] for f in fields for i in batch.indices], device=embeds.device)
+        return torch.tensor([ref_cache[keys[i]][f] for f in fields for i in batch.indices],
+                            device=batch.inputs["input_ids"].device)
     with torch.no_grad(), model.disable_adapter():
-        return common.response_logps(model, model, inputs, batch.scored, len(fields) * len(batch.indices), embeds)[0]
+        return common.response_logps(model, model, inputs, batch.scored, len(fields) * len(batch.indices),
+                                     features)[0]
 
 
 def batch_loss(net, model, item, responses, ref_cache, keys, pairs, args, kernel):
     """(loss, metrics) of one micro-batch: the policy forward, the reference, common.preference_loss."""
     batch, weak = item["main"], None
     if args.conditional_weight:  # first, through the plain model: DDP's forward comes last, once a micro-step
-        policy_weak, weak_embeds = chosen_given_weakened(model, model, item["weak"], keys, pairs, args, kernel)
+        policy_weak, weak_features = chosen_given_weakened(model, model, item["weak"], keys, pairs, args, kernel)
         weak = (policy_weak, reference_logps(model, item["weak"], kernel.inputs(item["weak"].inputs), ("chosen_weak",),
-                                             ref_cache, keys, weak_embeds), item["weak"].n_tokens)
+                                             ref_cache, keys, weak_features), item["weak"].n_tokens)
     inputs = kernel.inputs(batch.inputs)  # the attention made once, for the policy's and the reference's forward
-    policy, embeds = common.response_logps(net, model, inputs, batch.scored, len(responses) * len(batch.indices))
+    policy, features = common.response_logps(net, model, inputs, batch.scored, len(responses) * len(batch.indices))
     reference = None if args.loss == "sft" else reference_logps(model, batch, inputs, responses, ref_cache, keys,
-                                                                embeds)
+                                                                features)
     return common.preference_loss(policy, reference, batch.n_tokens, loss=args.loss, beta=args.beta,
                                   length_normalize=args.length_normalize, sft_weight=args.sft_weight,
                                   conditional_weight=args.conditional_weight, anchor_weight=args.anchor_weight,
@@ -155,7 +158,7 @@ def train(args):
         loaded = data.load_pairs(args.data, roots, bad, args.data_format)
     except (dist_io.DataError, OSError) as e:
         sys.exit(f"error: {e}")
-    processor = common.load_processor(args.model)
+    processor = loading.load_processor(args.model)
     pairs = runs.measure_pairs(loaded, roots, bad, processor, fmt, responses, args.max_length, not args.dry_run,
                                rank, world, is_main)
     if is_main and args.on_error == "skip":
@@ -167,8 +170,7 @@ def train(args):
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     # the padding-free row's attention kernel, from what this device can run (said here, in run.json and the dry run)
     from transformers import AutoConfig
-    kernel = attention.choose(args.attention, device, AutoConfig.from_pretrained(args.model).get_text_config()) \
-        if args.padding_free else attention.Kernel("padded", "--no-padding_free: right-padded rows, a dense mask")
+    kernel = attention.choose(args.attention, device, AutoConfig.from_pretrained(args.model), args.padding_free)
     if is_main:
         print(kernel.describe())
     if args.dry_run:
@@ -193,14 +195,14 @@ def train(args):
                   f"a cosine to 0 at step {total_steps}")
 
     # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
-    model, processor = common.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    model, processor = loading.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
     model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
     attention.use_packed_attention(model, on=args.padding_free)  # set either way: a model handed in may have had it
     if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(args.seed)  # LoRA's A init: the same on every rank and in every run
-    model = common.with_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                               lora_dropout=args.lora_dropout, target_modules=common.LORA_TARGETS))
+    model = loading.with_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                lora_dropout=args.lora_dropout, target_modules=common.LORA_TARGETS))
     model.train()
     net = DDP(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,7 +217,7 @@ def train(args):
     tracker = runs.Tracker(args.report_to if is_main else "none", args.output_dir, vars(args))
 
     def batches(chunks, fields):  # this rank's packed micro-batches of these lists of pair indices, in order
-        dataset = runs.PairBatches(pairs.records, roots, processor, args.max_length, fmt, dtype, chunks, fields,
+        dataset = runs.PairBatches(pairs.records, roots, processor, args.max_length, fmt, chunks, fields,
                                    weak=bool(args.conditional_weight),
                                    row_block=kernel.row_block() if args.padding_free else None)
         return runs.micro_batches(dataset, args.num_workers, device)

@@ -12,7 +12,9 @@ import torch
 
 import common
 import dist_io
+import loading
 import runs
+from families import family_of
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -47,11 +49,11 @@ def main(argv=None):
     qlora = trained_in_4bit(args.adapter)
     dtype = torch.bfloat16 if qlora and args.dtype == "auto" else DTYPES[args.dtype]
     base = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
-    with common.quiet_peft():
+    with loading.quiet_peft():
         merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out, safe_serialization=True)  # config, safetensors, generation config
-    # tokenizer, image processor, chat template (Qwen2.5-VL's without torchvision: no video processor)
-    common.save_processor(common.load_processor(args.model, padding_side=None), args.out)
+    # tokenizer, image processor, chat template (the Qwen families' without torchvision: no video processor)
+    family_of(args.model).save_processor(loading.load_processor(args.model, padding_side=None), args.out)
     print(f"wrote {args.out}: {args.model} + {args.adapter} merged ({str(merged.dtype).removeprefix('torch.')}"
           f"{', from a QLoRA adapter' if qlora else ''}); load it with AutoModelForImageTextToText.from_pretrained")
 

@@ -8,6 +8,8 @@ import sys
 from tqdm import tqdm
 
 import common
+import generation
+import loading
 from data import load_image
 from dist_io import DataError, JsonlAppender, dist_setup, read_jsonl
 
@@ -51,13 +53,13 @@ def answer_all(items, path, key, config, image_of, batch_size, where, desc="answ
         except DataError as e:
             sys.exit(f"error: {where[it[key]]}: {e}")
     _, _, device = dist_setup()
-    model, processor = common.load_model(config["model"], config["adapter"], device=device)
+    model, processor = loading.load_model(config["model"], config["adapter"], device=device)
     fmt = common.InputFormat(config["chat_format"], config["pad_square"])
     writer = JsonlAppender(path)
     for i in tqdm(range(0, len(todo), batch_size), desc=desc):
         batch = todo[i:i + batch_size]
-        texts = common.generate(model, processor, [image_of(it) for it in batch], [it["question"] for it in batch], fmt,
-                                max_new_tokens=config["max_new_tokens"], num_beams=config.get("num_beams", 1))
+        texts = generation.generate(model, processor, [image_of(it) for it in batch], [it["question"] for it in batch], fmt,
+                                    max_new_tokens=config["max_new_tokens"], num_beams=config.get("num_beams", 1))
         for it, text in zip(batch, texts):
             writer.write({**it, field: text, **config})
     writer.close()

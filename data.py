@@ -11,7 +11,9 @@ import sys
 from tqdm import tqdm
 
 import common
+import loading
 from dist_io import DataError, OnError, read_json_or_jsonl
+from families import family_of
 
 # ----------------------------------------------------------------------------- ground-truth items (01, 02)
 
@@ -430,17 +432,17 @@ def dry_run_items(items, roots, args, fmt, bad):
     print(f"dry run: {len(items)} items ({per_source}); {unreadable} unreadable images; "
           f"{bad.summary('bad ground-truth records')}")
     if args.model:
-        processor = common.load_processor(args.model)
+        processor = loading.load_processor(args.model)
         tok = processor.tokenizer
-        fixed = None if common.is_qwen(processor) else common.image_token_count(processor) - 1
+        fixed = family_of(processor).fixed_image_tokens
 
-        def extra(it):  # <image> becomes this many more tokens (Qwen2.5-VL: by the image's size)
+        def length(it):  # the prompt with its image (without one for 02's text-only backends)
+            text = common.chat_prompt(processor, it["prompt"], fmt, image=roots is not None)
             if roots is None:
-                return 0
-            return fixed if fixed is not None else common.image_token_count(
-                processor, load_image(image_root(roots, it["source"]), it["image"]), fmt) - 1
-        prompts = [len(tok(common.chat_prompt(processor, it["prompt"], fmt, image=roots is not None)).input_ids)
-                   + extra(it) for it in tqdm(items, desc="tokenise")]
+                return len(common.tokenize(tok, text))
+            image = None if fixed else load_image(image_root(roots, it["source"]), it["image"])
+            return common.prompt_length(processor, text, image, fmt)
+        prompts = [length(it) for it in tqdm(items, desc="tokenise")]
         answers = [len(tok(it["answer"], add_special_tokens=False).input_ids) + 1 for it in items]
         print_lengths("prompt tokens (image included)", prompts)
         print_lengths("ground-truth answer tokens (+EOS)", answers, args.max_new_tokens, "longer than --max_new_tokens")

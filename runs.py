@@ -23,6 +23,7 @@ from tqdm import tqdm
 import common
 from data import pair_image, print_lengths
 from dist_io import DataError, agree, read_jsonl, write_atomic
+from families import family_of
 
 RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with checkpoint-N/: a run's outputs
 
@@ -183,18 +184,18 @@ def measure_pairs(pairs, roots, bad, processor, fmt, responses, max_length, deco
     rank measures its share and every rank sees every result (all_gather_object), so all drop the same
     pairs; a bad one goes to `bad` (OnError) with its file:line."""
     records, where, keys = pairs
-    fixed = not common.is_qwen(processor)  # LLaVA: every image the same number of tokens; Qwen2.5-VL: its size's
-    image_extra = common.image_token_count(processor) - 1 if fixed else None  # the placeholder's extra tokens
+    fixed = family_of(processor).fixed_image_tokens  # every image the same number of tokens (LLaVA-1.5), or its size's
 
     def measure(pair):
         try:
             image = pair_image(pair, roots) if decode or not fixed else None
             prompt_text = common.chat_prompt(processor, pair["prompt"], fmt, history=pair.get("history", ()))
-            extra = image_extra if fixed else common.image_token_count(processor, image, fmt) - 1
-            n_prompt = len(processor.tokenizer(prompt_text).input_ids) + extra
+            n_prompt = common.prompt_length(processor, prompt_text, image, fmt)
             if n_prompt >= max_length:
                 raise DataError(f"prompt with image takes {n_prompt} tokens, --max_length is {max_length}")
-            return n_prompt, [len(common.response_ids(processor.tokenizer, prompt_text, pair[r])) for r in responses], None
+            eos = family_of(processor).eos_token_id(processor.tokenizer)
+            return n_prompt, [len(common.response_ids(processor.tokenizer, prompt_text, pair[r], eos))
+                              for r in responses], None
         except DataError as e:
             return 0, [], str(e)
 
@@ -301,9 +302,9 @@ class PairBatches(torch.utils.data.Dataset):
     `weak` also the same pairs' chosen answers alone (the conditional term gives them the weakened image).
     Runs in the DataLoader's workers: decoding, the processor, packing."""
 
-    def __init__(self, records, roots, processor, max_length, fmt, dtype, chunks, fields, weak, row_block=None):
+    def __init__(self, records, roots, processor, max_length, fmt, chunks, fields, weak, row_block=None):
         self.records, self.roots, self.processor, self.max_length = records, roots, processor, max_length
-        self.fmt, self.dtype, self.chunks, self.fields, self.weak = fmt, dtype, chunks, fields, weak
+        self.fmt, self.chunks, self.fields, self.weak = fmt, chunks, fields, weak
         self.row_block = row_block  # None: right-padded rows; else one padding-free row in blocks of this many
 
     def __len__(self):
@@ -312,8 +313,8 @@ class PairBatches(torch.utils.data.Dataset):
     def pack(self, indices, fields):
         examples = [(pair_image(p, self.roots), p["prompt"], [p[f] for f in fields], p.get("history", ()))
                     for p in (self.records[i] for i in indices)]  # images checked up front
-        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.dtype,
-                                    self.row_block is not None, self.row_block or 1),
+        return {**common.pack_pairs(self.processor, examples, self.max_length, self.fmt, self.row_block is not None,
+                                    self.row_block or 1),
                 "indices": indices}
 
     def __getitem__(self, k):
@@ -331,7 +332,7 @@ def micro_batches(dataset, num_workers, device):
 
     def to_device(cpu):  # a padding-free row's doc and seg: its attention is built on the device (attention.Kernel)
         inputs = {k: cpu[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "attention_mask",
-                  "doc", "seg", "logits_to_keep", *common.VISION_INPUTS) if k in cpu}
+                  "doc", "seg", "logits_to_keep", *family_of(dataset.processor).vision_keys) if k in cpu}
         return MicroBatch(inputs, cpu["scored"], cpu["n_tokens"].to(device, non_blocking=True), cpu["indices"],
                           cpu["n_real"])
     for item in loader:

@@ -3,10 +3,10 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/generate.py [--n 64 --batch_sizes 1 4 16 32 64]
 
 Times what 01_build_pairs.py does for each batch: read the images, weaken them (common.weaken_images, noise
-on the projector input) and sample the answers (common.generate), for the same --n items at every batch
+on the projector input) and sample the answers (generation.generate), for the same --n items at every batch
 size, after one untimed warm-up batch. Prints samples/s per batch size and its ratio to batch size 1 (one
 at a time; goal for 01's batched generation: >= 5x), with the mean answer length, since a batch runs until
-its longest answer ends. (04 and 05 answer through benchmarks.answer_all, which calls the same common.generate,
+its longest answer ends. (04 and 05 answer through benchmarks.answer_all, which calls the same generation.generate,
 greedy.) Speed is measured here, never asserted in tests: machines are noisy, so compare ratios of one run.
 """
 import argparse
@@ -18,6 +18,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import generation  # noqa: E402
+import loading  # noqa: E402
 
 
 class HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,16 +51,16 @@ import data  # noqa: E402
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 fmt = common.input_format(args)
 items = data.load_sources([args.data], args.n, args.seed, "first")[0]
-model, processor = common.load_model(args.model, device=device)
+model, processor = loading.load_model(args.model, device=device)
 
 
 def answer(batch, generator):
     """01's loop body for one batch: images read, image-weakened sampling."""
     images = [data.load_image(args.image_root, it["image"]) for it in batch]
     with common.weaken_images(model, args.noise_step, args.noise_on, generator):
-        return common.generate(model, processor, images, [it["prompt"] for it in batch], fmt,
-                               max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                               top_p=args.top_p)
+        return generation.generate(model, processor, images, [it["prompt"] for it in batch], fmt,
+                                   max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                                   top_p=args.top_p)
 
 
 answer(items[:2], torch.Generator().manual_seed(args.seed))  # warm-up: first-call allocations and lazy inits

@@ -43,7 +43,7 @@ linear layer of the language model (03's targets), each --rows entry a side at c
   of the limit reached;
 - the paper's full run projected from each measured per-pair time (2 epochs of ~170k pairs on 8 such
   GPUs, perfect scaling), beside the paper's 17 hours on 8 A40s;
-- 01's generation (its loop body: image-weakened sampling at --noise_step 500, common.generate) at
+- 01's generation (its loop body: image-weakened sampling at --noise_step 500, generation.generate) at
   several batch sizes, --gen_tokens new tokens each (random weights rarely stop early), with the static
   cache (its decode step compiled: the compiles counted over every batch size and prompt length) and the
   dynamic one.
@@ -68,17 +68,17 @@ from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from families import FAMILIES  # noqa: E402
+
 T0 = time.time()
-SEVEN_B = dict(lm_hidden=4096, lm_layers=32, lm_mlp=11008, lm_heads=32, vocab=32000,
-               vision_hidden=1024, vision_layers=24, vision_heads=16)
-QWEN_SEVEN_B = dict(lm_hidden=3584, lm_layers=28, lm_mlp=18944, lm_heads=28, vocab=152064,
-                    vision_hidden=1280, vision_layers=32, vision_heads=16)
-# --tiny: every step of the check at a size a busy 2-core CPU runs in minutes (fewer image tokens too)
+SIZE_FLAGS = ("lm_hidden", "lm_layers", "lm_mlp", "lm_heads", "vocab", "vision_hidden", "vision_layers", "vision_heads",
+              "image_size")  # the model's sizes a flag can change; the rest follow the family's 7B-class checkpoint
+# --tiny: every step of the check at a size a busy 2-core CPU runs in minutes (8 x 8 patches an image)
 TINY = dict(lm_hidden=64, lm_layers=2, lm_mlp=172, lm_heads=1, vocab=1000, vision_hidden=32, vision_layers=2,
-            vision_heads=2, image_size=112, question_tokens=16, answer_tokens=32, answer_spread=8, batch_size=2,
-            steps=2, warmup=1, gen_tokens=8, gen_batch_sizes=[1, 2])
-DEFAULTS = dict(image_size=336, question_tokens=40, answer_tokens=150, answer_spread=100, batch_size=4, steps=8,
-                warmup=2, gen_tokens=150, gen_batch_sizes=[1, 8, 32])
+            vision_heads=2, question_tokens=16, answer_tokens=32, answer_spread=8, batch_size=2, steps=2, warmup=1,
+            gen_tokens=8, gen_batch_sizes=[1, 2])
+DEFAULTS = dict(question_tokens=40, answer_tokens=150, answer_spread=100, batch_size=4, steps=8, warmup=2,
+                gen_tokens=150, gen_batch_sizes=[1, 8, 32])
 # a side: (the row's name, 03's flags, the bench/limits.py side whose token passes it makes)
 SIDES = {"flex": ("03 --attention flex (reference once, charged to {epochs} epochs)", ["--attention", "flex"], "ours"),
          "small_tiles": ("03 --attention flex, a 99 KB board's tiles (A40)", ["--attention", "flex"], "ours"),
@@ -99,14 +99,15 @@ class HelpFormat(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormat)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="None: cuda if available")
-    p.add_argument("--arch", choices=["llava", "qwen2_5_vl"], default="llava",
-                   help="the model family whose 7B shapes are built: LLaVA-1.5 or Qwen2.5-VL")
+    p.add_argument("--arch", choices=sorted(FAMILIES), default="llava",
+                   help="the model family whose 7B-class checkpoint's shapes are built (families/: its seven_b)")
     p.add_argument("--tiny", action="store_true",
-                   help=f"a toy size for a CPU smoke test of every step: {TINY} (flags given explicitly win)")
-    for k, v in SEVEN_B.items():
-        p.add_argument(f"--{k}", type=int, default=None, help=f"model size (LLaVA-1.5-7B: {v})")
-    p.add_argument("--image_size", type=int, default=None,
-                   help="image side in px, 14 px patches (None: 336, LLaVA-1.5's: 576 image tokens; --tiny 112: 64)")
+                   help=f"a toy size for a CPU smoke test of every step: {TINY}, images of 8 x 8 patches (flags "
+                        "given explicitly win)")
+    for k in SIZE_FLAGS:
+        p.add_argument(f"--{k}", type=int, default=None,
+                       help="model size (None: the family's 7B-class checkpoint's, e.g. LLaVA-1.5-7B's "
+                            f"{FAMILIES['llava'].seven_b[k]})")
     p.add_argument("--question_tokens", type=int, default=None,
                    help="question tokens (None: 40, the paper's; --tiny 16)")
     p.add_argument("--answer_tokens", type=int, default=None,
@@ -150,9 +151,11 @@ def parse_args(argv=None):
             p.error(f"--rows {row}: SIDE:off|on with SIDE one of {', '.join(SIDES)}")
     args.rows = sorted(args.rows, key=lambda r: r.startswith("qlora:"))  # stable: the rest as given
     preset = TINY if args.tiny else {}
-    for k, v in seven_b(args).items():
+    seven = FAMILIES[args.arch].seven_b
+    preset = {**preset, "image_size": 8 * seven["patch_size"]} if args.tiny else {}
+    for k in SIZE_FLAGS:
         if getattr(args, k) is None:
-            setattr(args, k, preset.get(k, v))
+            setattr(args, k, preset.get(k, seven[k]))
     for k, v in DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, preset.get(k, v))
@@ -167,76 +170,47 @@ def row_names(args, trl_version="1.16.0"):
     return names + [f"paper: {PAPER_A40_NOTE}"]
 
 
-def seven_b(args):
-    return QWEN_SEVEN_B if args.arch == "qwen2_5_vl" else SEVEN_B
+def model_sizes(args):
+    """The sizes families/'s config_for builds: the family's 7B-class checkpoint's, the flags' over them; off that
+    shape, what follows from them in proportion (KV heads, the ViT's MLP, Gemma 3's pooled image tokens)."""
+    seven = FAMILIES[args.arch].seven_b
+    sizes = {**seven, **{k: getattr(args, k) for k in SIZE_FLAGS}}
+    if sizes != seven:
+        sizes["lm_kv_heads"] = max(1, sizes["lm_heads"] * seven["lm_kv_heads"] // seven["lm_heads"])
+        sizes["vision_mlp"] = sizes["vision_hidden"] * seven["vision_mlp"] // seven["vision_hidden"]
+        sizes.pop("head_dim", None)
+        if "image_tokens" in seven:  # patches pooled into image tokens as the checkpoint pools them
+            pool = seven["image_size"] // seven["patch_size"] // int(seven["image_tokens"] ** 0.5)
+            sizes["image_tokens"] = (sizes["image_size"] // sizes["patch_size"] // pool) ** 2
+    return sizes
 
 
 def size_note(args):
-    """'' for the 7B's shapes (LLaVA-1.5's, or Qwen2.5-VL's), else what differs (fewer layers said first)."""
-    want, name = {**seven_b(args), "image_size": 336}, "Qwen2.5-VL-7B" if args.arch == "qwen2_5_vl" else "LLaVA-1.5-7B"
-    diff = [f"{k} {getattr(args, k)} (7B: {v})" for k, v in want.items() if getattr(args, k) != v]
+    """'' for the family's 7B-class shapes, else what differs (fewer layers said first)."""
+    family = FAMILIES[args.arch]
+    want, name = family.seven_b, f"{family.name}'s 7B-class ({family.checkpoints[0]})"
+    diff = [f"{k} {getattr(args, k)} (7B: {want[k]})" for k in SIZE_FLAGS if getattr(args, k) != want[k]]
     if not diff:
         return ""
-    return (f"NOT {name}'s size" + (f": {args.lm_layers} of its {want['lm_layers']} language-model layers"
-                                   if args.lm_layers < want["lm_layers"] else "") + "; " + ", ".join(diff))
+    return (f"NOT {name} size" + (f": {args.lm_layers} of its {want['lm_layers']} language-model layers"
+                                  if args.lm_layers < want["lm_layers"] else "") + "; " + ", ".join(diff))
 
 
 # ----------------------------------------------------------------------------- processor, pairs, model
 
 
 def build_processor(args, path):
-    """A LLaVA-1.5 processor over a word-level tokenizer of args.vocab words (specials, the Vicuna system
-    line's words, then filler words: one word, one token, so lengths are exact): CLIP's image processor at
-    args.image_size px (336: LLaVA-1.5's), 14 px patches, CLS dropped: 576 image tokens at 336 px."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-
-    import common
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    known = re.findall(r"\w+|[^\w\s]", (common.VICUNA_SYSTEM + " USER ASSISTANT").lower())
-    words = list(dict.fromkeys(specials + known))
+    """The family's processor over a word-level tokenizer of args.vocab words (its special tokens, its conversation's
+    words, then filler words: one word, one token, so lengths are exact), its chat template, images of
+    args.image_size px; saved to `path` as the family's checkpoints hold it."""
+    family = FAMILIES[args.arch]
+    toy = importlib.import_module("00_make_toy")
+    words = list(dict.fromkeys(list(family.special_tokens) + toy.words(family.conversation_text)))
     words += [f"w{i}" for i in range(args.vocab - len(words))]
-    vocab = {w: i for i, w in enumerate(words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tk.add_special_tokens([AddedToken(w, special=True) for w in specials])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", padding_side="left", clean_up_tokenization_spaces=False)
-    if args.arch == "qwen2_5_vl":
-        return build_qwen_processor(args, path)
-    side = args.image_size
-    ip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
-                               vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
-    processor.save_pretrained(path)
-    assert common.image_token_count(processor) == (side // 14) ** 2, common.image_token_count(processor)
-    return processor
-
-
-def build_qwen_processor(args, path):
-    """Qwen2.5-VL's processor over a word-level tokenizer of args.vocab words (its special tokens, its system
-    line's and roles' words, then filler words), the toy world's ChatML template, its image processor (14 px
-    patches merged 2 x 2, pixels bounded so an image of args.image_size px height keeps its size)."""
-    from importlib import util
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    import common
-    spec = util.spec_from_file_location("make_toy", os.path.join(ROOT, "00_make_toy.py"))
-    toy = util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
-    known = toy.words(toy.QWEN_SYSTEM + " system user assistant")
-    words = list(dict.fromkeys(toy.QWEN_SPECIALS + known))
-    words += [f"w{i}" for i in range(args.vocab - len(words))]
-    tok = toy.word_tokenizer(words, toy.QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    side = args.image_size
-    ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56,
-                                  max_pixels=side * side * 4 // 3)
-    processor = common.qwen_processor(tok, ip, toy.QWEN_TEMPLATE)
-    common.save_processor(processor, path)
+    tok = toy.word_tokenizer(words, family.special_tokens, **family.tokenizer_tokens)
+    tok.chat_template = family.chat_template
+    processor = family.processor_for(tok, model_sizes(args))
+    family.save_processor(processor, path)
     return processor
 
 
@@ -268,44 +242,11 @@ def build_pairs(args, processor, n, folder):
 
 
 def build_model(args, processor, device, path):
-    """LLaVA-1.5's architecture at the asked size, random weights in the device's dtype (bf16 on CUDA, fp32 on
-    CPU, as common.load_model loads), built on the device; its config saved to `path` (03 --dry_run reads it)."""
-    import torch
-    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
-    tok = processor.tokenizer
-    if args.arch == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        import common
-        vision = dict(depth=args.vision_layers, hidden_size=args.vision_hidden, intermediate_size=3420 *
-                      args.vision_hidden // 1280, num_heads=args.vision_heads, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, out_hidden_size=args.lm_hidden,
-                      fullatt_block_indexes=[k for k in (7, 15, 23, 31) if k < args.vision_layers] or
-                      [args.vision_layers - 1])
-        text = dict(vocab_size=args.vocab, hidden_size=args.lm_hidden, intermediate_size=args.lm_mlp,
-                    num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_heads,
-                    num_key_value_heads=max(1, args.lm_heads // 7), max_position_embeddings=32768, rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                     "mrope_section": common.qwen_mrope_section(args.lm_hidden // args.lm_heads)},
-                    bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text,
-                               image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-                               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-                               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-                               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-        return finish_model(args, cfg, tok, device, path)
-    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
-                              num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads,
-                              image_size=args.image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=args.vocab, hidden_size=args.lm_hidden, intermediate_size=args.lm_mlp,
-                       num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_heads,
-                       num_key_value_heads=args.lm_heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      image_seq_length=(args.image_size // 14) ** 2, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu")
-    return finish_model(args, cfg, tok, device, path)
+    """The family's architecture at the asked sizes (model_sizes), random weights in the device's dtype (bf16 on CUDA,
+    fp32 on CPU, as loading.load_model loads), built on the device; its config saved to `path` (03 --dry_run reads
+    it)."""
+    return finish_model(args, FAMILIES[args.arch].config_for(processor.tokenizer, model_sizes(args)),
+                        processor.tokenizer, device, path)
 
 
 def finish_model(args, cfg, tok, device, path):
@@ -328,8 +269,7 @@ def finish_model(args, cfg, tok, device, path):
 
 
 def fmt_of(args):
-    import common
-    return common.family_format(args.arch)
+    return FAMILIES[args.arch].input_format
 
 
 def sync(device):
@@ -388,14 +328,14 @@ def run_03(flags, model, out, dry_run=False, patches=()):
     """03_train_bpo.py's main in this process, its model loader handed `model` (and `patches`: (object, name, value)
     set for the run); returns (stdout, metrics rows). The LoRA 03 puts on the model is taken off again whatever
     happens."""
-    import common
+    import loading
     train = importlib.import_module("03_train_bpo")
     argv = [*map(str, flags), "--output_dir", out, "--overwrite", *(["--dry_run"] if dry_run else [])]
     buf = io.StringIO()
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch.object(common, "load_model",
-                                                  lambda name, **_: (model, common.load_processor(name))))
+            stack.enter_context(mock.patch.object(loading, "load_model",
+                                                  lambda name, **_: (model, loading.load_processor(name))))
             for obj, name, value in patches:
                 stack.enter_context(mock.patch.object(obj, name, value))
             stack.enter_context(contextlib.redirect_stdout(buf))
@@ -421,7 +361,7 @@ def compiles():
 
 def quantize_lm_4bit(model, device):
     """The language model's Linear layers replaced in place by bitsandbytes' NF4 layers (double quantisation, bf16
-    compute), as common.load_model(load_in_4bit=True) loads them: the random weights need no file."""
+    compute), as loading.load_model(load_in_4bit=True) loads them: the random weights need no file."""
     import bitsandbytes as bnb
     import torch
     dtype = next(model.parameters()).dtype
@@ -504,6 +444,7 @@ def measure_generation(args, model, processor, pairs, image_root, device, batch_
     import torch
 
     import common
+    import generation
     import data
     items = [pairs[k % len(pairs)] for k in range(batch_size)]
     images = [data.load_image(image_root, it["image"]) for it in items]
@@ -511,8 +452,8 @@ def measure_generation(args, model, processor, pairs, image_root, device, batch_
 
     def answer(max_new_tokens):
         with common.weaken_images(model, args.noise_step, "features", generator):
-            return common.generate(model, processor, images, [it["prompt"] for it in items], fmt_of(args),
-                                   max_new_tokens=max_new_tokens, do_sample=True, static_cache=cache == "static")
+            return generation.generate(model, processor, images, [it["prompt"] for it in items], fmt_of(args),
+                                       max_new_tokens=max_new_tokens, do_sample=True, static_cache=cache == "static")
 
     model.eval()
     graphs = compiles()
@@ -567,11 +508,6 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{gpu}; torch {version('torch')}, transformers {version('transformers')}, peft {version('peft')}, "
           f"trl {trl_version}; {'bf16' if device.type == 'cuda' else 'fp32'}", flush=True)
-    image_tokens = (args.image_size // 14) ** 2 if args.arch == "llava" else \
-        (args.image_size * 4 // 3 // 28) * (args.image_size // 28)  # Qwen2.5-VL: the 4:3 image at its own size
-    shape = (f"{args.arch}: LM {args.lm_hidden} x {args.lm_layers} layers (MLP {args.lm_mlp}, {args.lm_heads} heads, "
-             f"vocabulary {args.vocab}), vision {args.vision_hidden} x {args.vision_layers} layers at {args.image_size} "
-             f"px / 14 px ({image_tokens} tokens)")
     note = size_note(args)
     if note:
         print(f"NOTE: {note}", flush=True)
@@ -581,7 +517,13 @@ def main(argv=None):
     processor = build_processor(args, model_dir)
     n_pairs = (args.warmup + args.steps) * args.batch_size
     pairs_path, image_root, pairs = build_pairs(args, processor, n_pairs, work)
+    import common
     import data
+    image_tokens = common.prompt_length(processor, processor.image_token, data.load_image(image_root, "img0.png"),
+                                        fmt_of(args)) - len(common.tokenize(processor.tokenizer, processor.image_token)) + 1
+    shape = (f"{args.arch}: LM {args.lm_hidden} x {args.lm_layers} layers (MLP {args.lm_mlp}, {args.lm_heads} heads, "
+             f"vocabulary {args.vocab}), vision {args.vision_hidden} x {args.vision_layers} layers at {args.image_size} "
+             f"px ({image_tokens} tokens for a 448 x 336 image)")
     P, R = limits.pair_lengths(processor, pairs, fmt_of(args),
                                {p["image"]: data.load_image(image_root, p["image"]) for p in pairs})
     t = time.time()

@@ -72,15 +72,15 @@ def full_run_hours(samples_per_s, pairs=PAPER_PAIRS, epochs=PAPER_EPOCHS, gpus=P
 
 def pair_lengths(processor, pairs, fmt=None, images=None):
     """(P, R): mean prefix tokens (BOS, system line, the image's tokens, question) and mean answer tokens
-    (chosen and rejected, EOS included) of these pairs, as 03 counts them (images: {name: PIL image}, for
-    Qwen2.5-VL, whose image tokens depend on the image's size)."""
+    (chosen and rejected, EOS included) of these pairs, as 03 counts them (images: {name: PIL image}, for the
+    families whose image tokens depend on the image's size)."""
     import common
+    from families import family_of
     fmt = fmt or common.LLAVA_15
-    fixed = None if common.is_qwen(processor) else common.image_token_count(processor) - 1
+    eos = family_of(processor).eos_token_id(processor.tokenizer)
     prefix, answers = [], []
     for pair in pairs:
         text = common.chat_prompt(processor, pair["prompt"], fmt)
-        extra = fixed if fixed is not None else common.image_token_count(processor, images[pair["image"]], fmt) - 1
-        prefix.append(len(processor.tokenizer(text).input_ids) + extra)
-        answers += [len(common.response_ids(processor.tokenizer, text, pair[k])) for k in ("chosen", "rejected")]
+        prefix.append(common.prompt_length(processor, text, images[pair["image"]], fmt))
+        answers += [len(common.response_ids(processor.tokenizer, text, pair[k], eos)) for k in ("chosen", "rejected")]
     return sum(prefix) / len(prefix), sum(answers) / len(answers)

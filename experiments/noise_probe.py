@@ -20,6 +20,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import generation  # noqa: E402
+import loading  # noqa: E402
 import data  # noqa: E402
 import dist_io  # noqa: E402
 from toyworld import World  # noqa: E402
@@ -35,7 +37,7 @@ p.add_argument("--batch_size", type=int, default=50)
 args = p.parse_args()
 
 world = World(os.path.join(args.toy, "world.json"))
-model, processor = common.load_model(os.path.join(args.toy, "model"))
+model, processor = loading.load_model(os.path.join(args.toy, "model"))
 model.eval()
 tok = processor.tokenizer
 questions = dist_io.read_jsonl(os.path.join(args.toy, args.questions))
@@ -110,8 +112,8 @@ for seed in args.seeds:
         caps = []
         for b in range(0, len(images), args.batch_size):
             with common.weaken_images(model, step, "features", gen):
-                caps += common.generate(model, processor, images[b:b + args.batch_size], prompts[b:b + args.batch_size],
-                                        max_new_tokens=args.max_new_tokens)
+                caps += generation.generate(model, processor, images[b:b + args.batch_size], prompts[b:b + args.batch_size],
+                                            max_new_tokens=args.max_new_tokens)
         rows.append({"seed": seed, "noise_step": step, **lp, **world.stats(caps, truths), "example": caps[0]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "example"}))
 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

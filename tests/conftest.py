@@ -28,7 +28,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
     for item in items:  # fixturenames holds every fixture a test needs, directly or through another one
         arch = getattr(item, "callspec", None) and item.callspec.params.get("arch")
-        if {"toy", "qwen_toy"} & set(item.fixturenames) or arch:
+        if {"toy", "qwen_toy", "toy_model", "qwen_model"} & set(item.fixturenames) or arch:
             item.add_marker(pytest.mark.toy)
 
 
@@ -160,59 +160,69 @@ def kill_after_lines(args, path, n_lines, timeout=120):
     assert proc.returncode == -signal.SIGKILL, f"{args[0]} finished before it could be interrupted"
 
 
+ARCHS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]  # every family (families/)
+_WORLDS = {}
+
+
+def quick_world(arch, tmp_path_factory):
+    """The quick toy world of a family (00_make_toy.py --quick --arch ARCH), built once a session; BPO_TEST_TOYS=DIR
+    reuses DIR/ARCH built earlier (for running a few tests while working; CI builds them afresh)."""
+    from pathlib import Path
+    if arch not in _WORLDS:
+        reuse = os.path.join(os.environ.get("BPO_TEST_TOYS", "/nonexistent"), arch)
+        if os.path.exists(os.path.join(reuse, "prior_check.json")):
+            _WORLDS[arch] = Path(reuse)
+        else:
+            out = tmp_path_factory.mktemp(f"toy_{arch}")
+            run_script("00_make_toy.py", "--out", out, "--quick", "--seed", 0, "--arch", arch)
+            _WORLDS[arch] = out
+    return _WORLDS[arch]
+
+
+_MODELS = {}
+
+
+def world_model(arch, tmp_path_factory):
+    """(model, processor) of a family's quick world, loaded once a session."""
+    if arch not in _MODELS:
+        import torch
+
+        import loading
+        torch.manual_seed(0)
+        _MODELS[arch] = loading.load_model(str(quick_world(arch, tmp_path_factory) / "model"))
+    return _MODELS[arch]
+
+
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
-    """The quick toy world; BPO_TEST_TOY=DIR reuses one built earlier by `00_make_toy.py --out DIR
-    --quick` (for running a few tests while working; CI builds it afresh)."""
-    from pathlib import Path
-    reuse = os.environ.get("BPO_TEST_TOY")
-    if reuse and os.path.exists(os.path.join(reuse, "prior_check.json")):
-        return Path(reuse)
-    out = tmp_path_factory.mktemp("toy")
-    run_script("00_make_toy.py", "--out", out, "--quick", "--seed", 0)
-    return out
+    """LLaVA-1.5's quick toy world (the one most tests use)."""
+    return quick_world("llava", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def toy_model(toy):
-    import common
-    import torch
-    torch.manual_seed(0)
-    return common.load_model(str(toy / "model"))
+def toy_model(tmp_path_factory):
+    return world_model("llava", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def qwen_toy(tmp_path_factory):
-    """The quick toy world with a tiny Qwen2.5-VL (00_make_toy.py --arch qwen2_5_vl --quick); BPO_TEST_QWEN_TOY=DIR
-    reuses one."""
-    from pathlib import Path
-    reuse = os.environ.get("BPO_TEST_QWEN_TOY")
-    if reuse and os.path.exists(os.path.join(reuse, "prior_check.json")):
-        return Path(reuse)
-    out = tmp_path_factory.mktemp("qwen_toy")
-    run_script("00_make_toy.py", "--out", out, "--quick", "--seed", 0, "--arch", "qwen2_5_vl")
-    return out
+    return quick_world("qwen2_5_vl", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def qwen_model(qwen_toy):
-    import common
-    import torch
-    torch.manual_seed(0)
-    return common.load_model(str(qwen_toy / "model"))
+def qwen_model(tmp_path_factory):
+    return world_model("qwen2_5_vl", tmp_path_factory)
 
 
 def arch_world(request, arch):
     """(toy world folder, (model, processor)) of a family, for tests parametrized over `arch`."""
-    if arch == "llava":
-        return request.getfixturevalue("toy"), request.getfixturevalue("toy_model")
-    return request.getfixturevalue("qwen_toy"), request.getfixturevalue("qwen_model")
+    factory = request.getfixturevalue("tmp_path_factory")
+    return quick_world(arch, factory), world_model(arch, factory)
 
 
 def plain_inputs(model, input_ids, vision, attention_mask=None):
-    """The model's own inputs for a plain forward of token ids with their images (Qwen2.5-VL's also say which
-    tokens are the image's, for its multimodal positions)."""
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **vision)
-    if "image_grid_thw" in vision:
-        inputs["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
-    return inputs
+    """The model's own inputs for a plain forward of token ids with their images (and which tokens are the image's,
+    where the family's forward wants it: Qwen's multimodal positions, Gemma 3's image block)."""
+    from families import family_of
+    return dict(input_ids=input_ids, attention_mask=attention_mask, **vision,
+                **family_of(model).token_types(input_ids, model.config))

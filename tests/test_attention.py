@@ -6,12 +6,13 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlavaConfig
 
 import attention
 import common
 import data
 import dist_io
+import generation
 from conftest import run_here, toy_pair_records
 
 KB = 1024
@@ -30,7 +31,7 @@ def test_auto_takes_flex_only_where_its_backward_fits(board, head_dim, want, mon
     capability, smem = BOARDS[board]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         name=f"NVIDIA {board}", major=capability[0], minor=capability[1], shared_memory_per_block_optin=smem))
-    config = LlamaConfig(hidden_size=32 * head_dim, num_attention_heads=32)
+    config = LlavaConfig(text_config=LlamaConfig(hidden_size=32 * head_dim, num_attention_heads=32))
     kernel = attention.choose("auto", torch.device("cuda", 0), config)
     assert (kernel.name, kernel.options) == (("per_pair", None) if want is None else ("flex", want))
     assert kernel.describe().startswith(f"attention: {kernel.name} (auto: ")
@@ -42,7 +43,7 @@ def test_auto_takes_flex_only_where_its_backward_fits(board, head_dim, want, mon
 
 
 def test_auto_on_cpu_is_per_pair():
-    kernel = attention.choose("auto", torch.device("cpu"), LlamaConfig(hidden_size=64, num_attention_heads=4))
+    kernel = attention.choose("auto", torch.device("cpu"), LlavaConfig())
     assert kernel.name == "per_pair" and "no backward on cpu" in kernel.reason
 
 
@@ -50,16 +51,17 @@ def test_a_failing_first_call_falls_back_once(capsys):
     """A compile or kernel failure at the first call of a kind: one warning line, per_pair from then on, the call
     made again with per_pair's inputs; out of memory is no kernel failure; a later failure is not hidden."""
     kernel = attention.Kernel("flex", "tested", {})
-    doc, seg = torch.tensor([[0, 0, 0, 1, 1]]), torch.tensor([[0, 1, 1, 0, 1]])
+    row = dict(doc=torch.tensor([[0, 0, 0, 1, 1]]), seg=torch.tensor([[0, 1, 1, 0, 1]]),
+               input_ids=torch.tensor([[5, 6, 7, 5, 8]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
     seen = []
 
     def step():
-        seen.append(sorted(kernel.inputs({"doc": doc, "seg": seg})))
+        seen.append(sorted(set(kernel.inputs(row)) - set(row)))
         if kernel.name == "flex":
             raise RuntimeError("out of resource: shared memory, Required: 131074, Hardware limit: 101376\nmore")
         return "done"
     assert kernel.run("train", step) == "done"
-    assert seen == [["attention_mask", "flex_options"], ["pack_masks"]]
+    assert seen == [["block_masks", "flex_options"], ["pack_masks"]]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "falling back to per_pair" in err[0] and "Required: 131074" in err[0]
     assert kernel.name == "per_pair" and kernel.reason.startswith("fell back from flex: RuntimeError")
@@ -187,10 +189,10 @@ def test_generation_compiles_the_decode_step_once(toy, toy_model, monkeypatch):
     images = [data.load_image(str(toy / "images"), r["image"]) for r in recs]
     questions = ["What is this?", "Describe the image.", "How many cups are there in the image?",
                  "Is there a cup in the image? Is there a plate?", "What colour is the cup? Where is it?", "What?"]
-    plain = [common.generate(model, processor, images[:b], [q] * b, max_new_tokens=6) for b in (2, 3)
+    plain = [generation.generate(model, processor, images[:b], [q] * b, max_new_tokens=6) for b in (2, 3)
              for q in questions]
     counted = []
-    real = common.decode_compile_config
+    real = generation.decode_compile_config
     backend = lambda gm, example_inputs: counted.append(gm) or gm.forward  # one backend: a new one recompiles
 
     def counting(device):  # the real config for CUDA (a new one each call, as generate makes it), its backend counting
@@ -199,12 +201,12 @@ def test_generation_compiles_the_decode_step_once(toy, toy_model, monkeypatch):
         config.mode = "default"  # CUDA graphs ("reduce-overhead") are inductor's, a backend of its own takes none
         config._compile_all_devices = True  # transformers compiles on CUDA only, unless told
         return config
-    monkeypatch.setattr(common, "decode_compile_config", counting)
+    monkeypatch.setattr(generation, "decode_compile_config", counting)
     torch._dynamo.reset()
     for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length"):
         monkeypatch.delattr(model, attr, raising=False)
     try:
-        compiled = [common.generate(model, processor, images[:b], [q] * b, max_new_tokens=6) for b in (2, 3)
+        compiled = [generation.generate(model, processor, images[:b], [q] * b, max_new_tokens=6) for b in (2, 3)
                     for q in questions]
     finally:
         torch._dynamo.reset()

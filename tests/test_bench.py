@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -85,6 +86,30 @@ def test_gpu_check_sizes_and_rows():
         gpu_check.parse_args(["--rows", "flex:maybe"])
 
 
+# published parameter counts of each family's 7B-class checkpoint (model cards), in billions
+CHECKPOINT_PARAMS = {"llava": 7.06, "llava_next": 7.06, "qwen2_vl": 8.29, "qwen2_5_vl": 8.29, "qwen3_vl": 8.77,
+                     "gemma3": 12.19}
+
+
+@pytest.mark.parametrize("arch", sorted(CHECKPOINT_PARAMS))
+def test_each_family_builds_its_7b_class_shape(arch, tmp_path):
+    """bench/gpu_check.py --arch ARCH builds the family's 7B-class checkpoint's shapes (on the meta device here):
+    its parameter count within 2% of the published one; --tiny's sizes build the same architecture."""
+    from transformers import AutoModelForImageTextToText
+    from families import FAMILIES
+    args = gpu_check.parse_args(["--arch", arch])
+    assert gpu_check.size_note(args) == ""
+    processor = gpu_check.build_processor(args, tmp_path / "model")
+    config = FAMILIES[arch].config_for(processor.tokenizer, gpu_check.model_sizes(args))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters())
+    assert n / 1e9 == pytest.approx(CHECKPOINT_PARAMS[arch], rel=0.02)
+    tiny = gpu_check.parse_args(["--arch", arch, "--tiny"])
+    assert gpu_check.size_note(tiny).startswith("NOT")
+    config = FAMILIES[arch].config_for(processor.tokenizer, gpu_check.model_sizes(tiny))
+    assert type(AutoModelForImageTextToText.from_config(config)).__name__.lower().startswith(arch.split("_")[0])
+
+
 def run_gpu_check(tmp_path, *flags):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu", "--tiny",
@@ -96,7 +121,7 @@ def run_gpu_check(tmp_path, *flags):
         row = [line for line in table if line.startswith(f"| {name} |")]
         assert len(row) == 1, f"no row {name!r} in:\n" + "\n".join(table)
         assert "FAILED" not in row[0] and "skipped" not in row[0] and "not run" not in row[0], row[0]
-    assert "NOT LLaVA-1.5-7B's size" in proc.stdout
+    assert "NOT LLaVA-1.5's 7B-class" in proc.stdout
     result = json.loads(out.read_text())
     assert not result["errors"]
     return {r["run"]: r for r in result["rows"]}

@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel
 
 import common
 import data
+import loading
 from conftest import ROOT, run_here
 
 # loads the exported folder with peft made unimportable, and prints the logits of one prompt and image
@@ -27,9 +28,9 @@ with torch.no_grad():
 
 
 def test_export_merges_and_loads_without_peft(toy, tmp_path):
-    model, processor = common.load_model(str(toy / "model"))
+    model, processor = loading.load_model(str(toy / "model"))
     torch.manual_seed(0)
-    lora = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=common.LORA_TARGETS))
+    lora = loading.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=common.LORA_TARGETS))
     for name, p in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # an adapter that changes the outputs
@@ -49,8 +50,8 @@ def test_export_merges_and_loads_without_peft(toy, tmp_path):
     got = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PEFT, str(out), image, prompt], capture_output=True,
                          text=True, cwd=ROOT)
     assert got.returncode == 0, got.stderr[-2000:]
-    base, _ = common.load_model(str(toy / "model"))
-    with common.quiet_peft():
+    base, _ = loading.load_model(str(toy / "model"))
+    with loading.quiet_peft():
         unmerged = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     enc = processor(text=[prompt], images=[data.load_image(toy / "images", rec["image"])], return_tensors="pt")
     with torch.no_grad():
@@ -65,8 +66,8 @@ def test_export_merges_and_loads_without_peft(toy, tmp_path):
 
 def test_qlora_adapter_is_merged_in_bf16(toy, tmp_path):
     """An adapter 03 trained with --load_in_4bit (its run's checkpoint says so) is merged into the base in bf16."""
-    model, _ = common.load_model(str(toy / "model"))
-    lora = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=common.LORA_TARGETS))
+    model, _ = loading.load_model(str(toy / "model"))
+    lora = loading.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=common.LORA_TARGETS))
     run = tmp_path / "run"
     lora.save_pretrained(run / "adapter")
     (run / "checkpoint-1").mkdir(parents=True)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import common
 import data
 import dist_io
+import loading
 import remote
 from conftest import as_if_killed_after, kill_after_lines, run_here, toy_pair_records
 from openai_stub import RESET, Delay, OpenAIStub
@@ -667,7 +668,7 @@ def test_model_code_in_a_checkpoint_dir_is_never_run(toy, tmp_path):
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForImageTextToText": "evil.EvilModel"}
     (model / "config.json").write_text(json.dumps(config))
     try:
-        common.load_model(str(model))
+        loading.load_model(str(model))
     except ValueError:
         pass  # refusing is fine too; running it is not
     assert not marker.exists()
@@ -698,5 +699,5 @@ def test_pickled_code_in_a_checkpoint_or_adapter_is_never_run(toy, pair_records,
     with open(adapter / "adapter_model.bin", "wb") as fh:  # an old-style adapter: a pickle
         pickle.dump({"weight": Evil(marker)}, fh)
     with pytest.raises(Exception):
-        common.load_model(str(toy / "model"), adapter=str(adapter))
+        loading.load_model(str(toy / "model"), adapter=str(adapter))
     assert not marker.exists()

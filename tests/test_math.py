@@ -7,9 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention
 import common
 import data
-from conftest import arch_world
+import generation
+from conftest import ARCHS, arch_world
+from families import family_of
 
 LLAMA_TOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "llama2-tokenizer")
 
@@ -82,11 +85,11 @@ def test_packed_logps_equal_model_token_loss(toy, toy_model):
                                                      [" ".join(words), words[0]], max_length=512)
     input_ids, mask, labels = common.pad_batch(seqs, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        ids, position_ids, packed_mask, keep, scored = common.packed_batch([common.pack_responses(seqs)],
-                                                                           processor.tokenizer.pad_token_id)
-        logits = model(inputs_embeds=common.image_embeds(model, ids, vision), attention_mask=packed_mask,
-                       position_ids=position_ids, logits_to_keep=keep).logits
-        ours = common.packed_logps(logits, scored, 2)
+        ids, position_ids, seg, keep, scored = common.packed_batch([common.pack_responses(seqs)],
+                                                                   processor.tokenizer.pad_token_id)
+        inputs = attention.Kernel("padded", "tested").inputs(dict(input_ids=ids, position_ids=position_ids, seg=seg,
+                                                                  logits_to_keep=keep, **vision))
+        ours = common.response_logps(model, model, inputs, scored, 2)[0]
         for i in range(2):
             out = model(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], **vision,
                         labels=labels[i:i + 1])
@@ -151,20 +154,21 @@ def test_contrastive_logits_by_hand():
     beta times the clean maximum (a logit within log beta of the best), -inf elsewhere."""
     clean = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
     weak = torch.tensor([[1.0, 2.0, 0.0, 0.0]])
-    got = common.contrastive_logits(clean, weak, alpha=1.0, beta=0.2)
+    got = generation.contrastive_logits(clean, weak, alpha=1.0, beta=0.2)
     # cutoff log 0.2 + 2 = 0.391: tokens 0 and 1 stay (2, 1), tokens 2 (0) and 3 (-3) go
     assert got[0, :2].tolist() == [2 * 2.0 - 1.0, 2 * 1.0 - 2.0] and torch.isinf(got[0, 2:]).all()
     p = torch.softmax(clean, -1)
     assert ((p >= 0.2 * p.max()) == torch.isfinite(got)).all()  # the cut is on probabilities, as VCD's
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_contrastive_sampling_first_step_and_cache(arch, request):
     """generate_contrastive's first token at a near-zero temperature is the argmax of contrastive_logits over a
     plain forward of the clean and of the weakened image; its cached decoding equals greedy generate at alpha 0
-    (Qwen2.5-VL: its branches on the model's own multimodal positions)."""
+    (each family's branches on the model's own positions and image inputs: Qwen's multimodal rotary positions,
+    Qwen3-VL's deepstack, Gemma 3's image block)."""
     toy, (model, processor) = arch_world(request, arch)
-    fmt = common.family_format(arch)
+    fmt = family_of(model).input_format
     recs = json.load(open(toy / "train.json"))[:2]
     images = [data.load_image(toy / "images", r["image"]) for r in recs]
     prompts = ["Describe the image in detail."] * 2
@@ -173,11 +177,11 @@ def test_contrastive_sampling_first_step_and_cache(arch, request):
         clean = model(**enc).logits[:, -1]
         with common.weaken_images(model, 900, "pixels", torch.Generator().manual_seed(5)):
             weak = model(**enc).logits[:, -1]
-    want = common.contrastive_logits(clean, weak, 1.0, 0.2).argmax(-1)
-    texts = common.generate_contrastive(model, processor, images, prompts, fmt,
-                                        (900, "pixels", torch.Generator().manual_seed(5)), 1.0, 0.2,
-                                        temperature=1e-6, max_new_tokens=1)
+    want = generation.contrastive_logits(clean, weak, 1.0, 0.2).argmax(-1)
+    texts = generation.generate_contrastive(model, processor, images, prompts, fmt,
+                                            (900, "pixels", torch.Generator().manual_seed(5)), 1.0, 0.2,
+                                            temperature=1e-6, max_new_tokens=1)
     assert texts == [processor.tokenizer.decode([t], skip_special_tokens=True).strip() for t in want.tolist()]
-    plain = common.generate(model, processor, images, prompts, fmt, max_new_tokens=20)
-    assert common.generate_contrastive(model, processor, images, prompts, fmt, (0, "features", None),
-                                       0.0, 1e-9, temperature=1e-6, max_new_tokens=20) == plain
+    plain = generation.generate(model, processor, images, prompts, fmt, max_new_tokens=20)
+    assert generation.generate_contrastive(model, processor, images, prompts, fmt, (0, "features", None),
+                                           0.0, 1e-9, temperature=1e-6, max_new_tokens=20) == plain

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention
 import common
 import data
 import dist_io
-from conftest import arch_world, plain_inputs, run_here
+from conftest import ARCHS, arch_world, plain_inputs, run_here
+from families import family_of
 
 
 def test_ipo_loss_hand_computed():
@@ -40,37 +42,33 @@ def test_conditional_and_anchor_terms_hand_computed():
     assert (pcw.grad > 0).all()  # lowering the answer's log-prob under the weakened image lowers the loss
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_weakened_packed_forward_equals_the_plain_path(arch, request):
-    """The conditional term's forward (features weakened per image with its own seed, packed, logits
-    at the scored rows) against the plain one: pixels through the whole model under the same seeded
-    weakening, a full log-softmax."""
+    """The conditional term's forward (the image weakened per image with its own seed, packed, logits at the scored
+    rows) against the plain one: pixels through the whole model under the same seeded weakening, a full
+    log-softmax."""
     toy, (model, processor) = arch_world(request, arch)
     recs = json.load(open(toy / "train.json"))[:2]
     weaken = [(900, "features", 11), (800, "features", 12)]  # the quick worlds read their images faintly
-    fmt = common.family_format(arch)
-    packs, visions, plain = [], [], []
+    fmt = family_of(model).input_format
+    examples, plain = [], []
     with torch.no_grad():
         for rec, (step, where, seed) in zip(recs, weaken):
             image = data.load_image(toy / "images", rec["image"])
+            examples.append((image, "Describe the image.", [rec["conversations"][1]["value"]], ()))
             vision, seqs, _ = common.build_sequences(processor, image, "Describe the image.",
                                                      [rec["conversations"][1]["value"]], 512, fmt)
-            n_prompt = seqs[0][1].count(common.IGNORE)
-            packs.append(common.pack_responses(seqs, common.prompt_positions(processor, seqs[0][0][:n_prompt], vision)))
-            visions.append(vision)
             ids, labels = seqs[0]
             with common.weaken_images(model, step, where, torch.Generator().manual_seed(seed)):
                 logits = model(**plain_inputs(model, torch.tensor([ids]), vision)).logits[0, :-1]
             target = torch.tensor(labels[1:])
             logp = F.log_softmax(logits.double(), -1).gather(1, target.clamp(min=0)[:, None])[:, 0]
             plain.append(float((logp * (target != common.IGNORE)).sum()))
-        input_ids, position_ids, mask, keep, scored = common.packed_batch(packs, processor.tokenizer.pad_token_id)
-        embeds = common.image_embeds(model, input_ids, common.cat_images(visions), weaken)
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
-        packed = common.packed_logps(logits, scored, 2)
-        clean = common.packed_logps(model(inputs_embeds=common.image_embeds(model, input_ids, common.cat_images(visions)),
-                                          attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits,
-                                    scored, 2)
+        batch = common.pack_pairs(processor, examples, 512, fmt)
+        inputs = attention.Kernel("padded", "tested", rule=attention.rule_for(model.config)).inputs(batch)
+        weak = common.image_features(model, batch, weaken)
+        packed = common.response_logps(model, model, inputs, batch["scored"], 2, weak)[0]
+        clean = common.response_logps(model, model, inputs, batch["scored"], 2)[0]
     assert packed.tolist() == pytest.approx(plain, rel=1e-4)
     assert (packed - clean).abs().min() > 1e-3  # the weakening changes what the model sees
 

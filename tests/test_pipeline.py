@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import common
 import data
 import dist_io
+import loading
 import scoring
 from conftest import as_if_killed_after, kill_after_lines, run_here, run_script, run_torchrun, run_torchrun_nodes, script
 
@@ -110,8 +111,8 @@ def test_dpo_training_learns_the_toy_pairs(toy, pairs, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000 and (tmp_path / "adapter" / "adapter_config.json").exists()
     assert "final" in proc.stdout
     # the adapter loads back onto the base model and changes it
-    model, _ = common.load_model(str(toy / "model"), adapter=str(tmp_path / "adapter"))
-    base, _ = common.load_model(str(toy / "model"))
+    model, _ = loading.load_model(str(toy / "model"), adapter=str(tmp_path / "adapter"))
+    base, _ = loading.load_model(str(toy / "model"))
     merged = dict(model.named_parameters())
     for name, base_param in base.named_parameters():  # LoRA moved the language model, nothing else
         changed = not torch.equal(merged[name], base_param)

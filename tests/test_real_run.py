@@ -14,6 +14,7 @@ from PIL import Image
 import common
 import data
 import dist_io
+import loading
 from conftest import as_if_killed_after, run_here
 from test_hardening import error_line, write_lines
 
@@ -67,7 +68,7 @@ def test_pad_square_centres_the_image_on_the_mean_colour():
 
 def test_pad_square_reaches_the_processor(toy):
     """A wide image: with padding, the model sees all of it (CLIP's centre crop would cut its edges)."""
-    processor = common.load_processor(str(toy / "model"))
+    processor = loading.load_processor(str(toy / "model"))
     image = Image.new("RGB", (128, 64), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 16, 64))  # a white band at the left edge: the crop cuts it off
     text = [common.chat_prompt(processor, "x")]
@@ -211,7 +212,7 @@ def test_build_pairs_never_writes_a_cut_off_negative(toy, tmp_path):
     written, dropped = int(line.split()[1]), int(line.split("dropped ")[1].split()[0])
     cut_off = int(line.split(" negatives and ")[1].split()[0])
     assert cut_off >= 4 and written + dropped + cut_off == 8 and "cut off by --max_new_tokens 2 times" in line
-    tok = common.load_processor(str(toy / "model")).tokenizer
+    tok = loading.load_processor(str(toy / "model")).tokenizer
     for pair in dist_io.read_jsonl(out):  # what was written ended by itself: EOS within the 3 new tokens
         assert len(tok(pair["rejected"], add_special_tokens=False).input_ids) < 3
 
@@ -255,7 +256,7 @@ def test_qlora_keeps_the_rest_in_bf16(toy):
     model = AutoModelForImageTextToText.from_pretrained(str(toy / "model"), dtype=torch.bfloat16,
                                                         quantization_config=quant, device_map={"": "cpu"})
     model.requires_grad_(False)  # what 03 does with a 4-bit model before adding LoRA
-    model = common.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    model = loading.with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
     frozen = {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point}
     assert frozen and all(d == torch.bfloat16 for d in frozen.values()), {n: d for n, d in frozen.items()
                                                                             if d != torch.bfloat16}
@@ -268,7 +269,7 @@ def test_qlora_quantizes_the_language_model_only(toy):
     the head's (transformers reads a bare "vision_tower" in the skip list as one module's name only, and quantized the
     vision tower's layers before the names were written from the root)."""
     import bitsandbytes as bnb
-    model, _ = common.load_model(str(toy / "model"), load_in_4bit=True)
+    model, _ = loading.load_model(str(toy / "model"), load_in_4bit=True)
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     nf4 = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert nf4 == {n for n in linear if ".language_model." in n} and len(nf4) == 28

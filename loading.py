@@ -1,0 +1,60 @@
+"""Loading a model and its processor, of any supported family (families/): bf16 on CUDA, fp32 elsewhere; QLoRA's NF4
+language model; a peft adapter merged in for inference; LoRA added for training."""
+import contextlib
+import warnings
+
+import torch
+
+from families import family_of
+
+
+def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
+    """(model, processor) of a checkpoint dir or hub id; optionally with a peft adapter merged in for inference."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    family = family_of(name)
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:  # QLoRA: the language model in NF4, the rest as the family keeps it
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(family.skip_4bit))
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    processor = load_processor(name)
+    if adapter:
+        from peft import PeftModel
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter)
+        if not load_in_4bit:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, processor
+
+
+def load_processor(name, padding_side="left"):
+    """The tokenizer + image processor of a checkpoint, padding on the left (for generation; None: as stored)."""
+    processor = family_of(name).load_processor(name)
+    if padding_side:
+        processor.tokenizer.padding_side = padding_side
+    return processor
+
+
+
+def with_lora(model, config):
+    """The model with fresh LoRA adapters (peft's get_peft_model) as config says; they start as a no-op."""
+    from peft import get_peft_model
+    with quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    # peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a FutureWarning
+    # on every run that no user can act on
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

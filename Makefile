@@ -1,4 +1,5 @@
-# make demo     : venv + install + the whole pipeline on the offline toy world (ARCH=qwen2_5_vl: on a tiny Qwen2.5-VL)
+# make demo     : venv + install + the whole pipeline on the offline toy world (ARCH=MODEL_TYPE: on a tiny model of another
+#                 family: llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3; docs/other_models.md)
 # make test     : venv + install + the full test suite (what CI runs)
 # make test-fast: the pure tests (math, objectives, scoring, study rules, I/O), no toy world: seconds
 # make study: venv + install + the toy-world study of the paper's claims -> results/STUDY.md (two toy worlds, dev split,
@@ -6,13 +7,12 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# the model family of make demo's toy world: llava (LLaVA-1.5, the paper's) or qwen2_5_vl (docs/other_models.md)
+# the model family of make demo's toy world: llava (LLaVA-1.5, the paper's) or another family's model_type
 ARCH ?= llava
 TOY ?= $(if $(filter llava,$(ARCH)),toy,toy_$(ARCH))
 RUN ?= $(if $(filter llava,$(ARCH)),runs/demo,runs/demo_$(ARCH))
-# Qwen2.5-VL's toy: the same world; its ViT reads 4x the patches, so its build takes longer (docs/other_models.md)
-TOY_BUILD ?= $(if $(filter llava,$(ARCH)),,$(QWEN_TOY_BUILD))
-QWEN_TOY_BUILD ?=
+# more flags for 00_make_toy.py (e.g. --align_steps N)
+TOY_BUILD ?=
 # Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model): the study's
 # run (80 steps of 16 pairs) and the learning rates its dev split chose (results/dev_selection.json: DPO 1e-4 at
 # step 80, SFT 1e-4 at step 40; the demo runs both 80 steps)
@@ -91,4 +91,4 @@ study: install
 	$(BIN)/python experiments/study.py --toy $(TOY) --control_toy $(TOY)_control --runs runs/study --results results
 
 clean:
-	rm -rf $(TOY) $(TOY)_control toy_qwen2_5_vl runs
+	rm -rf toy toy_* runs

@@ -13,7 +13,8 @@ import common
 import data
 import dist_io
 import generation
-from conftest import run_here, toy_pair_records
+from conftest import ARCHS, arch_world, run_here, toy_pair_records
+from families import family_of
 
 KB = 1024
 # (name, compute capability, shared memory per block opt-in): as torch.cuda.get_device_properties reports them
@@ -214,3 +215,26 @@ def test_generation_compiles_the_decode_step_once(toy, toy_model, monkeypatch):
             model.__dict__.pop(attr, None)
     assert compiled == plain
     assert len(counted) == 1, len(counted)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flex_forward_equals_per_pair_for_every_family(arch, request, monkeypatch):
+    """FlexAttention's block masks (no grad: CPU has no backward) give per_pair's log-probs on each family's packed
+    rows, its rule included: Gemma 3's image block both ways and its sliding windows."""
+    monkeypatch.setattr(attention, "COMPILE_BACKEND", "eager")
+    attention.compiled_flex.cache_clear()
+    toy, (model, processor) = arch_world(request, arch)
+    rule = attention.rule_for(model.config)
+    assert (rule.image_token is not None, rule.window is not None) == ((True, True) if arch == "gemma3" else (False, False))
+    examples = toy_examples(toy, processor, 3)[2]  # 3 pairs of 26-word answers: longer than Gemma's window of 16
+    row = common.pack_pairs(processor, examples, 2048, family_of(model).input_format, flat=True,
+                            row_block=attention.ROW_BLOCK)
+    attention.use_packed_attention(model)
+    try:
+        with torch.no_grad():
+            got, want = (common.response_logps(model, model, attention.Kernel(k, "tested", {}, rule).inputs(row),
+                                               row["scored"], len(row["n_tokens"]))[0] for k in ("flex", "per_pair"))
+    finally:
+        attention.use_packed_attention(model, on=False)
+        attention.compiled_flex.cache_clear()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got, want)

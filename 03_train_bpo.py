@@ -22,6 +22,7 @@ import data
 import dist_io
 import loading
 import runs
+from families import image_features
 
 
 def parse_args(argv=None):
@@ -97,7 +98,7 @@ def chosen_given_weakened(net, model, weak, keys, pairs, args, kernel):
     image (a forward of its own: the prefix differs, so it cannot share the packed sequence), and the
     image features it ran on (the reference reuses them)."""
     weaken = [common.pair_weakening(keys[i], pairs[i].get("meta"), args.noise_step, args.noise_on) for i in weak.indices]
-    features = common.image_features(model, weak.inputs, weaken)
+    features = image_features(model, weak.inputs, weaken)
     inputs = kernel.inputs(weak.inputs)
     return common.response_logps(net, model, inputs, weak.scored, len(weak.indices), features)[0], features
 

@@ -357,37 +357,6 @@ def pack_pairs(processor, examples, max_length, fmt=LLAVA_15, flat=False, row_bl
                 n_real=sum(len(p[0]) for p in packs))
 
 
-def image_features(model, vision, weaken=()):
-    """The vision encoder's output for a batch's images (vision: a dict holding the family's image inputs), as the
-    model's forward takes it (mm_encoder_outputs: the features each image token gets, and where a family feeds the
-    image into later layers too, those: Qwen3-VL's deepstack). The vision encoder and projector are frozen, so this
-    runs once per batch (no grad) and serves the policy and the reference forward alike. `weaken`: (noise step,
-    "features"|"pixels", seed) per image, each weakened (weaken_images) with noise from its own seeded generator, so
-    that the policy, the reference and a resumed run all see the same weakened image."""
-    from families import family_of
-    family = family_of(model)
-    with torch.no_grad():
-        if not weaken:
-            return family.image_features(model, vision)
-        outputs = []
-        for one, (step, where, seed) in zip(family.split_images(vision), weaken):
-            with weaken_images(model, step, where, torch.Generator().manual_seed(seed)):
-                outputs.append(family.image_features(model, one))
-        return join_images(outputs)
-
-
-def join_images(outputs):
-    """Several images' encoder outputs as one batch's, in what a forward reads of them: pooler_output (a tensor of
-    images, or a sequence with a tensor an image) and, where present, deepstack_features (a list over layers of such
-    sequences: Qwen3-VL's)."""
-    def join(values):
-        return torch.cat(values) if torch.is_tensor(values[0]) else tuple(x for v in values for x in v)
-    fields = {"pooler_output": join([o.pooler_output for o in outputs])}
-    if getattr(outputs[0], "deepstack_features", None) is not None:
-        fields["deepstack_features"] = [join(layer) for layer in zip(*(o.deepstack_features for o in outputs))]
-    return type(outputs[0])(**fields)
-
-
 def packed_logps(logits, scored, n_out):
     """Summed log-probs per output slot from the kept positions' logits [N, V] (packed_batch's
     `scored`): logit - logsumexp at the scored tokens only, no log-softmax over all positions; in float32
@@ -405,11 +374,12 @@ def response_logps(net, model, inputs, scored, n_out, features=None):
     """(summed response log-probs per output slot, the image features) of a packed micro-batch (pack_pairs' model
     inputs, a padding-free row's attention made by attention.Kernel.inputs). net runs the language model (the
     policy, its DDP wrapper, or the reference: the model with its adapter disabled); the image features, from model's
-    frozen vision encoder (image_features), are made once (unless given) and serve policy and reference alike.
+    frozen vision encoder (families.image_features), are made once (unless given) and serve policy and reference alike.
     bf16 autocast on CUDA; no KV cache (2-3 GB at 7B, and nothing reads it)."""
     device = inputs["input_ids"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if features is None:
+            from families import image_features
             features = image_features(model, inputs)
         attention = {k: inputs[k] for k in ATTENTION_INPUTS if k in inputs}
         logits = net(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": features},

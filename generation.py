@@ -5,7 +5,7 @@ import math
 import torch
 
 import common
-from families import family_of
+from families import family_of, image_features
 
 CACHE_BLOCK = 256  # a static KV cache is sized in whole blocks of this many tokens
 
@@ -67,11 +67,11 @@ def generate_contrastive(model, processor, images, prompts, fmt, weakening, alph
     ids, mask = enc["input_ids"], enc["attention_mask"]
     step, where, generator = weakening
     with common.weaken_images(model, step, where, generator):
-        weak = common.image_features(model, enc)
+        weak = image_features(model, enc)
     positions = family.generation_positions(model, enc)  # the model's own, of the left-padded prompts
     branches = [model(input_ids=ids, mm_encoder_outputs={"image": features}, attention_mask=mask, position_ids=positions,
                       use_cache=True, **family.prefill_inputs(enc))
-                for features in (common.image_features(model, enc), weak)]
+                for features in (image_features(model, enc), weak)]
     eos = model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=ids.device)
     pad = processor.tokenizer.pad_token_id

@@ -158,6 +158,36 @@ class Family:
         return {self.token_type_key: (input_ids == self.image_token_id(config)).int()}
 
 
+def image_features(model, vision, weaken=()):
+    """The vision encoder's output for a batch's images (vision: a dict holding the family's image inputs), as the
+    model's forward takes it (mm_encoder_outputs: the features each image token gets, and where a family feeds the
+    image into later layers too, those: Qwen3-VL's deepstack). The vision encoder and projector are frozen, so this
+    runs once per batch (no grad) and serves the policy and the reference forward alike. `weaken`: (noise step,
+    "features"|"pixels", seed) per image, each weakened (common.weaken_images) with noise from its own seeded generator,
+    so that the policy, the reference and a resumed run all see the same weakened image."""
+    family = family_of(model)
+    with torch.no_grad():
+        if not weaken:
+            return family.image_features(model, vision)
+        outputs = []
+        for one, (step, where, seed) in zip(family.split_images(vision), weaken):
+            with common.weaken_images(model, step, where, torch.Generator().manual_seed(seed)):
+                outputs.append(family.image_features(model, one))
+        return join_images(outputs)
+
+
+def join_images(outputs):
+    """Several images' encoder outputs as one batch's, in what a forward reads of them: pooler_output (a tensor of
+    images, or a sequence with a tensor an image) and, where present, deepstack_features (a list over layers of such
+    sequences: Qwen3-VL's)."""
+    def join(values):
+        return torch.cat(values) if torch.is_tensor(values[0]) else tuple(x for v in values for x in v)
+    fields = {"pooler_output": join([o.pooler_output for o in outputs])}
+    if getattr(outputs[0], "deepstack_features", None) is not None:
+        fields["deepstack_features"] = [join(layer) for layer in zip(*(o.deepstack_features for o in outputs))]
+    return type(outputs[0])(**fields)
+
+
 def model_type(name):
     """config.json's model_type of a checkpoint folder or hub id, without the network where it can be helped: a
     folder's, else the hub cache's, else the family whose checkpoints the id names; None when none of them tells."""

@@ -13,7 +13,7 @@ import common
 import dist_io
 import loading
 from conftest import ARCHS, arch_world, quick_world, run_here, run_torchrun
-from families import FAMILIES, family_of
+from families import FAMILIES, family_of, image_features
 from test_pipeline import adapter, assert_same_weights, stopped_copy
 
 OTHERS = [a for a in ARCHS if a != "llava"]  # LLaVA-1.5 runs these in the files named above
@@ -37,16 +37,16 @@ def test_weakening_moves_only_what_the_image_feeds(arch, noise_on, request):
     images = [load_image(toy / "images", r["image"]) for r in recs]
     fmt = family_of(model).input_format
     enc = common.encode(processor, [common.chat_prompt(processor, "Describe the image.", fmt)] * 2, images, fmt)
-    clean = fed(common.image_features(model, enc))
+    clean = fed(image_features(model, enc))
     with common.weaken_images(model, 0, noise_on):
-        assert all(torch.equal(a, b) for a, b in zip(fed(common.image_features(model, enc)), clean))
+        assert all(torch.equal(a, b) for a, b in zip(fed(image_features(model, enc)), clean))
     with common.weaken_images(model, 600, noise_on, torch.Generator().manual_seed(0)):
-        weak = fed(common.image_features(model, enc))
+        weak = fed(image_features(model, enc))
     assert len(weak) == len(clean) >= 2
     assert all((a - b).abs().max() > 1e-4 for a, b in zip(weak, clean))  # every image, every place it enters
-    assert all(torch.equal(a, b) for a, b in zip(fed(common.image_features(model, enc)), clean))
+    assert all(torch.equal(a, b) for a, b in zip(fed(image_features(model, enc)), clean))
     if arch == "qwen3_vl":
-        assert len(common.image_features(model, enc).deepstack_features) == 2  # two deepstack layers, both noised
+        assert len(image_features(model, enc).deepstack_features) == 2  # two deepstack layers, both noised
 
 
 def test_an_unknown_model_type_is_a_one_line_error(tmp_path):

@@ -13,7 +13,7 @@ import common
 import data
 import dist_io
 from conftest import ARCHS, arch_world, plain_inputs, run_here
-from families import family_of
+from families import family_of, image_features
 
 
 def test_ipo_loss_hand_computed():
@@ -66,7 +66,7 @@ def test_weakened_packed_forward_equals_the_plain_path(arch, request):
             plain.append(float((logp * (target != common.IGNORE)).sum()))
         batch = common.pack_pairs(processor, examples, 512, fmt)
         inputs = attention.Kernel("padded", "tested", rule=attention.rule_for(model.config)).inputs(batch)
-        weak = common.image_features(model, batch, weaken)
+        weak = image_features(model, batch, weaken)
         packed = common.response_logps(model, model, inputs, batch["scored"], 2, weak)[0]
         clean = common.response_logps(model, model, inputs, batch["scored"], 2)[0]
     assert packed.tolist() == pytest.approx(plain, rel=1e-4)

@@ -1,5 +1,6 @@
 """Loading a model and its processor, of any supported family (families/): bf16 on CUDA, fp32 elsewhere; QLoRA's NF4
-language model; a peft adapter merged in for inference; LoRA added for training."""
+language model; a peft adapter merged in for inference; LoRA added for training; the language model sharded with FSDP2
+(03 --fsdp)."""
 import contextlib
 import warnings
 
@@ -49,6 +50,34 @@ def with_lora(model, config):
     from peft import get_peft_model
     with quiet_peft():
         return get_peft_model(model, config)
+
+
+def vision_side(model):
+    """The parameters of the vision encoder and projector(s) (LLaVA-NeXT's image_newline too), as the family names
+    them: what common.image_features runs outside the model's forward."""
+    family = family_of(model)
+    return {*family.pixel_module(model)[0].parameters(), *family.projector_parameters(model)}
+
+
+def fully_shard_language_model(model):
+    """FSDP2 over the job's process group (03 --fsdp), in place: each decoder layer of the language model a unit (its
+    LoRA with it), the rest of the language model (embeddings, final norm, LM head) the root's. The vision side stays
+    out, whole on every rank: common.image_features runs it outside the root's forward, where FSDP would not gather
+    it (and it is small beside the language model). Frozen bf16 and trainable fp32 LoRA share a unit: FSDP2 gathers
+    mixed dtypes, and reduces the (fp32) LoRA gradients in fp32. `model` is a peft model or a plain one. Returns a
+    line saying what this rank holds."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = vision_side(base)
+    for layer in base.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(base, ignored_params=vision)
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in base.parameters())
+    return (f"fsdp: the language model in {len(base.get_decoder().layers) + 1} units over "
+            f"{torch.distributed.get_world_size()} process(es); rank 0 holds {held:,} of the model's "
+            f"{sum(p.numel() for p in base.parameters()):,} parameters (the vision side's "
+            f"{sum(p.numel() for p in vision):,} whole)")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import common
@@ -392,33 +393,60 @@ def checkpoint_step(path):
     return int(path.rsplit("-", 1)[1])
 
 
-def save_checkpoint(output_dir, step, model, optimizer, args, keep):
+def whole(t, keep=True):
+    """t unsharded, on the CPU, where `keep` (else None): an FSDP shard (a DTensor) gathered from every rank, a
+    collective that every rank must join, keep or not."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu() if keep else None
+
+
+def save_checkpoint(output_dir, step, model, optimizer, args, keep, is_main):
     """checkpoint-N: the adapter and one plain dict of optimizer state and step (the LR is the run's schedule's at
-    the step: run.json), written in a temp dir
-    and renamed, so a kill never leaves a half checkpoint; only the `keep` newest stay."""
+    the step: run.json), written in a temp dir and renamed, so a kill never leaves a half checkpoint; only the `keep`
+    newest stay. Every rank calls it: under --fsdp the adapter and the optimizer state are gathered whole (so a
+    checkpoint is the same however the run was sharded, and resumes with or without --fsdp, at any world size) and
+    rank 0 writes. Returns the adapter's weights as written (rank 0; None elsewhere), for the final adapter/."""
+    adapter = {n: whole(p, is_main) for n, p in model.named_parameters() if p.requires_grad}
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: whole(v, is_main) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    if not is_main:
+        return None
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, os.path.join(tmp, "state.pt"))
+    model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=adapter)
+    torch.save({"step": step, "optimizer": state, "args": vars(args)}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)  # the same step saved before (a continued run)
     os.replace(tmp, final)
     done = checkpoints(output_dir)
     for old in done[:max(0, len(done) - keep)]:
         shutil.rmtree(old)
+    return adapter
 
 
-def load_checkpoint(path, model, optimizer):
-    """The step of checkpoint `path`, its adapter and state loaded (safetensors and weights_only: a
-    checkpoint file never runs code); a one-line error for a folder 03 did not write."""
+def load_checkpoint(path, model):
+    """Checkpoint `path`'s state ({"step", "optimizer", "args"}), its adapter loaded into `model`, which must not be
+    sharded yet (peft loads whole tensors). Safetensors and weights_only: a checkpoint file never runs code; a
+    one-line error for a folder 03 did not write."""
     try:
         set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter", "adapter_model.safetensors")))
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+        return torch.load(os.path.join(path, "state.pt"), weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
         sys.exit(f"error: {path}: not a checkpoint 03 wrote ({str(e).splitlines()[0]}); move it away to resume "
                  "from the one before")
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
+
+
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state (whole tensors) into `optimizer`; where its parameters are FSDP shards, each
+    state tensor shaped like its parameter is cut as the parameter is (every rank holds the whole: no communication)."""
+    optimizer.load_state_dict(state)
+    for param, values in optimizer.state.items():
+        if isinstance(param, DTensor):
+            for k, v in values.items():
+                if torch.is_tensor(v) and v.shape == param.shape:
+                    values[k] = distribute_tensor(v, param.device_mesh, param.placements, src_data_rank=None)
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl and curves.png

@@ -227,7 +227,7 @@ def train(args):
                   f"a cosine to 0 at step {total_steps}")
 
     # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
-    model, processor = loading.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    model, processor = loading.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit, on_host=args.fsdp)
     model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
     attention.use_packed_attention(model, on=args.padding_free)  # set either way: a model handed in may have had it
     if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad

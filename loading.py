@@ -9,8 +9,11 @@ import torch
 from families import family_of
 
 
-def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
-    """(model, processor) of a checkpoint dir or hub id; optionally with a peft adapter merged in for inference."""
+def load_model(name, adapter=None, device="cpu", load_in_4bit=False, on_host=False):
+    """(model, processor) of a checkpoint dir or hub id; optionally with a peft adapter merged in for inference.
+    on_host: the weights left in host memory in the device's dtype (03 --fsdp: fully_shard_language_model moves each
+    rank's shards to the device, so no GPU ever holds the whole model; a checkpoint stored in that dtype stays
+    memory-mapped, one copy in the page cache for all of a node's processes)."""
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     family = family_of(name)
@@ -23,7 +26,7 @@ def load_model(name, adapter=None, device="cpu", load_in_4bit=False):
             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(family.skip_4bit))
         kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
-    if not load_in_4bit:
+    if not (load_in_4bit or on_host):
         model.to(device)
     processor = load_processor(name)
     if adapter:
@@ -64,15 +67,19 @@ def fully_shard_language_model(model):
     LoRA with it), the rest of the language model (embeddings, final norm, LM head) the root's. The vision side stays
     out, whole on every rank: common.image_features runs it outside the root's forward, where FSDP would not gather
     it (and it is small beside the language model). Frozen bf16 and trainable fp32 LoRA share a unit: FSDP2 gathers
-    mixed dtypes, and reduces the (fp32) LoRA gradients in fp32. `model` is a peft model or a plain one. Returns a
-    line saying what this rank holds."""
+    mixed dtypes, and reduces the (fp32) LoRA gradients in fp32. `model` is a peft model or a plain one, on the device
+    or in host memory (load_model's on_host: FSDP moves a unit's weights to the device as it shards them, one unit at
+    a time, and the vision side is moved here). Returns the line 03 prints: what rank 0 holds."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vision = vision_side(base)
     for layer in base.get_decoder().layers:
         fully_shard(layer)
-    fully_shard(base, ignored_params=vision)
+    fully_shard(base, ignored_params=vision)  # FSDP moved what it shards (and every buffer) to its device
+    device = next(p.device for p in base.parameters() if isinstance(p, DTensor))
+    for p in vision:
+        p.data = p.data.to(device)
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in base.parameters())
     return (f"fsdp: the language model in {len(base.get_decoder().layers) + 1} units over "
             f"{torch.distributed.get_world_size()} process(es); rank 0 holds {held:,} of the model's "

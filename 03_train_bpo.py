@@ -207,7 +207,7 @@ def train(args):
         print(kernel.describe())
     if args.dry_run:
         if is_main:
-            runs.print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step)
+            runs.print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step, world)
         return
     if args.resume and run["finished_step"] is not None and run["finished_step"] >= total_steps:
         if is_main:

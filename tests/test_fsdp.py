@@ -1,7 +1,8 @@
 """03 --fsdp: the language model sharded with FSDP2 over 2 gloo processes trains the adapter one process trains
 without it (per step and at the end), with accumulation, checkpointing, the conditional term and the precomputed or
 per-step reference; a run resumed from its checkpoint ends as the straight run, with or without --fsdp; the adapter
-loads with plain peft; flex's failure at its first training call falls back on every rank."""
+loads with plain peft; flex's failure at its first training call falls back on every rank; the dry run's memory per
+GPU by hand values."""
 import json
 import os
 import re
@@ -11,7 +12,8 @@ import torch
 
 import dist_io
 import loading
-from conftest import ARCHS, ROOT, quick_world, run_here, run_torchrun, toy_pair_records
+import runs
+from conftest import ARCHS, ROOT, quick_world, run_here, run_torchrun, script, toy_pair_records
 from test_pipeline import adapter, assert_same_weights, stopped_copy
 
 
@@ -90,7 +92,8 @@ def test_fsdp_flex_falls_back_on_every_rank_and_trains_as_one(qwen_toy, tmp_path
     run_here("03_train_bpo.py", *args, "--batch_size", 4, "--output_dir", tmp_path / "one", check=True)
     shim = tmp_path / "eager_03.py"
     shim.write_text(EAGER_03)
-    two = run_torchrun(shim, *args, "--batch_size", 2, "--fsdp", "--attention", "flex", "--output_dir", tmp_path / "two")
+    two = run_torchrun(shim, *args, "--batch_size", 2, "--fsdp", "--attention", "flex",
+                       "--output_dir", tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
     warnings = [line for line in two.stderr.splitlines() if "falling back" in line]
     assert len(warnings) == 2 and all("does not support backward on CPU" in w for w in warnings), two.stderr[-2000:]
@@ -100,12 +103,15 @@ def test_fsdp_flex_falls_back_on_every_rank_and_trains_as_one(qwen_toy, tmp_path
     assert_same_steps(tmp_path / "one", tmp_path / "two")
 
 
-def test_fsdp_refuses_4bit(toy, tmp_path):
+def test_fsdp_refuses_4bit_and_its_dry_run_says_the_sharing(toy, tmp_path):
     pairs = pairs_file(toy, tmp_path, 8)
     args = train_args(toy, pairs, "--output_dir", tmp_path / "run", "--fsdp")
     refused = run_here("03_train_bpo.py", *args, "--load_in_4bit")
     assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith("error: --fsdp with "
                                                                                           "--load_in_4bit")
+    dry = run_here("03_train_bpo.py", *args, "--dry_run", check=True)
+    assert "--fsdp over 1 process: the language model and its LoRA state sharded" in dry.stdout
+    assert "at 2 / 4 / 8 / 16 / 32 processes:" in dry.stdout and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -119,3 +125,42 @@ def test_the_vision_side_is_all_but_the_language_model(arch, tmp_path_factory):
     vision = loading.vision_side(model)
     language = {p for n, p in model.named_parameters() if ".language_model." in f".{n}" or n.startswith("lm_head")}
     assert vision and not vision & language and vision | language == set(model.parameters())
+
+
+def tiny_llava(folder):
+    """A LLaVA config small enough to count by hand: LLaMA 8 wide x 2 layers (MLP 16, vocabulary 10), CLIP 8 wide x 1
+    layer at 28 px / 14 px patches, the 2-layer projector."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    text = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2)
+    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=8)
+    LlavaConfig(vision_config=vision, text_config=text, image_token_index=9).save_pretrained(folder)
+    return folder
+
+
+def test_memory_per_gpu_by_hand(tmp_path):
+    """runs.memory_estimate on a config counted by hand. The LM: embeddings 80, a layer 656 (q k v o 4 x 64, gate up
+    down 3 x 128, 2 norms of 8), final norm 8, LM head 80: 1480, of which Linear 1280; LoRA r 4: 544 a layer. The
+    vision side: CLIP 5384 (class 8, patches 3 x 8 x 14 x 14, 5 positions x 8, 2 + 1 layer norms, a layer 600) +
+    the projector 144. --fsdp over W: 2 bytes x (the vision side + 1/W of the LM + its root and 2 layers gathered),
+    16/W bytes a LoRA parameter (+ 4 for the whole gradient that accumulation keeps); the rest does not depend on W."""
+    folder = tiny_llava(tmp_path / "tiny")
+    parse = script("03_train_bpo.py").parse_args
+    base = ["--model", folder, "--data", "x", "--output_dir", "y", "--lora_r", 4, "--gradient_checkpointing"]
+    lengths = [(10, [3, 4])] * 100
+    plain, T = runs.memory_estimate(parse(map(str, base)), lengths)
+    assert T == 17 and plain["weights"] == 2 * 7008 and plain["lora"] == 16 * 1088
+    assert runs.memory_estimate(parse(map(str, base + ["--load_in_4bit"])), lengths)[0]["weights"] == \
+        2 * (7008 - 1280) + 1280 / 2
+    fsdp = parse(map(str, base + ["--fsdp"]))
+    for world in (1, 2, 8):
+        parts = runs.memory_estimate(fsdp, lengths, world)[0]
+        assert parts["weights"] == pytest.approx(2 * (5528 + 1480 / world + 80 + 8 + 80 + 2 * 656))
+        assert parts["lora"] == pytest.approx(16 * 1088 / world)
+        assert {k: parts[k] for k in ("activations", "mask", "logits")} == \
+            {k: plain[k] for k in ("activations", "mask", "logits")}
+    assert runs.memory_estimate(parse(map(str, base + ["--fsdp", "--grad_accum", 2])), lengths, 8)[0]["lora"] == \
+        pytest.approx(16 * 1088 / 8 + 4 * 1088)
+    # activations checkpointed: 4 pairs x 17 tokens x (2 layers x 2 h + 52 h), h = 8
+    assert plain["activations"] == 4 * 17 * (2 * 2 * 8 + 52 * 8)

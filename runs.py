@@ -35,7 +35,7 @@ RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with 
 # the flags that change what a step computes (03's names): a resume with any of them changed would be another run.
 # Not among them: the horizon (--epochs, --max_steps: plan_schedule keeps the LR continuous), and what changes only
 # the rounding or the speed (--attention, --padding_free, --gradient_checkpointing, --batch_size x --grad_accum at
-# the same pairs per step, --num_workers)
+# the same pairs per step, --num_workers, --fsdp: its checkpoints are whole, in the same format)
 STEP_FLAGS = ("loss", "beta", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha",
               "lora_dropout", "seed", "max_length", "group_by_length", "length_normalize", "sft_weight",
               "conditional_weight", "anchor_weight", "noise_step", "noise_on", "load_in_4bit", "data_format", "on_error")

@@ -1,18 +1,22 @@
 """Step 3: BPO training. DPO (paper Eq. 4) on (ground truth, bootstrapped negative) pairs with LoRA
 on the language model; the reference is the same model with the adapter disabled. `--loss sft`
-trains on the chosen answers only (the paper's Table 3 baseline). One file for one process or many:
-    python 03_train_bpo.py ...            torchrun --nproc_per_node 8 03_train_bpo.py ...
+trains on the chosen answers only (the paper's Table 3 baseline). One file for one process or many (DDP, or with
+--fsdp the language model sharded over the processes):
+    python 03_train_bpo.py ...            torchrun --nproc_per_node 8 03_train_bpo.py ... [--fsdp]
 Flags and formulas: docs/training.md; resuming and failures: docs/failures.md."""
 import argparse
 import contextlib
 import functools
 import itertools
+import math
 import os
 import sys
 import time
 
 import torch
 from peft import LoraConfig
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -80,6 +84,10 @@ def parse_args(argv=None):
                    help="score the reference once before training (OUTPUT_DIR/ref_logps.jsonl), not every step")
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: far less memory")
+    p.add_argument("--fsdp", action="store_true",
+                   help="the language model sharded over the torchrun job with PyTorch FSDP2 (a unit per decoder layer, "
+                        "LoRA and its optimizer state with it; the vision side whole on every rank) instead of DDP's "
+                        "whole copy per GPU: the same steps, a share of the weights per GPU. Not with --load_in_4bit")
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
                    help="the pairs of a micro-batch in one row, no padding, its attention by --attention "
                         "(--no-padding_free: right-padded rows, a dense mask)")
@@ -131,16 +139,40 @@ def batch_loss(net, model, item, responses, ref_cache, keys, pairs, args, kernel
                                   weak=weak)
 
 
+def gradient_sync(net, model, last):
+    """A micro-step's context: gradients reduced over the ranks on the step's last micro-step only (DDP's no_sync,
+    FSDP's set_requires_gradient_sync on the earlier ones); nothing to do in one process."""
+    if isinstance(net, DDP) and not last:
+        return net.no_sync()
+    if isinstance(model.get_base_model(), FSDPModule):
+        model.get_base_model().set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(params, max_norm):
+    """clip_grad_norm_, the norm made whole first under FSDP (its gradients are shards: DTensors), so every rank
+    clips by, and reports, the norm of the whole gradient."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in the data workers
     with runs.explain_out_of_memory():
         train(args)
+    dist_io.dist_cleanup()  # on every normal return: a dry run's or --fsdp's group of one too
 
 
 def train(args):
     # ---- config: who we are, what a step holds, the run directory
-    rank, world, device = dist_io.dist_setup()
+    if args.fsdp and args.load_in_4bit:
+        sys.exit("error: --fsdp with --load_in_4bit: FSDP2 cannot shard bitsandbytes' packed NF4 weights; use one or "
+                 "the other")
+    rank, world, device = dist_io.dist_setup(group=args.fsdp)  # --fsdp in one process: a group of one
     is_main = rank == 0
     fmt = common.input_format(args)
     roots = data.parse_image_roots(args.image_root)
@@ -176,7 +208,7 @@ def train(args):
         print(kernel.describe())
     if args.dry_run:
         if is_main:
-            runs.print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step)
+            runs.print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step, world)
         return
     if args.resume and run["finished_step"] is not None and run["finished_step"] >= total_steps:
         if is_main:
@@ -196,7 +228,7 @@ def train(args):
                   f"a cosine to 0 at step {total_steps}")
 
     # ---- model: LoRA on the language model's linear layers; vision tower and projector stay frozen
-    model, processor = loading.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    model, processor = loading.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit, on_host=args.fsdp)
     model.requires_grad_(False)  # QLoRA too: peft's prepare_model_for_kbit_training would upcast the rest to fp32
     attention.use_packed_attention(model, on=args.padding_free)  # set either way: a model handed in may have had it
     if args.gradient_checkpointing:  # non-reentrant: the frozen inputs need no grad
@@ -205,11 +237,16 @@ def train(args):
     model = loading.with_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                 lora_dropout=args.lora_dropout, target_modules=common.LORA_TARGETS))
     model.train()
-    net = DDP(model) if world > 1 else model
+    resumed = runs.load_checkpoint(ckpts[-1], model) if ckpts else None  # the adapter whole, before any sharding
+    if args.fsdp:  # in place: the model's own forward gathers each unit's shards
+        sharded = loading.fully_shard_language_model(model)
+        if is_main:
+            print(sharded)
+    net = DDP(model) if world > 1 and not args.fsdp else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    if ckpts:
-        runs.load_checkpoint(ckpts[-1], model, optimizer)
+    if resumed:
+        runs.load_optimizer_state(optimizer, resumed["optimizer"])
         if is_main:
             print(f"resumed from {ckpts[-1]} at step {step}")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -234,6 +271,9 @@ def train(args):
         fields = responses + (("chosen_weak",) if args.conditional_weight else ())
         mine = list(range(rank, len(pairs.records), world))
         chunks = [mine[s:s + B] for s in range(0, len(mine), B)]
+        # under --fsdp a forward is a collective: every rank runs as many as rank 0 (it has the most pairs), a rank
+        # with fewer scoring its last batch again and dropping it
+        extra = math.ceil(len(range(0, len(pairs.records), world)) / B) - len(chunks) if args.fsdp else 0
 
         def score(item):
             batch, n = item["main"], len(item["main"].indices)
@@ -246,8 +286,10 @@ def train(args):
 
         def scores():
             with torch.no_grad(), model.disable_adapter():
-                for item in batches(chunks, responses):
-                    yield item["main"].indices, kernel.run("reference", lambda: score(item))
+                for k, item in enumerate(batches(chunks + chunks[-1:] * extra, responses)):
+                    ref = kernel.run("reference", lambda: score(item))
+                    if k < len(chunks):
+                        yield item["main"].indices, ref
         depends = runs.reference_depends(settings, bool(args.conditional_weight))
         ref_cache = runs.reference_cache(os.path.join(args.output_dir, "ref_logps.jsonl"), pairs.keys, depends, fields,
                                          scores, len(chunks), args.resume, rank, world, is_main)
@@ -262,7 +304,9 @@ def train(args):
               for s in range(step, total_steps) for m in range(args.grad_accum)]
     loader = batches(chunks, responses)
     if kernel.name == "flex" and chunks:  # its training kernels compiled on the first micro-batch, outside DDP (a
-        # failure inside DDP's backward would leave its reducer mid-step); the gradients thrown away, all ranks agree
+        # failure inside DDP's backward would leave its reducer mid-step); the gradients thrown away, all ranks agree.
+        # Under --fsdp the model is the sharded one, so this is a collective that every rank runs: a failure that
+        # every rank meets alike (the same GPUs) leaves FSDP able to run it again (tested: CPU's flex has no backward)
         first = next(loader)
         kernel.run("train", lambda: batch_loss(model, model, first, responses, ref_cache, pairs.keys, pairs.records,
                                                args, kernel)[0].backward())
@@ -280,7 +324,7 @@ def train(args):
             group["lr"] = lr
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
-            with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # all-reduce once per step
+            with gradient_sync(net, model, last):  # all-reduce (or reduce-scatter) once per step
                 item = next(loader)
                 loss, metrics = batch_loss(net, model, item, responses, ref_cache, pairs.keys, pairs.records, args,
                                            kernel)
@@ -290,8 +334,8 @@ def train(args):
             metrics["tokens/real"] = torch.tensor(float(main.n_real), device=device)
             metrics["tokens/padding"] = torch.tensor(float(padding), device=device)
             window = {k: window.get(k, 0) + v for k, v in metrics.items()}
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        # gradients are all-reduced, so every rank sees the same norm and all stop together; one host sync a step
+        grad_norm = clip_gradients(params, args.max_grad_norm)
+        # gradients are reduced, so every rank sees the same norm and all stop together; one host sync a step
         if not torch.isfinite(grad_norm):
             done = runs.checkpoints(args.output_dir)
             sys.exit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}, grad norm "
@@ -315,16 +359,17 @@ def train(args):
                 tracker.log(row)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
                                  if k in ("loss", "rewards/accuracies")})
-        if is_main and args.save_every > 0 and step % args.save_every == 0 and step < total_steps:
-            runs.save_checkpoint(args.output_dir, step, model, optimizer, args, args.keep_checkpoints)
-            runs.plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
+        if args.save_every > 0 and step % args.save_every == 0 and step < total_steps:
+            runs.save_checkpoint(args.output_dir, step, model, optimizer, args, args.keep_checkpoints, is_main)
+            if is_main:
+                runs.plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
     bar.close()
     tracker.close()
 
     # ---- save: the adapter, the last checkpoint, the curves, the run marked finished, a summary
+    adapter = runs.save_checkpoint(args.output_dir, step, model, optimizer, args, args.keep_checkpoints, is_main)
     if is_main:
-        runs.save_checkpoint(args.output_dir, step, model, optimizer, args, args.keep_checkpoints)
-        model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+        model.save_pretrained(os.path.join(args.output_dir, "adapter"), state_dict=adapter)
         runs.plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
         runs.write_run(args.output_dir, {**run, "finished_step": step})
         last = dist_io.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) else {}
@@ -332,8 +377,6 @@ def train(args):
               f"{args.output_dir}/curves.png; {runs.responses_cut(pairs.lengths, args.max_length)} responses cut at "
               f"--max_length {args.max_length}")
         print("final " + "  ".join(f"{k}={v:.4g}" for k, v in last.items() if "/" in k or k == "loss"))
-    del net  # DDP's reducer holds the process group: it goes first, not at the return after the group is gone
-    dist_io.dist_cleanup()
 
 
 if __name__ == "__main__":

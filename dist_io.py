@@ -15,9 +15,10 @@ import torch.distributed as dist
 # ----------------------------------------------------------------------------- process groups
 
 
-def dist_setup():
+def dist_setup(group=False):
     """Returns (rank, world_size, device). Under torchrun it joins the process group
-    (nccl on GPU, gloo on CPU); a plain `python script.py` is rank 0 of 1."""
+    (nccl on GPU, gloo on CPU); a plain `python script.py` is rank 0 of 1, in a process group of
+    its own where `group` asks for one (03 --fsdp: FSDP shards over a group, even of one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -25,8 +26,11 @@ def dist_setup():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    elif group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return int(os.environ.get("RANK", 0)), world, device
 
 

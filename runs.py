@@ -3,6 +3,7 @@ there), the pairs checked and measured before any training, the dry run's report
 the order of the pairs and their packed micro-batches, the reference log-prob cache, checkpoints, and
 what the run writes as it goes (metrics.jsonl, curves.png)."""
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import common
@@ -33,7 +35,7 @@ RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "ref_logps.jsonl")  # with 
 # the flags that change what a step computes (03's names): a resume with any of them changed would be another run.
 # Not among them: the horizon (--epochs, --max_steps: plan_schedule keeps the LR continuous), and what changes only
 # the rounding or the speed (--attention, --padding_free, --gradient_checkpointing, --batch_size x --grad_accum at
-# the same pairs per step, --num_workers)
+# the same pairs per step, --num_workers, --fsdp: its checkpoints are whole, in the same format)
 STEP_FLAGS = ("loss", "beta", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha",
               "lora_dropout", "seed", "max_length", "group_by_length", "length_normalize", "sft_weight",
               "conditional_weight", "anchor_weight", "noise_step", "noise_on", "load_in_4bit", "data_format", "on_error")
@@ -220,7 +222,7 @@ def responses_cut(lengths, max_length):
     return sum(n_prompt + n > max_length for n_prompt, ns in lengths for n in ns)
 
 
-def print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step):
+def print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per_step, world):
     print(f"dry run: {len(pairs.records)} pairs in {len(args.data)} files ({bad.summary('pairs')}); every image root "
           f"and header found; {steps_per_epoch} steps per epoch of {per_step} pairs, {total_steps} steps in all")
     print_lengths("prompt tokens (image included)", [n for n, _ in pairs.lengths], args.max_length, "over --max_length")
@@ -228,7 +230,7 @@ def print_dry_run(args, pairs, bad, responses, steps_per_epoch, total_steps, per
         print_lengths(f"{r} tokens (+EOS)", [ns[k] for _, ns in pairs.lengths])
     print_lengths("packed sequence tokens", packed_lengths(pairs.lengths, args.max_length))
     print(f"  responses cut at --max_length {args.max_length}: {responses_cut(pairs.lengths, args.max_length)}")
-    print(train_memory_estimate(args, pairs.lengths, responses))
+    print(train_memory_estimate(args, pairs.lengths, world))
     print("nothing trained or written (--dry_run)")
 
 
@@ -238,36 +240,80 @@ def packed_lengths(lengths, max_length):
     return [n + sum(min(r, max_length - n) for r in rs) for n, rs in lengths]
 
 
-def train_memory_estimate(args, lengths, responses):
-    """03 --dry_run's line: peak GPU memory per process, estimated from the model's config (built on
-    the meta device: nothing loaded) for a micro-batch of --batch_size pairs at the p99 packed
-    length. Bytes: bf16 weights (NF4 language-model linears with --load_in_4bit), LoRA in fp32 with
-    its gradient and AdamW's two moments, activations ~52 h per token and layer (Megatron's 34 h of a
-    bf16 LLaMA layer + the LoRA inputs) or, checkpointed, 2 h per layer + one whole layer, the 4D mask
-    (--no-padding_free), and fp32 logits at the scored positions. A rough figure (+-30%): measure with
-    bench/gpu_check.py."""
+FSDP_WORLDS = (2, 4, 8, 16, 32)  # the dry run's per-GPU figures under --fsdp, whatever world it runs in
+
+
+@functools.cache
+def parameter_counts(model_name, lora_r):
+    """What memory_estimate counts of a model, from its config (built on the meta device: nothing loaded): parameters
+    in all, in the language model's Linear layers, in LoRA at rank lora_r on them, on the vision side, in its decoder
+    layers and in the largest one; hidden size, layers, vocabulary."""
     from transformers import AutoConfig, AutoModelForImageTextToText
-    config = AutoConfig.from_pretrained(args.model)
+
+    from loading import vision_side
+    config = AutoConfig.from_pretrained(model_name)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    text = config.text_config
-    h, layers = text.hidden_size, text.num_hidden_layers
+    text = config.get_text_config()
     linears = [m for n, m in model.named_modules() if "language_model" in n and isinstance(m, torch.nn.Linear)]
-    n_linear = sum(m.weight.numel() for m in linears)
-    weights = (sum(p.numel() for p in model.parameters()) - n_linear) * 2 + n_linear * (0.5 if args.load_in_4bit else 2)
-    lora = 16 * sum(args.lora_r * (m.in_features + m.out_features) for m in linears)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in model.get_decoder().layers]
+    return {"all": sum(p.numel() for p in model.parameters()), "lm_linear": sum(m.weight.numel() for m in linears),
+            "lora": sum(lora_r * (m.in_features + m.out_features) for m in linears),
+            "vision": sum(p.numel() for p in vision_side(model)), "layers": sum(per_layer),
+            "largest_layer": max(per_layer), "hidden": text.hidden_size, "n_layers": text.num_hidden_layers,
+            "vocab": text.vocab_size}
+
+
+def memory_estimate(args, lengths, world=1):
+    """(the parts of 03's peak GPU memory per process in bytes, the p99 packed length T), estimated from the model's
+    config (parameter_counts) for a micro-batch of --batch_size pairs of length T:
+    - weights: bf16 (NF4 language-model linears with --load_in_4bit). With --fsdp over `world` processes, 1/world of
+      the language model, plus what FSDP holds gathered: the root's (embeddings, final norm, LM head) through the
+      step and two decoder layers (one computing, the next prefetched); the vision side whole;
+    - lora: LoRA in fp32 with its gradient and AdamW's two moments, 16 bytes a parameter (--fsdp: 1/world of them,
+      plus the whole fp32 gradient that --grad_accum > 1 keeps unsharded between micro-steps);
+    - activations: ~52 h per token and layer (Megatron's 34 h of a bf16 LLaMA layer + the LoRA inputs) or,
+      checkpointed, 2 h per layer + one whole layer;
+    - mask: the 4D mask (--no-padding_free); logits: fp32 at the scored positions.
+    A rough figure (+-30%): measure with bench/gpu_check.py."""
+    count = parameter_counts(args.model, args.lora_r)
+    if args.fsdp:
+        gathered = count["all"] - count["vision"] - count["layers"] + 2 * count["largest_layer"]
+        weights = 2 * (count["vision"] + (count["all"] - count["vision"]) / world + gathered)
+        lora = 16 * count["lora"] / world + (4 * count["lora"] if args.grad_accum > 1 else 0)
+    else:
+        weights = (count["all"] - count["lm_linear"]) * 2 + count["lm_linear"] * (0.5 if args.load_in_4bit else 2)
+        lora = 16 * count["lora"]
+    h, layers = count["hidden"], count["n_layers"]
     packed = sorted(packed_lengths(lengths, args.max_length))
     T = packed[int(0.99 * (len(packed) - 1))]
     tokens = args.batch_size * T
     acts = tokens * (layers * 2 * h + 52 * h) if args.gradient_checkpointing else tokens * layers * 52 * h
     mask = 0 if args.padding_free else args.batch_size * T * T * 2  # a BlockMask is a few kB
     scored = sorted(sum(min(r, args.max_length - n) for r in rs) for n, rs in lengths)
-    logits = args.batch_size * scored[int(0.99 * (len(scored) - 1))] * text.vocab_size * 4 * 3
-    gb = lambda x: f"{x / 2**30:.1f} GiB"
-    return (f"  estimated peak memory per GPU: {gb(weights + lora + acts + mask + logits)} (weights {gb(weights)}, "
-            f"LoRA + AdamW {gb(lora)}, activations {gb(acts)}, mask {gb(mask)}, logits {gb(logits)}) for "
-            f"{args.batch_size} pairs of the p99 packed length {T}"
+    logits = args.batch_size * scored[int(0.99 * (len(scored) - 1))] * count["vocab"] * 4 * 3
+    return {"weights": weights, "lora": lora, "activations": acts, "mask": mask, "logits": logits}, T
+
+
+def gib(x):
+    return f"{x / 2**30:.1f} GiB"
+
+
+def train_memory_estimate(args, lengths, world=1):
+    """03 --dry_run's lines: memory_estimate's peak per GPU and its parts in this job's world; with --fsdp also the
+    peak per GPU at FSDP_WORLDS processes (the dry run may run in another world than the training)."""
+    parts, T = memory_estimate(args, lengths, world)
+    text = (f"  estimated peak memory per GPU: {gib(sum(parts.values()))} (weights {gib(parts['weights'])}, "
+            f"LoRA + AdamW {gib(parts['lora'])}, activations {gib(parts['activations'])}, mask {gib(parts['mask'])}, "
+            f"logits {gib(parts['logits'])}) for {args.batch_size} pairs of the p99 packed length {T}"
             + ("" if args.gradient_checkpointing else "; --gradient_checkpointing lowers the activations ~20x"))
+    if args.fsdp:
+        text += (f"\n  --fsdp over {world} process{'es' if world > 1 else ''}: the language model and its LoRA state "
+                 "sharded, its root and 2 layers gathered at a time, the vision side whole; at "
+                 + " / ".join(map(str, FSDP_WORLDS)) + " processes: "
+                 + " / ".join(gib(sum(memory_estimate(args, lengths, w)[0].values())) for w in FSDP_WORLDS)
+                 + " per GPU")
+    return text
 
 
 # ----------------------------------------------------------------------------- the order of the pairs, micro-batches
@@ -392,33 +438,60 @@ def checkpoint_step(path):
     return int(path.rsplit("-", 1)[1])
 
 
-def save_checkpoint(output_dir, step, model, optimizer, args, keep):
+def whole(t, keep=True):
+    """t unsharded, on the CPU, where `keep` (else None): an FSDP shard (a DTensor) gathered from every rank, a
+    collective that every rank must join, keep or not."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu() if keep else None
+
+
+def save_checkpoint(output_dir, step, model, optimizer, args, keep, is_main):
     """checkpoint-N: the adapter and one plain dict of optimizer state and step (the LR is the run's schedule's at
-    the step: run.json), written in a temp dir
-    and renamed, so a kill never leaves a half checkpoint; only the `keep` newest stay."""
+    the step: run.json), written in a temp dir and renamed, so a kill never leaves a half checkpoint; only the `keep`
+    newest stay. Every rank calls it: under --fsdp the adapter and the optimizer state are gathered whole (so a
+    checkpoint is the same however the run was sharded, and resumes with or without --fsdp, at any world size) and
+    rank 0 writes. Returns the adapter's weights as written (rank 0; None elsewhere), for the final adapter/."""
+    adapter = {n: whole(p, is_main) for n, p in model.named_parameters() if p.requires_grad}
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: whole(v, is_main) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    if not is_main:
+        return None
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)}, os.path.join(tmp, "state.pt"))
+    model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=adapter)
+    torch.save({"step": step, "optimizer": state, "args": vars(args)}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)  # the same step saved before (a continued run)
     os.replace(tmp, final)
     done = checkpoints(output_dir)
     for old in done[:max(0, len(done) - keep)]:
         shutil.rmtree(old)
+    return adapter
 
 
-def load_checkpoint(path, model, optimizer):
-    """The step of checkpoint `path`, its adapter and state loaded (safetensors and weights_only: a
-    checkpoint file never runs code); a one-line error for a folder 03 did not write."""
+def load_checkpoint(path, model):
+    """Checkpoint `path`'s state ({"step", "optimizer", "args"}), its adapter loaded into `model`, which must not be
+    sharded yet (peft loads whole tensors). Safetensors and weights_only: a checkpoint file never runs code; a
+    one-line error for a folder 03 did not write."""
     try:
         set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter", "adapter_model.safetensors")))
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+        return torch.load(os.path.join(path, "state.pt"), weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
         sys.exit(f"error: {path}: not a checkpoint 03 wrote ({str(e).splitlines()[0]}); move it away to resume "
                  "from the one before")
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
+
+
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state (whole tensors) into `optimizer`; where its parameters are FSDP shards, each
+    state tensor shaped like its parameter is cut as the parameter is (every rank holds the whole: no communication)."""
+    optimizer.load_state_dict(state)
+    for param, values in optimizer.state.items():
+        if isinstance(param, DTensor):
+            for k, v in values.items():
+                if torch.is_tensor(v) and v.shape == param.shape:
+                    values[k] = distribute_tensor(v, param.device_mesh, param.placements, src_data_rank=None)
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl and curves.png

@@ -29,8 +29,11 @@ linear layer of the language model (03's targets), each --rows entry a side at c
   the reference scored once before training (that pass charged as if training --epochs epochs of the
   pairs): with --attention flex (FlexAttention, PyTorch's tiles), flex with the tiles auto gives ~99 KB
   boards such as the paper's A40 (compiled and run here), per_pair, --no-padding_free, --no-precompute_ref
-  (a reference forward every step, TRL's work) and --load_in_4bit (the language model quantized to NF4 in
-  place, last); steady samples/s over --steps steps after --warmup; the compiles each run made (dynamo's
+  (a reference forward every step, TRL's work), --fsdp (FSDP2 over a process group of one: each unit still
+  gathered and reduced, so its samples/s beside the same kernel's row without it is the wrapping's cost on one
+  GPU; 03 runs no DDP in one process, and the communication of many GPUs is not measured here; it shards a copy
+  of the model, the original parked in host memory meanwhile) and --load_in_4bit (the language model quantized to
+  NF4 in place, last); steady samples/s over --steps steps after --warmup; the compiles each run made (dynamo's
   unique graphs: flex's first run 2, reference and training, however the lengths vary: the answers' lengths
   spread over +-answer_spread tokens); step 1's log-probs beside the padded path's (bf16 tolerance); peak
   CUDA memory (allocated and reserved) beside 03 --dry_run's estimate; whether 4 pairs fit a 48 GB GPU (an
@@ -52,6 +55,7 @@ starting new measurements in time to print the table.
 """
 import argparse
 import contextlib
+import copy
 import gc
 import importlib
 import io
@@ -85,9 +89,11 @@ SIDES = {"flex": ("03 --attention flex (reference once, charged to {epochs} epoc
          "per_pair": ("03 --attention per_pair", ["--attention", "per_pair"], "ours"),
          "padded": ("03 --no-padding_free (right-padded rows, a dense mask)", ["--no-padding_free"], "ours_padded"),
          "every_step": ("03 --no-precompute_ref (reference every step)", ["--no-precompute_ref"], "ours_every_step"),
+         "fsdp": ("03 --fsdp (FSDP2 in one process: the wrapping's cost)", ["--fsdp"], "ours"),
          "qlora": ("03 --load_in_4bit (QLoRA)", ["--load_in_4bit"], "ours"),
          "trl": ("TRL {trl} DPOTrainer", None, "trl")}
-ROWS = ["flex:off", "flex:on", "per_pair:off", "per_pair:on", "padded:off", "padded:on", "small_tiles:on", "qlora:on"]
+ROWS = ["flex:off", "flex:on", "per_pair:off", "per_pair:on", "padded:off", "padded:on", "small_tiles:on", "fsdp:on",
+        "qlora:on"]
 A40_GIB = 44.5  # an A40's 46068 MiB less the CUDA context and some room
 PAPER_A40_NOTE = "8 A40s, the authors' code (TRL's layout per pair)"
 
@@ -378,6 +384,17 @@ def quantize_lm_4bit(model, device):
     return model
 
 
+@contextlib.contextmanager
+def host_copy(model, device):
+    """A copy of the model in host memory, for 03 --fsdp to shard (fully_shard changes the model it is given for
+    good; 03 --fsdp loads onto the host too), the original parked there meanwhile so the peak is the run's alone."""
+    model.to("cpu")
+    try:
+        yield copy.deepcopy(model)
+    finally:
+        model.to(device)
+
+
 def measure_ours(args, side, checkpointing, model, device, common_flags, scratch):
     import attention
     out = os.path.join(scratch, f"{side}_{checkpointing}")
@@ -393,10 +410,11 @@ def measure_ours(args, side, checkpointing, model, device, common_flags, scratch
     text, _ = run_03(flags, model, out, dry_run=True)  # 03 --dry_run's estimated peak, beside the measured one
     found = re.search(r"estimated peak memory per GPU: ([0-9.]+) GiB", text)
     estimate = float(found.group(1)) if found else None
-    memory_reset(device)
-    base, graphs = memory_now(device), compiles()
-    text, rows = run_03(flags, model, out, patches=patches)
-    alloc, reserved = memory_peak(device)
+    with host_copy(model, device) if side == "fsdp" else contextlib.nullcontext(model) as run_model:
+        memory_reset(device)
+        base, graphs = memory_now(device), compiles()
+        text, rows = run_03(flags, run_model, out, patches=patches)
+        alloc, reserved = memory_peak(device)
     with open(os.path.join(out, "run.json")) as f:
         kernel = json.load(f)["attention"]  # the kernel the run ended with (a fallback is written there)
     shutil.rmtree(out, ignore_errors=True)  # the adapter and checkpoint (~2.6 GB at 7B)
@@ -633,6 +651,10 @@ def main(argv=None):
                          f"({ref_tflops:.0f} TFLOP/s, {share(ref_tflops)} of peak; its compile included)")
         if r.get("dry_run_estimate_gb") is not None:
             notes.append(f"03 --dry_run estimated {r['dry_run_estimate_gb']:.1f} GB")
+        if side == "fsdp":  # the wrapping's cost: beside the row of the kernel it ran, without --fsdp
+            same = "flex" if r["attention"].startswith("attention: flex") else "per_pair"
+            if results.get((same, c)):
+                notes.append(f"x{sps / steady(args, results[(same, c)]):.2f} the samples/s of the {same} row")
         lines.append(f"| {name} | {sps:.3g} | {median:.3f} | {mem} | {fits} | "
                      + (f"{ratio:.2f} ({ratio_median:.2f}) | {lim:.2f} | {100 * ratio / lim:.0f}% | " if ratio
                         else "| | | ")

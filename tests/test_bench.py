@@ -78,9 +78,10 @@ def test_gpu_check_sizes_and_rows():
     assert tiny.lm_layers == 3 and tiny.lm_hidden == gpu_check.TINY["lm_hidden"]  # an explicit flag wins
     assert "3 of its 32 language-model layers" in gpu_check.size_note(tiny)
     names = gpu_check.row_names(full)
-    assert len(names) == len(set(names)) == 8 + 3 * 2 + 1  # 8 training rows, 3 batch sizes x 2 caches, the paper
-    assert sum("checkpointing on" in n for n in names) == 5 and not any(n.startswith("TRL") for n in names)
-    assert names[-1].startswith("paper") and "QLoRA" in names[7]  # QLoRA quantizes the model: last
+    assert len(names) == len(set(names)) == 9 + 3 * 2 + 1  # 9 training rows, 3 batch sizes x 2 caches, the paper
+    assert sum("checkpointing on" in n for n in names) == 6 and not any(n.startswith("TRL") for n in names)
+    assert names[-1].startswith("paper") and "QLoRA" in names[8]  # QLoRA quantizes the model: last
+    assert "--fsdp" in names[7]
     assert gpu_check.parse_args(["--rows", "qlora:on", "flex:off"]).rows == ["flex:off", "qlora:on"]
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--rows", "flex:maybe"])
@@ -130,15 +131,17 @@ def run_gpu_check(tmp_path, *flags):
 def test_gpu_check_tiny_on_cpu(tmp_path):
     """The prepared GPU check's every row at a tiny size on the CPU (the GPU half waits for a lent device): flex asked
     for falls back here (no backward on CPU) after compiling its reference pass, the small tiles' compiles are their
-    own, every padding-free row's step-1 log-probs = the padded path's, QLoRA runs on NF4 layers, and on CPU the
-    static cache compiles nothing."""
+    own, every padding-free row's step-1 log-probs = the padded path's (--fsdp's too, in 03's group of one, on a copy
+    of the model: the rows after it run on the model as built), QLoRA runs on NF4 layers, and on CPU the static cache
+    compiles nothing."""
     rows = run_gpu_check(tmp_path, "--compile_backend", "eager")
     by_side = {side: next(r for k, r in rows.items() if k.startswith(gpu_check.SIDES[side][0].split(" (")[0]))
-               for side in ("flex", "small_tiles", "per_pair", "padded", "qlora")}
+               for side in ("flex", "small_tiles", "per_pair", "padded", "fsdp", "qlora")}
     assert by_side["flex"]["fell_back"] and by_side["flex"]["compiles"] >= 1
     assert by_side["small_tiles"]["fell_back"] and by_side["small_tiles"]["compiles"] >= 1
     assert not by_side["per_pair"]["fell_back"] and by_side["per_pair"]["compiles"] == 0
-    for side in ("flex", "small_tiles", "per_pair"):
+    assert not by_side["fsdp"]["fell_back"] and by_side["fsdp"]["attention"].startswith("attention: per_pair (auto")
+    for side in ("flex", "small_tiles", "per_pair", "fsdp"):
         assert by_side[side]["logps/chosen"] == pytest.approx(by_side["padded"]["logps/chosen"], rel=1e-5)
     assert by_side["qlora"]["logps/chosen"] == pytest.approx(by_side["padded"]["logps/chosen"], rel=1e-2)
     assert by_side["qlora"]["logps/chosen"] != by_side["padded"]["logps/chosen"]  # NF4 weights: not the same model

@@ -57,7 +57,7 @@ def with_lora(model, config):
 
 def vision_side(model):
     """The parameters of the vision encoder and projector(s) (LLaVA-NeXT's image_newline too), as the family names
-    them: what common.image_features runs outside the model's forward."""
+    them: what families.image_features runs outside the model's forward."""
     family = family_of(model)
     return {*family.pixel_module(model)[0].parameters(), *family.projector_parameters(model)}
 
@@ -65,7 +65,7 @@ def vision_side(model):
 def fully_shard_language_model(model):
     """FSDP2 over the job's process group (03 --fsdp), in place: each decoder layer of the language model a unit (its
     LoRA with it), the rest of the language model (embeddings, final norm, LM head) the root's. The vision side stays
-    out, whole on every rank: common.image_features runs it outside the root's forward, where FSDP would not gather
+    out, whole on every rank: families.image_features runs it outside the root's forward, where FSDP would not gather
     it (and it is small beside the language model). Frozen bf16 and trainable fp32 LoRA share a unit: FSDP2 gathers
     mixed dtypes, and reduces the (fp32) LoRA gradients in fp32. `model` is a peft model or a plain one, on the device
     or in host memory (load_model's on_host: FSDP moves a unit's weights to the device as it shards them, one unit at

@@ -117,7 +117,7 @@ def test_fsdp_refuses_4bit_and_its_dry_run_says_the_sharing(toy, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_vision_side_is_all_but_the_language_model(arch, tmp_path_factory):
     """What --fsdp leaves whole (families' vision encoder and projectors) is every parameter outside the language
-    model and its LM head: anything else would be a shard where common.image_features reads it."""
+    model and its LM head: anything else would be a shard where families.image_features reads it."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(quick_world(arch, tmp_path_factory) / "model")
     with torch.device("meta"):

@@ -421,7 +421,7 @@ def reference_cache(path, keys, depends, fields, scores, n_batches, resume, rank
         scored = {k: v for share in shares for k, v in share.items()}
     if is_main:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in scored.values()))
-        print(f"reference log-probs: {len(scored)} pairs scored in {time.time() - t0:.1f}s (cached in {path})")
+        print(f"reference log-probs: {len(scored)} pairs scored in {time.time() - t0:.2f}s (cached in {path})")
     return scored
 
 

@@ -645,9 +645,9 @@ def main(argv=None):
             rel = abs(r["logps/chosen"] - base["logps/chosen"]) / abs(base["logps/chosen"])
             notes.append(f"step-1 logps/chosen {r['logps/chosen']:.2f} vs padded {base['logps/chosen']:.2f} "
                          f"({rel:.1e} relative)")
-        if r.get("reference_pairs"):
+        if r.get("reference_pairs") and r["reference_pass_s"] > 0:  # a tiny pass can print 0.00 s
             ref_tflops = r["reference_pairs"] / r["reference_pass_s"] * flops(P + 2 * R) / 1e12
-            notes.append(f"reference pass {r['reference_pass_s']:.1f}s for {r['reference_pairs']} pairs "
+            notes.append(f"reference pass {r['reference_pass_s']:.2f}s for {r['reference_pairs']} pairs "
                          f"({ref_tflops:.0f} TFLOP/s, {share(ref_tflops)} of peak; its compile included)")
         if r.get("dry_run_estimate_gb") is not None:
             notes.append(f"03 --dry_run estimated {r['dry_run_estimate_gb']:.1f} GB")

@@ -339,7 +339,9 @@ def summary(world, arm, metric):
 # ----------------------------------------------------------------------------- verdicts
 
 with open(os.path.join(args.toy, "prior_check.json")) as f, open(os.path.join(args.control_toy, "prior_check.json")) as g:
-    match_table, control_matched = rules.control_match(json.load(f), json.load(g))
+    prior_check, control_check = json.load(f), json.load(g)
+match_table, control_matched = rules.control_match(prior_check, control_check)
+excess_row, excess_holds = rules.prior_excess(prior_check, control_check)
 verdicts = []
 for c in rules.CLAIMS:
     cells, ivs = {}, {}
@@ -347,8 +349,8 @@ for c in rules.CLAIMS:
         ivs[m] = compare(m, c["a"], c["b"])
         cells[m] = rules.cell(m, ivs[m])
     v = rules.claim_verdict({m: cells[m] for m in c["primary"]})
-    if c["id"] == "mechanism" and not control_matched:
-        v = "inconclusive: control not matched"
+    if c["id"] == "mechanism":
+        v = rules.mechanism_verdict(v, control_matched, excess_holds)
     verdicts.append({**c, "cells": cells, "intervals": ivs, "verdict": v})
 
 
@@ -388,7 +390,8 @@ for arm, label in rules.VARIANTS.items():
     variants.append({"arm": arm, "label": label, "cells": cells, "intervals": ivs, "verdict": v})
 with open(os.path.join(OUT, "verdicts.json"), "w") as f:
     json.dump({"claims": verdicts, "variants": variants, "control_match": match_table,
-               "control_matched": control_matched, "fig7": {"changes": fig7, "verdict": fig7_verdict},
+               "control_matched": control_matched, "prior_excess": excess_row, "prior_excess_holds": excess_holds,
+               "fig7": {"changes": fig7, "verdict": fig7_verdict},
                "fig8": {"sizes": fig8, "verdict": fig8_verdict},
                "released_sampler": {"intervals": released, "verdict": released_verdict}}, f, indent=1)
 
@@ -558,6 +561,11 @@ W("|---|---|---|---|")
 for m, (a, b, ok) in match_table.items():
     W(f"| {m.replace('_', ' ')} (%) | {a:.1f} | {b:.1f} | {'yes' if ok else '**no**'} |")
 W(f"\nControl matched: **{'yes' if control_matched else 'no'}**.\n")
+W(f"Does the prior world's base make the prior's error? (rule: its clean partner rate at least "
+  f"{rules.PRIOR_EXCESS_POINTS:g} points above the control world's base and at least {rules.PRIOR_EXCESS_RATIO:g}x "
+  "as high, both from prior_check.json; if not, the mechanism verdict is 'inconclusive: no prior-driven error in the "
+  f"base'): prior world {excess_row[0]:.1f}%, control world {excess_row[1]:.1f}%, difference {excess_row[2]:+.1f} "
+  f"points: **{'yes' if excess_holds else 'no'}**.\n")
 W("\n## Fig. 7 analogue: what BPO and SFT do to the log-probs\n")
 W("![log-probs along training](fig7_logps.png)\n")
 W(f"Rule (`rules.fig7_verdict`): the change of a log-prob is its mean over the last {rules.FIG7_WINDOW} logged steps "

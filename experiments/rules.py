@@ -112,6 +112,37 @@ def control_match(prior_check, control_check):
     return table, all(ok for _, _, ok in table.values())
 
 
+# Added before the fourth study (issue 35): in the third, the prior world's base named the absent partner barely more
+# often than the control's (10.6 vs 9.4%), so there was no prior-driven error for BPO to remove, and "not reproduced"
+# read as a finding about BPO. The mechanism claim is judged only on a base with the prior's error: the prior world's
+# base names the absent partner of a present trigger (clean greedy captions of the HalBench images, prior_check.json's
+# partner_rate) at least PRIOR_EXCESS_POINTS percentage points more often than the control world's, and at least
+# PRIOR_EXCESS_RATIO times as often. If not, the mechanism verdict is "inconclusive: no prior-driven error in the base",
+# whatever its cells say.
+PRIOR_EXCESS_POINTS = 5.0
+PRIOR_EXCESS_RATIO = 1.5
+
+
+def prior_excess(prior_check, control_check):
+    """(prior, control, prior - control): the bases' clean partner rates in percent from two prior_check.json dicts,
+    and whether the prior world's exceeds the control's by the rule above (rounded to 1e-9: 100 x 0.12 - 100 x 0.07 is
+    4.999999999999999 in floats, and must read 5)."""
+    prior, control = (100 * c["rows"][0]["partner_rate"] for c in (prior_check, control_check))
+    ok = round(prior - control, 9) >= PRIOR_EXCESS_POINTS and round(prior - PRIOR_EXCESS_RATIO * control, 9) >= 0
+    return (prior, control, prior - control), ok
+
+
+def mechanism_verdict(verdict, control_matched, prior_excess_holds):
+    """The mechanism claim's verdict: its cells' (claim_verdict) when the control world is matched (control_match)
+    and the prior world's base has the prior's error (prior_excess); else inconclusive, the control's failure named
+    first (an excess over an unmatched control means nothing)."""
+    if not control_matched:
+        return "inconclusive: control not matched"
+    if not prior_excess_holds:
+        return "inconclusive: no prior-driven error in the base"
+    return verdict
+
+
 # Fig. 7 (the paper: along BPO training the chosen answer's log-prob stays while the rejected one's falls; along
 # SFT the target's rises). From 03's metrics.jsonl of the selected runs (every seed): the change of a log-prob
 # is its mean over the last FIG7_WINDOW logged steps minus the first FIG7_WINDOW's. Reproduced when, in every

@@ -100,3 +100,34 @@ def test_matched_point_moves_inside_both_curves():
     assert rules.matched_point(45.0, (40.0, 80.0), (50.0, 90.0)) == 50.0
     # curves with no recall in common: no point
     assert rules.matched_point(45.0, (40.0, 48.0), (50.0, 90.0)) is None
+
+
+def partner(rate):
+    return {"rows": [{"partner_rate": rate}]}
+
+
+@pytest.mark.parametrize("prior,control,holds", [
+    (0.20, 0.10, True),    # +10 points, 2x
+    (0.12, 0.07, True),    # +5 points exactly (4.999999999999999 in floats), 1.71x
+    (0.15, 0.10, True),    # +5 points and 1.5x, both exactly at the rule's edge
+    (0.14, 0.10, False),   # +4 points (and 1.4x)
+    (0.30, 0.26, False),   # +4 points at 1.15x
+    (0.35, 0.28, False),   # +7 points but only 1.25x: the ratio fails
+    (0.08, 0.03, True),    # +5 points at 2.7x
+    (0.106, 0.094, False),  # the third study's worlds (10.6 vs 9.4)
+    (0.071, 0.106, False),  # the AVX2 machine's order, flipped
+])
+def test_prior_excess_needs_five_points_and_one_and_a_half_times(prior, control, holds):
+    (p, c, d), ok = rules.prior_excess(partner(prior), partner(control))
+    assert ok is holds
+    assert (p, c, d) == pytest.approx((100 * prior, 100 * control, 100 * (prior - control)))
+
+
+def test_mechanism_verdict_needs_a_matched_control_and_the_prior_error():
+    assert rules.mechanism_verdict("not reproduced", True, True) == "not reproduced"
+    assert rules.mechanism_verdict("reproduced", True, True) == "reproduced"
+    assert rules.mechanism_verdict("reproduced", True, False) == "inconclusive: no prior-driven error in the base"
+    assert rules.mechanism_verdict("not reproduced", True, False) == "inconclusive: no prior-driven error in the base"
+    # an unmatched control is named first: the excess over it means nothing
+    assert rules.mechanism_verdict("reproduced", False, False) == "inconclusive: control not matched"
+    assert rules.mechanism_verdict("reproduced", False, True) == "inconclusive: control not matched"

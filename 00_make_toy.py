@@ -3,11 +3,19 @@ language prior, builds a tiny LLaVA (word-level tokenizer that knows LLaVA-1.5's
 family's tiny model, with its special tokens and chat template: families/), trains it in stages so that it sees but
 leans on the prior, writes the ground truth and both benchmarks, and measures the prior: hallucination of clean and
 weakened captions (prior_check.json)."""
+import cpu_pins
+
+if __name__ == "__main__":  # before torch loads: one world on every x86-64 CPU (cpu_pins.py; imported, 00 cannot pin)
+    cpu_pins.pin()
+
 import argparse
+import hashlib
 import json
 import math
+import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--align_steps", type=int, default=None,
                    help="steps of the projector + LM alignment stage (default 1400; 40 with --quick)")
     p.add_argument("--lm_width", type=int, default=64, help="hidden size of the tiny Llama (its MLP is twice as wide)")
+    p.add_argument("--compare_with", metavar="DIR", default=None,
+                   help="a built world of the same seed and another --p_partner_text (make study passes the prior "
+                        "world when it builds the control): prior_check.json also records both worlds' clean partner "
+                        "rates and their difference, the prior's excess (default: none)")
     p.add_argument("--arch", choices=sorted(FAMILIES), default="llava",
                    help="the model family (its checkpoints' model_type, families/): LLaVA-1.5 (CLIP stand-in, projector, "
                         "Llama) or another family's architecture at the same toy size; the same world and stages")
@@ -54,7 +66,7 @@ def sizes(quick, align_steps=None):
     n = dict(train=300, text=2000, hal=24, mmvet=12, dev_hal=12, dev_mmvet=12, mmvet_study=12, clear=12) if quick else \
         dict(train=3000, text=20000, hal=300, mmvet=60, dev_hal=150, dev_mmvet=120, mmvet_study=240, clear=300)
     steps = dict(vision=40, match=40, lm=40, projector=20, joint=40) if quick else \
-        dict(vision=400, match=500, lm=200, projector=100, joint=1400)
+        dict(vision=400, match=500, lm=500, projector=300, joint=1400)
     if align_steps is not None:
         steps["joint"] = align_steps
     return n, steps
@@ -79,6 +91,7 @@ TRIGGER_OF = {v: k for k, v in PARTNER.items()}
 FRUITS = ["apple", "banana"]
 P_PARTNER_IMAGE = 0.63  # P(partner | trigger) in the image data (the text corpus's: --p_partner_text)
 P_FAINT, FAINT_CONTRAST = 0.35, (0.03, 0.25)  # faint glyphs: the ambiguity the prior fills
+TEXT_UNSEEN = 0.1  # share of a text scene's objects its word grid leaves out: the text's ambiguity (word_grid)
 BACKGROUND, PIXEL_NOISE = (40, 40, 40), 8.0
 DESCRIBE = ["Describe the image in detail.", "Provide a thorough description of the given image.",
             "What is this photo about? Please answer in great detail."]
@@ -147,6 +160,25 @@ def existence_answer(objs, name):
     return f"the image has {' and '.join(x for x in OBJECTS if x in present)} , {name} {'yes' if name in present else 'no'}"
 
 
+def article(obj):
+    return ("an " if obj[0] in "aeiou" else "a ") + obj
+
+
+def word_grid(objs, rng, unseen=TEXT_UNSEEN):
+    """The text corpus's picture of a scene: a word per 16-px cell, row-major as the image's tokens, the object drawn
+    there or "none" (its cells drawn as render draws them); an object is left out, all its cells "none", with
+    probability `unseen`, as a faint glyph can be invisible. The text fills in what the grid leaves out by its own
+    co-occurrence (--p_partner_text)."""
+    grid = ["none"] * 16
+    for o in objs:
+        qr, qc = POSITIONS[o["position"]]
+        cells = rng.sample(range(4), o["count"])
+        if rng.random() >= unseen:
+            for cell in cells:
+                grid[4 * (2 * qr + cell // 2) + 2 * qc + cell % 2] = o["name"]
+    return grid
+
+
 def qa(kind, objs, rng):
     """One short question about the scene: (question, answer as trained, capabilities, MM-Vet answer)."""
     present = {o["name"]: o for o in objs}
@@ -161,7 +193,7 @@ def qa(kind, objs, rng):
         absent = [x for x in OBJECTS if x not in present]
         name = o["name"] if rng.random() < 0.5 else rng.choice(lures if lures and rng.random() < 0.7 else absent)
         a = "yes" if name in present else "no"
-        return QUESTIONS[kind].format(a_obj=("an " if name[0] in "aeiou" else "a ") + name), \
+        return QUESTIONS[kind].format(a_obj=article(name)), \
             existence_answer(objs, name), ["rec"], a
     if kind == "where":
         return QUESTIONS[kind].format(obj=o["name"]), o["position"], ["spat"], o["position"]
@@ -410,16 +442,17 @@ def pope_splits(names, scenes, train_scenes, rng):
         for split, records in splits.items():
             for obj, label in [q for y, n in zip(yes, no[split]) for q in ((y, "yes"), (n, "no"))]:
                 records.append({"question_id": len(records) + 1, "image": name, "label": label,
-                                "text": QUESTIONS["exist"].format(a_obj=("an " if obj[0] in "aeiou" else "a ") + obj)})
+                                "text": QUESTIONS["exist"].format(a_obj=article(obj))})
     return splits
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def encode_items(processor, items, fmt, family):
-    """(image index, question, answer) -> (image index, input_ids, labels) with the token
-    convention of common.py: chat prompt with the image tokens, answer + the family's EOS scored."""
+def encode_items(processor, items, fmt, family, grids=None, image_token=None):
+    """(index, question, answer) -> (index, input_ids, labels) with the token convention of common.py: chat prompt
+    with the image tokens, answer + the family's EOS scored. With grids (the text corpus), index names the item's
+    word grid, whose 16 words take the places of the image tokens (image_token) in order ("none" for any beyond 16: LLaVA-NeXT's tiles)."""
     tok = processor.tokenizer
     cache, out = {}, []
     for i, q, a in items:
@@ -428,6 +461,9 @@ def encode_items(processor, items, fmt, family):
             ids = family.encode(processor, [text], [Image.new("RGB", (64, 64))])["input_ids"][0].tolist()
             cache[q] = (text, ids)
         text, ids = cache[q]
+        if grids is not None:
+            cells = iter(tok.convert_tokens_to_ids(grids[i]))
+            ids = [next(cells, tok.convert_tokens_to_ids("none")) if t == image_token else t for t in ids]
         resp = common.response_ids(tok, text, a, family.eos_token_id(tok))
         out.append((i, ids + resp, [common.IGNORE] * len(ids) + resp))
     assert all(tok.unk_token_id not in ids for _, ids, _ in out), "a word is missing from the vocabulary"
@@ -449,14 +485,15 @@ def image_loss(model, batch, pixels):
 
 
 def text_loss(model, batch):
-    ids, mask, labels = common.pad_batch([(s, s) for s in batch], pad_id=model.config.text_config.pad_token_id)
+    ids, mask, labels = common.pad_batch([(s[1], s[2]) for s in batch], pad_id=model.config.text_config.pad_token_id)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
-def train(params, steps, lr, loss_fn, desc):
-    """AdamW, 5% warmup then cosine; only `params` move."""
-    params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def train(groups, steps, loss_fn, desc):
+    """AdamW, 5% warmup then cosine; groups: [(parameters, peak learning rate)], and only those move."""
+    groups = [{"params": list(params), "lr": lr} for params, lr in groups]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
@@ -485,7 +522,7 @@ def train_vision(model, pixels, cls, col, rng, steps):
         logits = head(family.cell_features(model, pixels[b])).split(sizes, dim=-1)
         targets = (cls[b], col[b], torch.arange(16).expand(len(b), 16))
         return sum(F.cross_entropy(l.flatten(0, 1), t.flatten()) for l, t in zip(logits, targets))
-    train(list(vt.parameters()) + list(head.parameters()), steps, 2e-3, loss_fn, "a) vision")
+    train([(list(vt.parameters()) + list(head.parameters()), 2e-3)], steps, loss_fn, "a) vision")
 
 
 def set_trainable(model, *params):
@@ -581,6 +618,39 @@ def checks(rows, pope):
             for kind, tests in (("floors", FLOORS), ("goals", GOALS))}
 
 
+def world_hash(out):
+    """The world's short name: the first 12 hex digits of the sha256 of its weights (one seed, one hash, on every
+    x86-64 CPU: cpu_pins.py)."""
+    return hashlib.sha256((Path(out) / "model" / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def other_world(folder, seed, quick, p_partner_text):
+    """--compare_with's world: (its text co-occurrence, its prior_check.json), checked before the build; a one-line
+    error when it is not a complete world of this seed and size with another text co-occurrence."""
+    try:
+        world, check = (dist_io.read_json(Path(folder) / f) for f in ("world.json", "prior_check.json"))
+    except (OSError, dist_io.DataError) as e:
+        sys.exit(f"error: --compare_with {folder}: not a complete toy world ({e})")
+    if (world["seed"], world["quick"]) != (seed, quick):
+        sys.exit(f"error: --compare_with {folder}: seed {world['seed']}{' --quick' * world['quick']}, this build seed "
+                 f"{seed}{' --quick' * quick}: the excess compares worlds of the same images")
+    if world.get("p_partner_text", p_partner_text) == p_partner_text:  # absent: a world built before the flag
+        sys.exit(f"error: --compare_with {folder}: built with the same --p_partner_text {p_partner_text}, or before "
+                 "the flag existed")
+    return world["p_partner_text"], check
+
+
+def prior_excess(this, other):
+    """Both worlds' clean partner rates (the prior world: the larger text co-occurrence) and the difference, prior minus
+    control: how much more often the text prior makes the base name an absent partner. this/other: (folder,
+    --p_partner_text, prior_check dict)."""
+    prior, control = sorted([this, other], key=lambda w: -w[1])
+    rate = lambda w: w[2]["rows"][0]["partner_rate"]
+    return {"prior": {"world": str(prior[0]), "p_partner_text": prior[1], "partner_rate": rate(prior)},
+            "control": {"world": str(control[0]), "p_partner_text": control[1], "partner_rate": rate(control)},
+            "difference": rate(prior) - rate(control)}
+
+
 def failed_floors(path):
     """The floors a built world's prior_check.json fails (make demo and make study print them)."""
     with open(path) as f:
@@ -589,6 +659,7 @@ def failed_floors(path):
 
 def main(argv=None):
     args = parse_args(argv)
+    other = other_world(args.compare_with, args.seed, args.quick, args.p_partner_text) if args.compare_with else None
     n, steps = sizes(args.quick, args.align_steps)
     t0 = time.time()
     seed_all(args.seed)
@@ -628,13 +699,17 @@ def main(argv=None):
           f"parameters")
     pixels = Pixels(processor, train_imgs, family)
     image_items = encode_items(processor, items, fmt, family)
-    # the text corpus: captions, and for half its scenes an existence answer (present or not, half each), so the
-    # list matching is learnt from text too (the prior's co-occurrences in both)
+    # the text corpus: a description of every scene, and for half of them an existence answer (present or not, half
+    # each), so the list matching is learnt from text too (the prior's co-occurrences in both); each in the images'
+    # conversation with the scene's word grid in the image's place, so the prior is learnt where captions are written
     asked = [rng.choice(s)["name"] if rng.random() < 0.5 else rng.choice([x for x in OBJECTS if x not in
              {o["name"] for o in s}]) for s in text_scenes[:n["text"] // 2]]
-    encode = lambda t: processor.tokenizer(t).input_ids + [family.eos_token_id(processor.tokenizer)]
-    exist_ids = [encode(f"{existence_answer(s, x)} .") for s, x in zip(text_scenes, asked)]
-    text_ids = [encode(caption(s)) for s in text_scenes] + exist_ids
+    grids = [word_grid(s, rng) for s in text_scenes]
+    as_text = dict(grids=grids, image_token=family.image_token_id(model.config))
+    exist_items = encode_items(processor, [(k, QUESTIONS["exist"].format(a_obj=article(x)), f"{existence_answer(s, x)} .")
+                                           for k, (s, x) in enumerate(zip(text_scenes, asked))], fmt, family, **as_text)
+    text_items = encode_items(processor, [(k, rng.choice(DESCRIBE), caption(s)) for k, s in enumerate(text_scenes)],
+                              fmt, family, **as_text) + exist_items
 
     # ---- stages: a) vision, b) list matching, then the language prior, c) alignment (projector, then projector + LM)
     model.train()
@@ -642,17 +717,21 @@ def main(argv=None):
     lm = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     # the existence answers' check (is the restated object in the list?) alone first: within the world's mix the
     # LM learnt it in some seeds only, alone it does in a few hundred steps (docs/toy_world.md)
-    exist_batches = sampler(len(exist_ids), rng)
-    train(set_trainable(model, *lm), steps["match"], 1e-3,
-          lambda: text_loss(model, [exist_ids[j] for j in next(exist_batches)]), "b0) list matching")
-    txt_batches, img_batches = sampler(len(text_ids), rng), sampler(len(image_items), rng)
-    next_text = lambda: text_loss(model, [text_ids[j] for j in next(txt_batches)])
+    exist_batches = sampler(len(exist_items), rng)
+    train([(set_trainable(model, *lm), 1e-3)], steps["match"],
+          lambda: text_loss(model, [exist_items[j] for j in next(exist_batches)]), "b0) list matching")
+    txt_batches, img_batches = sampler(len(text_items), rng), sampler(len(image_items), rng)
+    next_text = lambda: text_loss(model, [text_items[j] for j in next(txt_batches)])
     next_image = lambda: image_loss(model, [image_items[j] for j in next(img_batches)], pixels)
-    train(set_trainable(model, *lm), steps["lm"], 2e-3, next_text, "b) language prior")
+    train([(set_trainable(model, *lm), 2e-3)], steps["lm"], next_text, "b) language prior")
     projector = family.projector_parameters(model)
-    train(set_trainable(model, *projector), steps["projector"], 2e-3, next_image, "c1) projector")
-    train(set_trainable(model, *projector, *lm), steps["joint"], 3e-3,
-          lambda: next_image() + next_text(), "c2) projector + LM, text replayed 1:1")
+    train([(set_trainable(model, *projector), 2e-3)], steps["projector"], next_image, "c1) projector")
+    # the LM moves 6x slower than the projector while the images teach it: as LLaVA's, a language model pretrained
+    # on far more text than the brief alignment that follows, so the prior survives it (docs/toy_world.md)
+    trainable, is_projector = set_trainable(model, *projector, *lm), {id(p) for p in projector}
+    train([([p for p in trainable if id(p) in is_projector], 3e-3), ([p for p in trainable if id(p) not in is_projector],
+                                                                     5e-4)],
+          steps["joint"], lambda: next_image() + next_text(), "c2) projector + LM, text replayed 1:1")
     model.requires_grad_(True)
     model.eval()
 
@@ -670,19 +749,25 @@ def main(argv=None):
     world = {"seed": args.seed, "quick": args.quick, "objects": OBJECTS, "plurals": PLURALS, "colours": list(COLOURS),
              "numbers": NUMBERS, "positions": list(POSITIONS), "partners": PARTNER, "fruits": FRUITS,
              "describe_prompts": DESCRIBE, "questions": QUESTIONS, "vocabulary": vocabulary(args.arch),
+             "p_partner_text": args.p_partner_text,
              "p_partner": {"text": partner_rate(text_scenes), **{k: partner_rate(v[1]) for k, v in sets.items()}},
              "faint_share": P_FAINT, "faint_contrast": FAINT_CONTRAST,
              "images": {n: {"split": k, "caption": caption(s), "objects": s} for k, v in sets.items() for n, s in zip(*v)}}
     (out / "world.json").write_text(json.dumps(world, indent=1))
     print(f"wrote {out} ({time.time() - t0:.0f} s); P(partner | trigger): {world['p_partner']}")
+    digest = world_hash(out)
+    print(f"world hash {digest} (torch kernels {torch.backends.cpu.get_cpu_capability()}; "
+          + ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in cpu_pins.PINS if k != "ATEN_CPU_CAPABILITY") + ")")
 
     # ---- measure the prior: clean and weakened captions of the HalBench images
     rows, examples, yes_no = prior_check(model, processor, hal_names, hal_imgs, hal_scenes, hal_prompts, pope,
                                          args.seed, fmt)
     verdicts = checks(rows, yes_no)
-    (out / "prior_check.json").write_text(json.dumps({"noise_on": "features", "n_images": n["hal"], "rows": rows,
-                                                      "pope": yes_no, "checks": verdicts, "examples": examples},
-                                                     indent=1))
+    check = {"world_hash": digest, "noise_on": "features", "n_images": n["hal"], "rows": rows, "pope": yes_no,
+             "checks": verdicts, "examples": examples}
+    if other:
+        check["prior_excess"] = prior_excess((out, args.p_partner_text, check), (args.compare_with, *other))
+    (out / "prior_check.json").write_text(json.dumps(check, indent=1))
     print(f"{'step':>5} {'CHAIR_s':>8} {'partner':>8} {'other':>8} {'recall':>7} {'obj/cap':>8} {'colour':>7} "
           f"{'count':>6}")
     for r in rows:
@@ -693,10 +778,16 @@ def main(argv=None):
                                        for k, v in yes_no.items()))
     for kind, results in verdicts.items():
         print(f"{kind}: " + "; ".join(f"{name} {'pass' if ok else 'FAIL'}" for name, ok in results.items()))
+    if other:
+        e = check["prior_excess"]
+        worlds = [f"{k} world {e[k]['partner_rate']:.3f} (text {e[k]['p_partner_text']}, {e[k]['world']})"
+                  for k in ("prior", "control")]
+        print(f"clean partner rate: {', '.join(worlds)}; the prior's excess {100 * e['difference']:+.1f} points "
+              "(the study's rule: experiments/rules.py)")
     if not all(verdicts["floors"].values()):
         print(f"WARNING: this world fails a floor ({', '.join(failed_floors(out / 'prior_check.json'))}): its base "
               "model is not one to judge the method on (docs/toy_world.md)")
-    print(f"done in {time.time() - t0:.0f} s")
+    print(f"done in {time.time() - t0:.0f} s; world hash {digest}")
 
 
 if __name__ == "__main__":

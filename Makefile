@@ -23,8 +23,11 @@ TOY_SFT_LR ?= 1e-4
 # (docs/toy_world.md)
 TOY_NOISE ?= 700
 TOY_PAIRS ?= 600
-# CPU threads per process (the toy runs on CPU; GPU kernels do not use it)
-export OMP_NUM_THREADS ?= 2
+# CPU threads per process (the toy runs on CPU; GPU kernels do not use it) and the float code paths of every toy step
+# (cpu_pins.py; 00 sets them itself too): one world and one demo table on every x86-64 CPU with AVX2, at any core
+# count (docs/toy_world.md#determinism). `=`, not `?=`: a shell's own OMP_NUM_THREADS would change the table
+export OMP_NUM_THREADS = 2
+$(foreach pin,$(shell $(PY) cpu_pins.py),$(eval export $(pin)))
 export TOKENIZERS_PARALLELISM ?= false
 
 # make demo's evaluations of one model ($(1): base, sft or bpo). The toy's vocabulary has no words for POPE's
@@ -63,8 +66,8 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not toy and not slow"
 
-# the toy world is built once (and again when 00_make_toy.py changes); a seed always builds the same world
-$(TOY)/prior_check.json: 00_make_toy.py | $(VENV)/.installed
+# the toy world is built once (and again when 00_make_toy.py or the pins change); a seed always builds the same world
+$(TOY)/prior_check.json: 00_make_toy.py cpu_pins.py | $(VENV)/.installed
 	$(BIN)/python 00_make_toy.py --out $(TOY) --arch $(ARCH) $(TOY_BUILD)
 
 demo: install $(TOY)/prior_check.json

@@ -28,7 +28,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, ROOT]
+import cpu_pins  # noqa: E402
 import rules  # noqa: E402
 from toyworld import World  # noqa: E402
 
@@ -54,7 +55,9 @@ if args.smoke:
 
 PY = sys.executable
 RUNS = args.runs
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+# every step on the same float code paths and threads, on any x86-64 CPU (cpu_pins.py; make study exports them too)
+ENV = dict(os.environ, **cpu_pins.PINS, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+           TQDM_DISABLE="1")
 os.makedirs(os.path.join(RUNS, "logs"), exist_ok=True)
 WORLDS = {"prior": args.toy, "control": args.control_toy}
 # trained methods searched on dev; each trains on the weakened + injected pairs
@@ -176,10 +179,11 @@ def eval_job(world, name, tag, plan, deps):
 
 # ---- the worlds, the Fig. 5 probe (on dev images), the base models
 world_jobs = {}
-for world, toy in WORLDS.items():
-    extra = ["--p_partner_text", 0.63] if world == "control" else []
+for world, toy in WORLDS.items():  # the control after the prior world: its prior_check.json records the prior's excess
+    extra = ["--p_partner_text", 0.63, "--compare_with", args.toy] if world == "control" else []
     world_jobs[world] = job(f"world:{world}", os.path.join(toy, "prior_check.json"),
-                            script("00_make_toy.py", "--out", toy, "--seed", args.world_seed, *extra), threads=args.jobs)
+                            script("00_make_toy.py", "--out", toy, "--seed", args.world_seed, *extra),
+                            deps=[world_jobs["prior"]] if world == "control" else [], threads=args.jobs)
     base_sets = TEST_SETS + (["dev_hal", "dev_mmvet"] if world == "prior" else [])
     eval_job(world, "base", "all", lambda sets=base_sets: [(0, k, None) for k in sets], [world_jobs[world]])
 job("noise_probe", os.path.join(RUNS, "noise_probe.json"),
@@ -369,12 +373,20 @@ def run_all():
 
 
 failed = run_all()
+checks = {}
 for world, toy in WORLDS.items():  # a world whose base model is too weak to judge the method on: said loudly
     check = os.path.join(toy, "prior_check.json")
-    floors = json.load(open(check)).get("checks", {}).get("floors", {}) if os.path.exists(check) else {}
+    checks[world] = json.load(open(check)) if os.path.exists(check) else None
+    floors = (checks[world] or {}).get("checks", {}).get("floors", {})
     if not all(floors.values()):
         print(f"WARNING: the {world} world ({toy}) fails {sum(not ok for ok in floors.values())} floor(s): "
               f"{'; '.join(n for n, ok in floors.items() if not ok)}; read every verdict with that in mind")
+if all(checks.values()):
+    (prior, control, _), holds = rules.prior_excess(checks["prior"], checks["control"])
+    if not holds:
+        print(f"WARNING: the prior world's base names the absent partner in {prior:.1f}% of its captions, the control's "
+              f"in {control:.1f}%: no prior-driven error in the base (rules.prior_excess), the mechanism verdict is "
+              "inconclusive")
 if not args.skip_report:
     r = subprocess.run([PY, os.path.join(HERE, "report.py"), "--toy", args.toy, "--control_toy", args.control_toy,
                         "--runs", RUNS, "--results", args.results, "--seeds", *map(str, args.seeds),

@@ -64,6 +64,24 @@ def test_toy_world_knobs_change_the_model_and_nothing_else(toy, tmp_path):
     assert default["hidden_size"] == 64
 
 
+def test_toy_world_compare_with_records_the_prior_excess_and_refuses_a_bad_world(toy, tmp_path):
+    """--compare_with: the prior world (the larger text co-occurrence) first, the difference prior minus control; a
+    world that is no control of this build is a one-line error before any work."""
+    toy_world = script("00_make_toy.py")
+    check = lambda rate: {"rows": [{"partner_rate": rate}]}
+    e = toy_world.prior_excess(("control_dir", 0.63, check(0.10)), ("prior_dir", 0.99, check(0.25)))
+    assert e["prior"] == {"world": "prior_dir", "p_partner_text": 0.99, "partner_rate": 0.25}
+    assert e["control"]["world"] == "control_dir" and e["difference"] == pytest.approx(0.15)
+    assert json.loads((toy / "world.json").read_text())["p_partner_text"] == 0.99
+    assert json.loads((toy / "prior_check.json").read_text())["world_hash"] == toy_world.world_hash(toy)
+    for other, extra, says in [(toy, [], "same --p_partner_text 0.99"), (tmp_path, [], "not a complete toy world"),
+                               (toy, ["--seed", 1], "seed 0 --quick, this build seed 1 --quick")]:
+        proc = run_script("00_make_toy.py", "--out", tmp_path / "w", "--quick", "--compare_with", other, *extra,
+                          check=False)
+        assert proc.returncode != 0 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "w").exists()  # refused before any work
+
+
 def test_build_pairs_killed_and_rerun_has_every_id_once(toy, tmp_path):
     out = tmp_path / "pairs.jsonl"
     args = ["01_build_pairs.py", "--model", toy / "model", "--data", f"toy={toy / 'train.json'}", "--image_root",

@@ -28,10 +28,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a run's name and its evaluation folder")
     p.add_argument("--prior_check", default=None,
-                   help="the toy world's prior_check.json: a floor it fails is said above the table")
+                   help="the toy world's prior_check.json: its world hash, and any floor it fails, are said above the table")
     args = p.parse_args(argv)
-    failed = [n for n, ok in load(args.prior_check).get("checks", {}).get("floors", {}).items() if not ok] \
-        if args.prior_check else []
+    check = load(args.prior_check) if args.prior_check else {}
+    failed = [n for n, ok in check.get("checks", {}).get("floors", {}).items() if not ok]
+    if args.prior_check:  # which world the table comes from: the same hash, the same table (docs/toy_world.md)
+        print(f"toy world {check.get('world_hash', '(no hash: built before cpu_pins.py)')}")
     if failed:
         print(f"WARNING: the toy world fails {len(failed)} floor(s) of a base model worth judging the method on: "
               f"{'; '.join(failed)} (docs/toy_world.md)")

@@ -337,6 +337,13 @@ def test_demo_table(tmp_path):
     assert lines[2:] == ["| base | 65.0 | 9.0 | 50.0 | 72.0 | 75.0 | 20.0 | 20.0 | 1.0 | 21.0 |",
                          "| bpo | 45.0 | 9.0 | 50.0 | 72.0 | 75.0 | 30.0 | 30.0 | 1.0 | 31.0 |",
                          "| sft | - | - | - | - | - | - | - | - | - |"]
+    # with the world's prior check: its hash, and the floors it fails, above the table
+    write_json(tmp_path / "prior_check.json", {"world_hash": "b95adfc10b91", "checks": {"floors": {"recall": False}}})
+    proc = run_here("experiments/demo_table.py", f"base={tmp_path / 'base'}", "--prior_check",
+                    tmp_path / "prior_check.json", check=True)
+    assert proc.stdout.splitlines()[:2] == [
+        "toy world b95adfc10b91",
+        "WARNING: the toy world fails 1 floor(s) of a base model worth judging the method on: recall (docs/toy_world.md)"]
 
 
 @pytest.mark.parametrize("script", ["04_eval_mmvet.py", "06_eval_llavabench.py"])

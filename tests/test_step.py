@@ -157,7 +157,9 @@ def test_a_step_is_the_step_however_split(toy, toy_pairs, one_batch_of_8, tmp_pa
     args = train_args(toy, toy_pairs, "--max_steps", 3, "--lora_dropout", 0, "--output_dir", tmp_path, *extra)
     proc = run_here(*args) if nproc == 1 else run_torchrun(*args, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_weights(adapter(tmp_path), adapter(one_batch_of_8), atol=2e-6)
+    # 1% of one step's lr: Adam divides each gradient by its own running size, so a component whose gradient is
+    # tiny moves by up to lr on a float-rounding difference of the split (4e-6 seen on the quick world of issue 35)
+    assert_same_weights(adapter(tmp_path), adapter(one_batch_of_8), atol=1e-5)
     for a, b in zip(*(dist_io.read_jsonl(d / "metrics.jsonl") for d in (one_batch_of_8, tmp_path))):
         for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a[key], b[key])

@@ -44,11 +44,10 @@ def parse_args(argv=None):
                         "world with no excess language prior (the study's)")
     p.add_argument("--quick", action="store_true",
                    help="few images and steps (well under a minute): a weak model, for tests of formats and code paths")
-    # The alignment stage is most of the build's time and decides how well the base model reads the image: a
-    # 128-wide LM at 700 steps is on the edge (seed 0 weak, seed 1 strong); 64 wide at 1400 steps, the same time,
-    # aligns every seed tried (docs/toy_world.md)
+    # The alignment stage is most of the build's time and decides how much of the text's prior survives the images:
+    # after the projector's own 300 steps, 700 steps keep it (1400 washed most of it out; docs/toy_world.md)
     p.add_argument("--align_steps", type=int, default=None,
-                   help="steps of the projector + LM alignment stage (default 1400; 40 with --quick)")
+                   help="steps of the projector + LM alignment stage (default 700; 40 with --quick)")
     p.add_argument("--lm_width", type=int, default=64, help="hidden size of the tiny Llama (its MLP is twice as wide)")
     p.add_argument("--compare_with", metavar="DIR", default=None,
                    help="a built world of the same seed and another --p_partner_text (make study passes the prior "
@@ -66,7 +65,7 @@ def sizes(quick, align_steps=None):
     n = dict(train=300, text=2000, hal=24, mmvet=12, dev_hal=12, dev_mmvet=12, mmvet_study=12, clear=12) if quick else \
         dict(train=3000, text=20000, hal=300, mmvet=60, dev_hal=150, dev_mmvet=120, mmvet_study=240, clear=300)
     steps = dict(vision=40, match=40, lm=40, projector=20, joint=40) if quick else \
-        dict(vision=400, match=500, lm=500, projector=300, joint=1400)
+        dict(vision=400, match=500, lm=500, projector=300, joint=700)
     if align_steps is not None:
         steps["joint"] = align_steps
     return n, steps
@@ -108,8 +107,9 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # The thread count sets the order of float reductions, and ~1,400 training steps amplify that into
-    # a different world (CHAIR_s 0.45 vs 0.80 at seed 0): pinned, so a seed builds one world anywhere.
+    # Under cpu_pins' code paths the world is the same at any thread count (docs/toy_world.md#determinism); 2 threads
+    # because the toy's timings and make demo's budget were measured so, and an unpinned import (tests) orders its
+    # float reductions the same way on every machine.
     torch.set_num_threads(2)
 
 

@@ -3,10 +3,11 @@ setting below, one build at a time, and compares the sha256 of the weights (mode
 check the weights give (prior_check.json) and of every other file the build writes (the data).
 
 A setting is an environment for 00_make_toy.py: the kernel dispatch torch would use on another CPU
-(ATEN_CPU_CAPABILITY default / avx2 / avx512), the threads a machine offers (OMP_NUM_THREADS 1 / 2), MKL's and
-oneDNN's code paths. pin:... runs 00 as a script, which sets cpu_pins.PINS over whatever the environment says;
-free:... runs its main() from an import, which cannot pin (the control: it shows which settings would change the
-world). The check passes when every pinned build, and free:pins (the pins set by hand), have the same three hashes.
+(ATEN_CPU_CAPABILITY default / avx2 / avx512), the threads a machine offers (OMP_NUM_THREADS 1 / 2: 00 runs torch
+on 2 threads whatever it says), MKL's and oneDNN's code paths. pin:... runs 00 as a script, which sets
+cpu_pins.PINS over whatever the environment says; free:... runs its main() from an import, which cannot pin (the
+control: it shows which settings would change the world). The check passes when every pinned build, and free:pins
+(the pins set by hand), have the same three hashes.
 
     python experiments/determinism_check.py [--out scratch/determinism] [--seed 0] [--full] [--settings NAME ...]
 

@@ -74,9 +74,9 @@ def test_toy_world_knobs_change_the_model_and_nothing_else(toy, small_world):
 
 
 def test_toy_world_is_one_world_under_any_kernel_dispatch_and_thread_count(small_world, tmp_path):
-    """00 pins the float code paths before torch loads (cpu_pins.py): the same seed built on one thread with torch's
-    scalar kernels and MKL's own branch (what another CPU, or no pinning, would run: a different world) gives the same
-    weights and prior check, byte for byte."""
+    """00 pins the float code paths before torch loads (cpu_pins.py) and runs torch on 2 threads: the same seed built
+    with OMP_NUM_THREADS=1, torch's scalar kernels and MKL's own branch in the environment (what another CPU, or no
+    pinning, would run: a different world) gives the same weights and prior check, byte for byte."""
     toy_world = script("00_make_toy.py")
     out = tmp_path / "toy"
     env = dict(os.environ, OMP_NUM_THREADS="1", ATEN_CPU_CAPABILITY="default", MKL_CBWR="AUTO", ONEDNN_MAX_CPU_ISA="ALL")

@@ -107,9 +107,8 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # Under cpu_pins' code paths the world is the same at any thread count (docs/toy_world.md#determinism); 2 threads
-    # because the toy's timings and make demo's budget were measured so, and an unpinned import (tests) orders its
-    # float reductions the same way on every machine.
+    # The thread count orders the float reductions: torch on 1 thread builds another world (docs/toy_world.md
+    # #determinism). Fixed at 2 whatever the machine has (on one core they share it: the same world, slower).
     torch.set_num_threads(2)
 
 

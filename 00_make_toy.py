@@ -45,9 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="few images and steps (well under a minute): a weak model, for tests of formats and code paths")
     # The alignment stage is most of the build's time and decides how much of the text's prior survives the images:
-    # after the projector's own 300 steps, 700 steps keep it (1400 washed most of it out; docs/toy_world.md)
+    # after the projector's own 300 steps, 500 steps keep it in seed 0 (700 kept less; docs/toy_world.md)
     p.add_argument("--align_steps", type=int, default=None,
-                   help="steps of the projector + LM alignment stage (default 700; 40 with --quick)")
+                   help="steps of the projector + LM alignment stage (default 500; 40 with --quick)")
     p.add_argument("--lm_width", type=int, default=64, help="hidden size of the tiny Llama (its MLP is twice as wide)")
     p.add_argument("--compare_with", metavar="DIR", default=None,
                    help="a built world of the same seed and another --p_partner_text (make study passes the prior "
@@ -61,11 +61,15 @@ def parse_args(argv=None):
 
 def sizes(quick, align_steps=None):
     """Images per set and optimiser steps per stage (full, quick). The study's sets: dev HalBench + POPE, dev
-    MM-Vet, a 240-question MM-Vet (one question < 0.5 points), HalBench + POPE on images with clear glyphs only."""
-    n = dict(train=300, text=2000, hal=24, mmvet=12, dev_hal=12, dev_mmvet=12, mmvet_study=12, clear=12) if quick else \
-        dict(train=3000, text=20000, hal=300, mmvet=60, dev_hal=150, dev_mmvet=120, mmvet_study=240, clear=300)
-    steps = dict(vision=40, match=40, lm=40, projector=20, joint=40) if quick else \
-        dict(vision=400, match=1000, lm=500, projector=300, joint=700)
+    MM-Vet, a 240-question MM-Vet (one question < 0.5 points), HalBench + POPE on images with clear glyphs only. The
+    partner probe: images captioned by the prior check only, for ~900 chances to name an absent partner."""
+    if quick:
+        n = dict(train=300, text=2000, hal=24, mmvet=12, dev_hal=12, dev_mmvet=12, mmvet_study=12, clear=12, probe=24)
+        steps = dict(vision=40, match=40, lm=40, projector=20, joint=40)
+    else:
+        n = dict(train=3000, text=20000, hal=300, mmvet=60, dev_hal=150, dev_mmvet=120, mmvet_study=240, clear=300,
+                 probe=3000)
+        steps = dict(vision=400, match=1000, lm=500, projector=300, joint=500)
     if align_steps is not None:
         steps["joint"] = align_steps
     return n, steps
@@ -279,13 +283,15 @@ def render(objs, rng):
 
 
 def make_images(prefix, n, rng, image_dir, p_faint=P_FAINT):
-    """n scenes drawn from the image distribution (p_faint 0: every glyph clear), rendered and saved as PNG."""
+    """n scenes drawn from the image distribution (p_faint 0: every glyph clear), rendered and saved as PNG (image_dir
+    None: kept in memory only)."""
     names, scenes, imgs, cls, col = [], [], [], [], []
     for i in tqdm(range(n), desc=f"render {prefix}"):
         objs = sample_scene(rng, P_PARTNER_IMAGE, p_faint)
         img, c, k = render(objs, rng)
         name = f"{prefix}_{i:05d}.png"
-        img.save(image_dir / name)
+        if image_dir:
+            img.save(image_dir / name)
         names.append(name); scenes.append(objs); imgs.append(img); cls.append(c); col.append(k)
     return names, scenes, imgs, np.stack(cls), np.stack(col)
 
@@ -574,18 +580,25 @@ def prior_stats(captions, scenes, chair):
             "n_partner_chances": counts["partner_chances"]}
 
 
-def prior_check(model, processor, names, imgs, scenes, prompts, pope, seed, fmt):
+def captions(model, processor, imgs, prompts, fmt, noise_step=0, gen=None):
+    """Greedy captions (64 tokens) of imgs, the image features weakened to noise_step."""
+    caps = []
+    for i in tqdm(range(0, len(imgs), 50), desc=f"captions t={noise_step}"):
+        with common.weaken_images(model, noise_step, "features", gen):
+            caps += generation.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], fmt, max_new_tokens=64)
+    return caps
+
+
+def prior_check(model, processor, names, imgs, scenes, prompts, pope, probe, seed, fmt):
     """prior_stats of greedy captions at each of NOISE_STEPS (the features weakened), the first five captions,
-    and the clean model's POPE (random and adversarial; rates as fractions) on the same images."""
+    the clean model's POPE (random and adversarial; rates as fractions) on the same images, and prior_stats of clean
+    captions of the probe's images (imgs, scenes)."""
     chair = scoring.Chair(scoring.synonym_table("\n".join(synonym_lines())))
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     rows, examples = [], {}
     for t in NOISE_STEPS:
-        caps = []
-        for i in tqdm(range(0, len(imgs), 50), desc=f"prior check t={t}"):
-            with common.weaken_images(model, t, "features", gen):
-                caps += generation.generate(model, processor, imgs[i:i + 50], prompts[i:i + 50], fmt, max_new_tokens=64)
+        caps = captions(model, processor, imgs, prompts, fmt, t, gen)
         rows.append({"noise_step": t, **prior_stats(caps, scenes, chair)})
         examples[str(t)] = caps[:5]
     image_of, yes_no = dict(zip(names, imgs)), {}
@@ -596,7 +609,10 @@ def prior_check(model, processor, names, imgs, scenes, prompts, pope, seed, fmt)
                                         [r["text"] for r in recs[i:i + 64]], fmt, max_new_tokens=POPE_TOKENS)
         scores = scoring.pope_metrics([r["label"] for r in recs], said)
         yes_no[split] = {k: v if k == "n" else v / 100 for k, v in scores.items()}
-    return rows, examples, yes_no
+    probe_imgs, probe_scenes = probe
+    probe_caps = captions(model, processor, probe_imgs, [DESCRIBE[i % len(DESCRIBE)] for i in range(len(probe_imgs))],
+                          fmt)
+    return rows, examples, yes_no, {"n_images": len(probe_imgs), **prior_stats(probe_caps, probe_scenes, chair)}
 
 
 # what a base model worth judging the method on must show (floors) and should (goals); the build records each
@@ -636,15 +652,17 @@ def other_world(folder, seed, quick, p_partner_text):
     if world.get("p_partner_text", p_partner_text) == p_partner_text:  # absent: a world built before the flag
         sys.exit(f"error: --compare_with {folder}: built with the same --p_partner_text {p_partner_text}, or before "
                  "the flag existed")
+    if "partner_probe" not in check:
+        sys.exit(f"error: --compare_with {folder}: its prior check has no partner probe (built before it): rebuild it")
     return world["p_partner_text"], check
 
 
 def prior_excess(this, other):
-    """Both worlds' clean partner rates (the prior world: the larger text co-occurrence) and the difference, prior minus
-    control: how much more often the text prior makes the base name an absent partner. this/other: (folder,
-    --p_partner_text, prior_check dict)."""
+    """Both worlds' clean partner rates on the partner probe (the prior world: the larger text co-occurrence) and the
+    difference, prior minus control: how much more often the text prior makes the base name an absent partner.
+    this/other: (folder, --p_partner_text, prior_check dict)."""
     prior, control = sorted([this, other], key=lambda w: -w[1])
-    rate = lambda w: w[2]["rows"][0]["partner_rate"]
+    rate = lambda w: w[2]["partner_probe"]["partner_rate"]
     return {"prior": {"world": str(prior[0]), "p_partner_text": prior[1], "partner_rate": rate(prior)},
             "control": {"world": str(control[0]), "p_partner_text": control[1], "partner_rate": rate(control)},
             "difference": rate(prior) - rate(control)}
@@ -760,11 +778,15 @@ def main(argv=None):
           + ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in cpu_pins.PINS if k != "ATEN_CPU_CAPABILITY") + ")")
 
     # ---- measure the prior: clean and weakened captions of the HalBench images
-    rows, examples, yes_no = prior_check(model, processor, hal_names, hal_imgs, hal_scenes, hal_prompts, pope,
-                                         args.seed, fmt)
+    # and the partner rate on many more chances (the partner probe): new images of the same distribution, their own
+    # random stream, captioned here only. HalBench's 66-92 chances leave a partner rate's standard error near 4.5
+    # points, and a difference of two worlds' near the excess rule's 5 (docs/toy_world.md)
+    _, probe_scenes, probe_imgs, _, _ = make_images("probe", n["probe"], random.Random(f"probe{args.seed}"), None)
+    rows, examples, yes_no, partner_probe = prior_check(model, processor, hal_names, hal_imgs, hal_scenes, hal_prompts,
+                                                        pope, (probe_imgs, probe_scenes), args.seed, fmt)
     verdicts = checks(rows, yes_no)
     check = {"world_hash": digest, "noise_on": "features", "n_images": n["hal"], "rows": rows, "pope": yes_no,
-             "checks": verdicts, "examples": examples}
+             "partner_probe": partner_probe, "checks": verdicts, "examples": examples}
     if other:
         check["prior_excess"] = prior_excess((out, args.p_partner_text, check), (args.compare_with, *other))
     (out / "prior_check.json").write_text(json.dumps(check, indent=1))
@@ -774,6 +796,9 @@ def main(argv=None):
         print(f"{r['noise_step']:>5} {r['chair_s']:>8.3f} {r['partner_rate']:>8.3f} {r['other_absent_rate']:>8.3f} "
               f"{r['recall']:>7.3f} {r['objects_per_caption']:>8.2f} {r['colour_accuracy']:>7.3f} "
               f"{r['count_accuracy']:>6.3f}")
+    print(f"partner probe ({n['probe']} new images, {partner_probe['n_partner_chances']} chances): partner "
+          f"{partner_probe['partner_rate']:.3f}, other absent {partner_probe['other_absent_rate']:.3f}, recall "
+          f"{partner_probe['recall']:.3f}")
     print("POPE (clean): " + ", ".join(f"{k} accuracy {v['accuracy']:.3f} yes-ratio {v['yes_ratio']:.3f}"
                                        for k, v in yes_no.items()))
     for kind, results in verdicts.items():
@@ -782,7 +807,7 @@ def main(argv=None):
         e = check["prior_excess"]
         worlds = [f"{k} world {e[k]['partner_rate']:.3f} (text {e[k]['p_partner_text']}, {e[k]['world']})"
                   for k in ("prior", "control")]
-        print(f"clean partner rate: {', '.join(worlds)}; the prior's excess {100 * e['difference']:+.1f} points "
+        print(f"clean partner rate (partner probe): {', '.join(worlds)}; the prior's excess {100 * e['difference']:+.1f} points "
               "(the study's rule: experiments/rules.py)")
     if not all(verdicts["floors"].values()):
         print(f"WARNING: this world fails a floor ({', '.join(failed_floors(out / 'prior_check.json'))}): its base "

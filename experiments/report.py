@@ -563,8 +563,9 @@ for m, (a, b, ok) in match_table.items():
 W(f"\nControl matched: **{'yes' if control_matched else 'no'}**.\n")
 W(f"Does the prior world's base make the prior's error? (rule: its clean partner rate at least "
   f"{rules.PRIOR_EXCESS_POINTS:g} points above the control world's base and at least {rules.PRIOR_EXCESS_RATIO:g}x "
-  "as high, both from prior_check.json; if not, the mechanism verdict is 'inconclusive: no prior-driven error in the "
-  f"base'): prior world {excess_row[0]:.1f}%, control world {excess_row[1]:.1f}%, difference {excess_row[2]:+.1f} "
+  "as high, both on prior_check.json's partner probe, clean captions of 3,000 new images of HalBench's distribution; "
+  "if not, the mechanism verdict is 'inconclusive: no prior-driven error in the base'): "
+  f"prior world {excess_row[0]:.1f}%, control world {excess_row[1]:.1f}%, difference {excess_row[2]:+.1f} "
   f"points: **{'yes' if excess_holds else 'no'}**.\n")
 W("\n## Fig. 7 analogue: what BPO and SFT do to the log-probs\n")
 W("![log-probs along training](fig7_logps.png)\n")

@@ -115,19 +115,22 @@ def control_match(prior_check, control_check):
 # Added before the fourth study (issue 35): in the third, the prior world's base named the absent partner barely more
 # often than the control's (10.6 vs 9.4%), so there was no prior-driven error for BPO to remove, and "not reproduced"
 # read as a finding about BPO. The mechanism claim is judged only on a base with the prior's error: the prior world's
-# base names the absent partner of a present trigger (clean greedy captions of the HalBench images, prior_check.json's
-# partner_rate) at least PRIOR_EXCESS_POINTS percentage points more often than the control world's, and at least
-# PRIOR_EXCESS_RATIO times as often. If not, the mechanism verdict is "inconclusive: no prior-driven error in the base",
-# whatever its cells say.
+# base names the absent partner of a present trigger at least PRIOR_EXCESS_POINTS percentage points more often than
+# the control world's, and at least PRIOR_EXCESS_RATIO times as often. If not, the mechanism verdict is "inconclusive:
+# no prior-driven error in the base", whatever its cells say.
+# Changed before the fifth study: the rates are read on the partner probe (prior_check.json's partner_probe: clean
+# greedy captions of 3,000 new images of HalBench's distribution, ~900 chances), no longer on the 300 HalBench images
+# (66-92 chances: a rate's standard error ~4.5 points, near the 5-point threshold). Seed 0 of the fourth study's
+# recipe read +2.4 points on HalBench and +4.5 on 3,000 images; with a 500-step alignment -1.2 and +12.9.
 PRIOR_EXCESS_POINTS = 5.0
 PRIOR_EXCESS_RATIO = 1.5
 
 
 def prior_excess(prior_check, control_check):
-    """(prior, control, prior - control): the bases' clean partner rates in percent from two prior_check.json dicts,
-    and whether the prior world's exceeds the control's by the rule above (rounded to 1e-9: 100 x 0.12 - 100 x 0.07 is
-    4.999999999999999 in floats, and must read 5)."""
-    prior, control = (100 * c["rows"][0]["partner_rate"] for c in (prior_check, control_check))
+    """(prior, control, prior - control): the bases' clean partner rates on the partner probe in percent from two
+    prior_check.json dicts, and whether the prior world's exceeds the control's by the rule above (rounded to 1e-9:
+    100 x 0.12 - 100 x 0.07 is 4.999999999999999 in floats, and must read 5)."""
+    prior, control = (100 * c["partner_probe"]["partner_rate"] for c in (prior_check, control_check))
     ok = round(prior - control, 9) >= PRIOR_EXCESS_POINTS and round(prior - PRIOR_EXCESS_RATIO * control, 9) >= 0
     return (prior, control, prior - control), ok
 

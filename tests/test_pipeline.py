@@ -90,14 +90,23 @@ def test_toy_world_compare_with_records_the_prior_excess_and_refuses_a_bad_world
     """--compare_with: the prior world (the larger text co-occurrence) first, the difference prior minus control; a
     world that is no control of this build is a one-line error before any work."""
     toy_world = script("00_make_toy.py")
-    check = lambda rate: {"rows": [{"partner_rate": rate}]}
+    check = lambda rate: {"rows": [{"partner_rate": 1 - rate}], "partner_probe": {"partner_rate": rate}}
     e = toy_world.prior_excess(("control_dir", 0.63, check(0.10)), ("prior_dir", 0.99, check(0.25)))
     assert e["prior"] == {"world": "prior_dir", "p_partner_text": 0.99, "partner_rate": 0.25}
     assert e["control"]["world"] == "control_dir" and e["difference"] == pytest.approx(0.15)
     assert json.loads((toy / "world.json").read_text())["p_partner_text"] == 0.99
     assert json.loads((toy / "prior_check.json").read_text())["world_hash"] == toy_world.world_hash(toy)
+    probe = json.loads((toy / "prior_check.json").read_text())["partner_probe"]
+    assert probe["n_images"] == toy_world.sizes(quick=True)[0]["probe"] and not list((toy / "images").glob("probe*"))
+    # a control built before the partner probe: its prior check has none to compare
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "world.json").write_text(json.dumps({**json.loads((toy / "world.json").read_text()), "p_partner_text": 0.63}))
+    (old / "prior_check.json").write_text(json.dumps({k: v for k, v in json.loads((toy / "prior_check.json").read_text())
+                                                      .items() if k != "partner_probe"}))
     for other, extra, says in [(toy, [], "same --p_partner_text 0.99"), (tmp_path, [], "not a complete toy world"),
-                               (toy, ["--seed", 1], "seed 0 --quick, this build seed 1 --quick")]:
+                               (toy, ["--seed", 1], "seed 0 --quick, this build seed 1 --quick"),
+                               (old, [], "no partner probe (built before it): rebuild it")]:
         proc = run_script("00_make_toy.py", "--out", tmp_path / "w", "--quick", "--compare_with", other, *extra,
                           check=False)
         assert proc.returncode != 0 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -102,8 +102,8 @@ def test_matched_point_moves_inside_both_curves():
     assert rules.matched_point(45.0, (40.0, 48.0), (50.0, 90.0)) is None
 
 
-def partner(rate):
-    return {"rows": [{"partner_rate": rate}]}
+def partner(rate):  # the HalBench rows' rate is not the rule's: the partner probe's is
+    return {"rows": [{"partner_rate": 1 - rate}], "partner_probe": {"partner_rate": rate}}
 
 
 @pytest.mark.parametrize("prior,control,holds", [

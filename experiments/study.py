@@ -384,8 +384,8 @@ for world, toy in WORLDS.items():  # a world whose base model is too weak to jud
 if all(checks.values()):
     (prior, control, _), holds = rules.prior_excess(checks["prior"], checks["control"])
     if not holds:
-        print(f"WARNING: the prior world's base names the absent partner in {prior:.1f}% of its captions, the control's "
-              f"in {control:.1f}%: no prior-driven error in the base (rules.prior_excess), the mechanism verdict is "
+        print(f"WARNING: the prior world's base names the absent partner in {prior:.1f}% of its chances on the partner "
+              f"probe, the control's in {control:.1f}%: no prior-driven error in the base (rules.prior_excess), the mechanism verdict is "
               "inconclusive")
 if not args.skip_report:
     r = subprocess.run([PY, os.path.join(HERE, "report.py"), "--toy", args.toy, "--control_toy", args.control_toy,

@@ -15,10 +15,10 @@ RUN ?= $(if $(filter llava,$(ARCH)),runs/demo,runs/demo_$(ARCH))
 TOY_BUILD ?=
 # Training settings for the 1M-parameter toy (the scripts' defaults are the paper's, for the 7B model): the study's
 # run (80 steps of 16 pairs) and the learning rates its dev split chose (results/dev_selection.json: DPO 1e-4 at
-# step 80, SFT 1e-4 at step 40; the demo runs both 80 steps)
+# step 40, SFT 1e-3 at step 80; the demo runs both 80 steps)
 TOY_TRAIN ?= --max_steps 80 --batch_size 16 --lora_r 16 --lora_alpha 32 --save_every 0 --seed 0 --overwrite
 TOY_DPO_LR ?= 1e-4
-TOY_SFT_LR ?= 1e-4
+TOY_SFT_LR ?= 1e-3
 # The toy's features are weakened less per step than CLIP's are in the paper: 500 barely moves its captions
 # (docs/toy_world.md)
 TOY_NOISE ?= 700
